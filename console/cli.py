@@ -1,0 +1,371 @@
+"""`mlx-cluster`: one-shot commands for the cluster (the dashboard comes later).
+
+Every command takes --json: data on stdout, diagnostics on stderr, non-zero exit on
+failure. Nodes come from --nodes host:port,... or the cluster file `local up` wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from console.client import ClusterError, NodeClient, entry_node, gather_infos, to_dict
+from protos import cluster_pb2 as pb
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\
+a first session:
+  mlx-cluster local up -n 3                 # three nodes on 127.0.0.1
+  mlx-cluster load --model smollm2-135m     # split the bundled model across them
+  mlx-cluster generate --chat --prompt "What is the capital of France?"
+  mlx-cluster status
+  mlx-cluster local down
+
+models: smollm2-135m, synthetic:tiny, synthetic:llama-7b, synthetic:llama-13b, or a local
+MLX/HF model directory. Nodes: --nodes host:port,... or the cluster file from `local up`
+(env MLX_CLUSTER names another one).
+"""
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text, flush=True)
+
+
+def node_addresses(args: argparse.Namespace) -> list[str]:
+    from console.local import cluster_file, read_cluster
+
+    if getattr(args, "nodes", None):
+        return [a.strip() for a in args.nodes.split(",") if a.strip()]
+    cluster = read_cluster()
+    if not cluster or not cluster.get("nodes"):
+        raise ClusterError(f"no nodes: pass --nodes host:port,... or start a local cluster with "
+                           f"`mlx-cluster local up -n 3` (cluster file: {cluster_file()})")
+    return [n["address"] for n in cluster["nodes"]]
+
+
+async def with_clients(addresses: list[str], fn):
+    clients = [NodeClient(a) for a in addresses]
+    try:
+        return await fn(clients)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+
+
+async def live_infos(clients: list[NodeClient]) -> list[pb.NodeInfo]:
+    infos = await gather_infos(clients)
+    errors = [str(i) for i in infos if isinstance(i, ClusterError)]
+    if errors:
+        raise ClusterError("; ".join(errors))
+    return infos  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- local
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from console import local
+
+    if args.local_command == "up":
+        budgets = args.memory_budgets.split(",") if args.memory_budgets else None
+        cluster = local.up(args.n, budgets, log=eprint if not args.json else lambda m: None)
+        lines = [f"{n['name']:10} {n['address']:22} pid {n['pid']:<8} id {n['node_id']}"
+                 for n in cluster["nodes"]]
+        emit(args, cluster, "\n".join(lines) + f"\ncluster file: {local.cluster_file()}")
+    elif args.local_command == "down":
+        stopped = local.down()
+        emit(args, {"stopped": stopped},
+             f"stopped {len(stopped)} node(s)" if stopped else "no local cluster is running")
+    else:
+        cluster = local.read_cluster()
+        live = {n["pid"] for n in local.live_nodes(cluster)} if cluster else set()
+        nodes = [dict(n, running=n["pid"] in live) for n in (cluster or {}).get("nodes", [])]
+        text = "\n".join(f"{n['name']:10} {n['address']:22} pid {n['pid']:<8} "
+                         f"{'running' if n['running'] else 'gone'}" for n in nodes)
+        emit(args, {"cluster_file": str(local.cluster_file()), "nodes": nodes},
+             text or "no local cluster (start one: mlx-cluster local up -n 3)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def run(clients: list[NodeClient]) -> list[dict]:
+        infos = await gather_infos(clients)
+        health = await asyncio.gather(*(c.healthy() for c in clients))
+        rows = []
+        for client, info, ok in zip(clients, infos, health):
+            if isinstance(info, ClusterError):
+                rows.append({"address": client.address, "up": False, "error": str(info)})
+            else:
+                rows.append({"address": client.address, "up": ok, **to_dict(info)})
+        return rows
+
+    rows = asyncio.run(with_clients(node_addresses(args), run))
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['address']:22} DOWN  {r['error']}")
+            continue
+        caps, shard = r["capabilities"], r.get("shard") or {}
+        layers = (f"{shard['model']} layers {shard['start_layer']}-{shard['end_layer']} "
+                  f"epoch {shard['epoch']}") if shard else "no shard"
+        lines.append(f"{r['address']:22} {'up' if r['up'] else 'unhealthy':5} {r['name']:10} "
+                     f"{caps['mlx_device']}/{caps['blas']:9} budget "
+                     f"{int(caps['memory_budget']) / 2**30:6.1f} GiB  {layers}")
+    emit(args, {"nodes": rows}, "\n".join(lines))
+    return EXIT_OK if all(r.get("up") for r in rows) else EXIT_FAIL
+
+
+# ---------------------------------------------------------------- load / unload
+
+
+def build_plan(infos: list[pb.NodeInfo], model: str, n_layers: int, strategy: str) -> pb.Plan:
+    from node.plan import plan_ranges
+
+    budgets = [i.capabilities.memory_budget for i in infos]
+    ranges = plan_ranges(strategy, n_layers, budgets)
+    epoch = max((i.shard.epoch for i in infos if i.HasField("shard")), default=0) + 1
+    return pb.Plan(model=model, epoch=epoch, n_layers=n_layers, strategy=strategy,
+                   shards=[pb.PlanShard(node_id=i.node_id, address=i.address,
+                                        start_layer=s, end_layer=e)
+                           for i, (s, e) in zip(infos, ranges)])
+
+
+def model_layers(model: str, dtype: str, layers: int) -> int:
+    from node.errors import ModelError
+    from node.models import SYNTHETIC_PREFIX, resolve
+
+    if not model.startswith(SYNTHETIC_PREFIX) and layers:
+        raise ClusterError("--layers only applies to synthetic:* models")
+    try:
+        return resolve(model, dtype, layers).n_layers
+    except ModelError as e:
+        raise ClusterError(str(e)) from e
+
+
+async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: int,
+                    strategy: str, progress=eprint) -> tuple[pb.Plan, list[pb.ShardInfo]]:
+    """Plan `model` over the nodes and load every shard at once."""
+    from node.plan import PlanError
+
+    infos = await live_infos(clients)
+    n_layers = model_layers(model, dtype, layers)
+    try:
+        plan = build_plan(infos, model, n_layers, strategy)
+    except PlanError as e:
+        raise ClusterError(str(e)) from e
+    progress(f"loading {model} ({n_layers} layers, {strategy}) on {len(clients)} node(s), "
+             f"epoch {plan.epoch}")
+    options = pb.ModelOptions(dtype=dtype, layers=layers)
+    t0 = time.perf_counter()
+
+    async def one(client: NodeClient, shard: pb.PlanShard) -> pb.ShardInfo:
+        reply = await client.load(plan, options)
+        progress(f"  {client.address}: layers {shard.start_layer}-{shard.end_layer} loaded "
+                 f"({reply.shard.weight_bytes / 2**20:.0f} MiB, {reply.shard.form}) "
+                 f"after {time.perf_counter() - t0:.1f} s")
+        return reply.shard
+
+    results = await asyncio.gather(*(one(c, s) for c, s in zip(clients, plan.shards)),
+                                   return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise ClusterError("load failed: " + "; ".join(str(e) for e in errors))
+    return plan, results  # type: ignore[return-value]
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    async def run(clients):
+        return await load_plan(clients, args.model, args.dtype, args.layers, args.strategy,
+                               progress=eprint)
+
+    plan, shards = asyncio.run(with_clients(node_addresses(args), run))
+    data = {"plan": to_dict(plan), "shards": [to_dict(s) for s in shards]}
+    text = "\n".join(f"{p.address:22} layers {p.start_layer:>3}-{p.end_layer:<3} "
+                     f"{s.weight_bytes / 2**20:8.1f} MiB  {s.form}"
+                     for p, s in zip(plan.shards, shards))
+    emit(args, data, f"{plan.model} epoch {plan.epoch}\n{text}")
+    return EXIT_OK
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    async def run(clients):
+        return await asyncio.gather(*(c.unload() for c in clients))
+
+    addresses = node_addresses(args)
+    done = asyncio.run(with_clients(addresses, run))
+    emit(args, {"unloaded": [a for a, d in zip(addresses, done) if d]},
+         f"unloaded {sum(done)} shard(s)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- generate
+
+
+async def generate(clients: list[NodeClient], request: pb.GenerateRequest,
+                   on_text=lambda text: None) -> dict:
+    """Send a request to the entry shard; returns the --json result."""
+    infos = await live_infos(clients)
+    entry = entry_node(infos)
+    client = next(c for c, i in zip(clients, infos) if i.node_id == entry.node_id)
+    ids, parts, done = [], [], None
+    async for event in client.generate(request):
+        if event.HasField("token"):
+            ids.append(event.token.token_id)
+            parts.append(event.token.text)
+            on_text(event.token.text)
+        else:
+            done = event.done
+            parts.append(done.tail_text)
+            on_text(done.tail_text)
+    assert done is not None
+    return {
+        "text": "".join(parts), "token_ids": ids,
+        "tokens_per_s": done.decode_tokens_per_s, "ttft_s": done.ttft_s,
+        "total_s": done.total_s, "finish_reason": done.finish_reason,
+        "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+        "epoch": done.epoch, "model": entry.plan.model,
+        "shards": [{"node": s.node_id, "address": s.address, "start_layer": s.start_layer,
+                    "end_layer": s.end_layer} for s in entry.plan.shards],
+    }
+
+
+def generate_request(args: argparse.Namespace) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(temperature=args.temperature, top_p=args.top_p)
+    if args.seed is not None:
+        sampling.seed = args.seed
+    return pb.GenerateRequest(prompt=args.prompt, chat=args.chat, max_tokens=args.max_tokens,
+                              sampling=sampling, ignore_eos=args.ignore_eos)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    def show(text: str) -> None:
+        if not args.json:
+            print(text, end="", flush=True)
+
+    result = asyncio.run(with_clients(node_addresses(args),
+                                      lambda cl: generate(cl, generate_request(args), show)))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print()
+        eprint(f"[{result['completion_tokens']} tokens, {result['finish_reason']}; "
+               f"TTFT {result['ttft_s'] * 1000:.0f} ms, {result['tokens_per_s']:.1f} tok/s "
+               f"over {len(result['shards'])} shard(s)]")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a 3-node local cluster, load the bundled model, stream an answer."""
+    from console import local
+
+    cluster = local.read_cluster()
+    if not cluster or not local.live_nodes(cluster):
+        eprint("starting a 3-node local cluster on 127.0.0.1 ...")
+        local.up(3, log=eprint)
+    addresses = node_addresses(args)
+
+    async def run(clients):
+        await load_plan(clients, "smollm2-135m", "", 0, "uniform")
+        for question in DEMO_PROMPTS:
+            print(f"\n> {question}\n", flush=True)
+            request = pb.GenerateRequest(prompt=question, chat=True, max_tokens=48)
+            result = await generate(clients, request, lambda t: print(t, end="", flush=True))
+            eprint(f"\n[{result['completion_tokens']} tokens, TTFT {result['ttft_s'] * 1000:.0f} "
+                   f"ms, {result['tokens_per_s']:.1f} tok/s across "
+                   f"{len(result['shards'])} nodes]")
+
+    asyncio.run(with_clients(addresses, run))
+    eprint("\nthe cluster is still running; try:\n"
+           "  .venv/bin/mlx-cluster generate --chat --prompt 'Name three planets.'\n"
+           "  .venv/bin/mlx-cluster status\n"
+           "  .venv/bin/mlx-cluster local down      # stop it")
+    return EXIT_OK
+
+
+DEMO_PROMPTS = ("What is the capital of France?", "What is the largest planet in our solar system?")
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx-cluster", description="Console for an MLX inference cluster.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    nodes = argparse.ArgumentParser(add_help=False)
+    nodes.add_argument("--nodes", help="comma-separated host:port list (default: the cluster file)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    lp = sub.add_parser("local", help="start/stop a cluster of node processes on this machine")
+    lsub = lp.add_subparsers(dest="local_command", required=True)
+    up = lsub.add_parser("up", parents=[common], help="start N nodes on 127.0.0.1")
+    up.add_argument("-n", type=int, default=3, help="number of nodes (default 3)")
+    up.add_argument("--memory-budgets", help="per-node budgets, e.g. 4GiB,2GiB,2GiB")
+    lsub.add_parser("down", parents=[common], help="stop the nodes `local up` started")
+    lsub.add_parser("status", parents=[common], help="list the local nodes and whether they run")
+
+    sub.add_parser("status", parents=[common, nodes],
+                   help="health, capabilities and loaded shard of every node")
+
+    load = sub.add_parser("load", parents=[common, nodes], help="split a model across the nodes",
+                          epilog="strategies: uniform (equal layer counts), memory (in proportion"
+                                 " to memory budgets), manual:0-9,10-19,20-29 (node order)")
+    load.add_argument("--model", required=True, help="smollm2-135m, synthetic:tiny, a dir, ...")
+    load.add_argument("--layers", type=int, default=0, help="layer count (synthetic models)")
+    load.add_argument("--dtype", default="", choices=["", "float32", "float16", "bfloat16"],
+                      help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    load.add_argument("--strategy", default="uniform", help="uniform | memory | manual:A-B,...")
+
+    sub.add_parser("unload", parents=[common, nodes], help="drop the loaded shards")
+
+    gen = sub.add_parser("generate", parents=[common, nodes], help="stream tokens for a prompt")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampled generation")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+
+    sub.add_parser("demo", parents=[nodes],
+                   help="start a 3-node local cluster, load the bundled model, generate")
+    return parser
+
+
+COMMANDS = {"local": cmd_local, "status": cmd_status, "load": cmd_load, "unload": cmd_unload,
+            "generate": cmd_generate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_OK
+    try:
+        return COMMANDS[args.command](args)
+    except ClusterError as e:
+        eprint(f"mlx-cluster: {e}")
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Async client for node services: one NodeClient per node, usable without any UI.
+
+Channels are created lazily inside the running event loop (grpc.aio channels belong
+to the loop that made them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from node.pipeline import CHANNEL_OPTIONS
+from protos import cluster_pb2 as pb
+from protos import cluster_pb2_grpc as pb_grpc
+
+
+class ClusterError(Exception):
+    """A cluster call failed; the message says which node and what to do."""
+
+
+def describe_rpc_error(address: str, error: grpc.aio.AioRpcError) -> str:
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        return f"node {address} is unreachable ({error.details()}); is it running?"
+    return f"node {address}: {error.code().name}: {error.details()}"
+
+
+def to_dict(message) -> dict:
+    return MessageToDict(message, preserving_proto_field_name=True,
+                         always_print_fields_with_no_presence=True)
+
+
+@dataclass
+class NodeClient:
+    address: str
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def stub(self) -> pb_grpc.NodeServiceStub:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        return pb_grpc.NodeServiceStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def _call(self, coro):
+        try:
+            return await coro
+        except grpc.aio.AioRpcError as e:
+            raise ClusterError(describe_rpc_error(self.address, e)) from e
+
+    async def info(self) -> pb.NodeInfo:
+        return await self._call(self.stub.GetInfo(pb.InfoRequest(), timeout=self.timeout_s))
+
+    async def healthy(self) -> bool:
+        if self._channel is None:
+            self.stub  # noqa: B018 - opens the channel
+        health = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""),
+                                       timeout=self.timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def metrics(self) -> pb.Metrics:
+        return await self._call(self.stub.GetMetrics(pb.MetricsRequest(), timeout=self.timeout_s))
+
+    async def load(self, plan: pb.Plan, options: pb.ModelOptions,
+                   timeout_s: float = 900.0) -> pb.LoadShardReply:
+        request = pb.LoadShardRequest(plan=plan, options=options)
+        return await self._call(self.stub.LoadShard(request, timeout=timeout_s))
+
+    async def unload(self) -> bool:
+        reply = await self._call(self.stub.UnloadShard(pb.UnloadShardRequest(),
+                                                       timeout=self.timeout_s))
+        return reply.unloaded
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+        call = self.stub.Generate(request)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as e:
+            raise ClusterError(describe_rpc_error(self.address, e)) from e
+        finally:
+            call.cancel()
+
+
+async def gather_infos(clients: list[NodeClient]) -> list[pb.NodeInfo | ClusterError]:
+    """GetInfo from every node at once; failures come back as ClusterError values."""
+    results = await asyncio.gather(*(c.info() for c in clients), return_exceptions=True)
+    out: list[pb.NodeInfo | ClusterError] = []
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, ClusterError):
+            raise r
+        out.append(r)
+    return out
+
+
+def entry_node(infos: list[pb.NodeInfo]) -> pb.NodeInfo:
+    """The node holding layer 0 of the newest loaded plan (where Generate goes)."""
+    loaded = [i for i in infos if i.HasField("shard")]
+    if not loaded:
+        raise ClusterError("no model is loaded; run: mlx-cluster load --model smollm2-135m")
+    epoch = max(i.shard.epoch for i in loaded)
+    for info in loaded:
+        if info.shard.epoch == epoch and info.shard.start_layer == 0:
+            return info
+    raise ClusterError(f"no node holds layer 0 of plan epoch {epoch}; reload the model")

@@ -1,0 +1,120 @@
+"""`mlx-node`: the headless node service an operator runs on every machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+from node import __version__
+from node.blas import reexec_with_openblas
+from node.capabilities import parse_bytes
+
+log = logging.getLogger("mlx-node")
+
+EPILOG = """\
+examples:
+  mlx-node serve                          # 127.0.0.1:50051, memory budget = free memory - margin
+  mlx-node serve --port 0 --ready-file r.json   # any free port, written to r.json when up
+  mlx-node serve --host 0.0.0.0 --name studio-1 --memory-budget 48GiB
+
+Load models and generate from the console: mlx-cluster load / mlx-cluster generate.
+"""
+
+
+def default_state_dir() -> Path:
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("mlx-cluster-console")) / "node"
+
+
+def node_id_for(state_dir: Path) -> str:
+    """The node's id, generated once and kept in its state dir."""
+    path = state_dir / "node_id"
+    try:
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True)
+    node_id = uuid.uuid4().hex[:12]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id + "\n")
+    os.replace(tmp, path)
+    return node_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx-node", description="Headless MLX inference node for mlx-cluster-console.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mlx-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the node service until stopped",
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
+    serve.add_argument("--name", default=socket.gethostname(), help="display name")
+    serve.add_argument("--state-dir", type=Path, default=None,
+                       help="where the node keeps its id (default: the user data dir)")
+    serve.add_argument("--memory-budget", type=parse_bytes, default=None,
+                       help="memory this node may use for shards, e.g. 8GiB "
+                            "(default: available memory minus a safety margin)")
+    serve.add_argument("--request-timeout", type=float, default=120.0,
+                       help="seconds to wait for a token to come back round the ring")
+    serve.add_argument("--ready-file", type=Path, default=None,
+                       help="write {node_id, address, pid} as JSON here once serving")
+    serve.add_argument("--log-level", default="INFO")
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from node.service import NodeServicer, serve
+
+    state_dir = args.state_dir or default_state_dir()
+    node_id = node_id_for(state_dir)
+    servicer = NodeServicer(node_id, args.name, args.memory_budget, args.request_timeout)
+    server, port = await serve(servicer, args.host, args.port)
+    log.info("node %s (%s) serving on %s", node_id, args.name, servicer.address)
+    if args.ready_file:
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"node_id": node_id, "address": servicer.address,
+                                   "pid": os.getpid(), "name": args.name}))
+        os.replace(tmp, args.ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reaper = loop.create_task(servicer.reap_idle_requests())
+    await stop.wait()
+    log.info("shutting down")
+    reaper.cancel()
+    await server.stop(grace=1.0)
+    await servicer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        reexec_with_openblas()  # before MLX is imported; a no-op where it can't help
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        try:
+            asyncio.run(_serve(args))
+        except OSError as e:
+            print(f"mlx-node: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

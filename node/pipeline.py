@@ -1,0 +1,334 @@
+"""The pipeline data plane: activations flow shard to shard, tokens come back round.
+
+Each node keeps one long-lived `Forward` stream to the next shard of the plan (the last
+shard's "next" is the first shard, which closes the ring). The first shard owns the
+requests: it tokenises, runs its layers, and sends hidden states on; the last shard
+samples and sends the token back to the first, which streams it to the client and feeds
+it in again. Frames for one request travel in order on one stream, so each shard sees
+positions in order; frames of different requests interleave freely.
+
+Errors travel backwards: a shard that rejects a frame answers on the stream the frame
+came in on; the sender passes it on to its own upstream until it reaches the first
+shard, which fails the request. Every request's caches are freed by a `release` frame
+that follows the request round the ring when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from node.engine import Engine, Sampling, StepResult
+from node.errors import (BadFrame, ContextOverflow, NodeError, PeerUnavailable, RequestTimeout,
+                         StaleEpoch)
+from node.metrics import NodeMetrics
+from protos import cluster_pb2 as pb
+from protos import cluster_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+PREFILL_STEP = 2048  # as mlx_lm.generate_step's prefill_step_size
+DEFAULT_MAX_TOKENS = 128
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class PeerLink:
+    """The outgoing Forward stream to one neighbour, opened on first use.
+
+    A broken stream fails every request that went through it (via `on_broken`) and is
+    reopened by the next send, so a neighbour that restarts is picked up again.
+    """
+
+    def __init__(self, address: str, on_reply: Callable[[pb.ForwardReply], None],
+                 on_broken: Callable[[set[str], str], None],
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.address = address
+        self._on_reply = on_reply
+        self._on_broken = on_broken
+        self._metadata = metadata
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._queue: asyncio.Queue[pb.ForwardFrame | None] | None = None
+        self._reader: asyncio.Task | None = None
+        self.inflight: set[str] = set()
+
+    def send(self, frame: pb.ForwardFrame) -> None:
+        if self._queue is None:
+            self._open()
+        assert self._queue is not None
+        if frame.WhichOneof("payload") == "release":
+            self.inflight.discard(frame.request_id)
+        else:
+            self.inflight.add(frame.request_id)
+        self._queue.put_nowait(frame)
+
+    def _open(self) -> None:
+        queue: asyncio.Queue[pb.ForwardFrame | None] = asyncio.Queue()
+        self._queue = queue
+
+        async def frames() -> AsyncIterator[pb.ForwardFrame]:
+            while (frame := await queue.get()) is not None:
+                yield frame
+
+        stub = pb_grpc.NodeServiceStub(self._channel)
+        call = stub.Forward(frames(), metadata=self._metadata)
+        self._reader = asyncio.get_running_loop().create_task(self._read(call, queue))
+
+    async def _read(self, call: grpc.aio.StreamStreamCall, queue: asyncio.Queue) -> None:
+        reason = "stream closed by the peer"
+        try:
+            async for reply in call:
+                self._on_reply(reply)
+        except grpc.aio.AioRpcError as e:
+            reason = f"{e.code().name}: {e.details()}"
+        except asyncio.CancelledError:
+            return
+        if self._queue is queue:  # not closed on purpose: report and reopen on next send
+            self._queue = None
+            broken, self.inflight = self.inflight, set()
+            self._on_broken(broken, f"next shard at {self.address} unreachable ({reason})")
+
+    async def close(self) -> None:
+        queue, self._queue = self._queue, None
+        if queue is not None:
+            queue.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+        await self._channel.close(grace=0.5)
+
+
+class Pipeline:
+    """This node's place in one plan (epoch): its engine, its link, its requests."""
+
+    def __init__(self, node_id: str, plan: pb.Plan, engine: Engine, metrics: NodeMetrics,
+                 request_timeout_s: float = 120.0,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.plan = plan
+        self.epoch = plan.epoch
+        self.engine = engine
+        self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+        ids = [s.node_id for s in plan.shards]
+        self.index = ids.index(node_id)
+        self.entry_address = plan.shards[0].address
+        self.is_first = self.index == 0
+        self.is_last = self.index == len(plan.shards) - 1
+        self.link: PeerLink | None = None
+        if len(plan.shards) > 1:
+            nxt = plan.shards[(self.index + 1) % len(plan.shards)]
+            self.link = PeerLink(nxt.address, self._on_reply, self._on_broken, metadata)
+        self._pending: dict[str, asyncio.Queue] = {}  # first shard: requests it owns
+        self._routes: dict[str, asyncio.Queue] = {}  # where to send errors back for a request
+
+    async def close(self, reason: str = "the plan was replaced") -> None:
+        for queue in self._pending.values():
+            queue.put_nowait(StaleEpoch(f"request aborted: {reason}"))
+        if self.link is not None:
+            await self.link.close()
+
+    # ------------------------------------------------------------ errors, backwards
+
+    def _on_reply(self, reply: pb.ForwardReply) -> None:
+        self.report_error(reply.request_id, reply.code, reply.error)
+
+    def _on_broken(self, request_ids: set[str], reason: str) -> None:
+        for request_id in request_ids:
+            self.report_error(request_id, PeerUnavailable.code, reason)
+
+    def report_error(self, request_id: str, code: str, message: str) -> None:
+        """Fail a request here if we own it, else pass the error to its upstream."""
+        self.metrics.inc("errors")
+        if request_id in self._pending:
+            error = NodeError(message)
+            error.code = code
+            self._pending[request_id].put_nowait(error)
+        elif request_id in self._routes:
+            self._routes[request_id].put_nowait(
+                pb.ForwardReply(request_id=request_id, epoch=self.epoch, code=code, error=message))
+        else:
+            log.info("error for finished or unknown request %s: %s %s", request_id, code, message)
+
+    # ------------------------------------------------------------ frames in
+
+    async def handle_frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
+        """Act on one frame from the upstream neighbour; raise NodeError to reject it."""
+        self.metrics.inc("frames_in")
+        self.metrics.inc("bytes_in", frame.ByteSize())
+        if frame.sent_unix_ns:
+            self.metrics.observe("hop", max(0.0, (time.time_ns() - frame.sent_unix_ns) / 1e9))
+        if not frame.request_id:
+            raise BadFrame("frame without request_id")
+        if frame.epoch != self.epoch:
+            raise StaleEpoch(f"frame for plan epoch {frame.epoch}, but this node holds epoch "
+                             f"{self.epoch}; reload the plan (mlx-cluster load)")
+        kind = frame.WhichOneof("payload")
+        if kind == "release":
+            self._release(frame.request_id, frame.release.reason, forward=not self.is_last)
+        elif kind == "tokens":
+            self._take_tokens(frame)
+        elif kind == "activation":
+            await self._take_activation(frame, replies)
+        else:
+            raise BadFrame("frame without payload (activation, tokens or release)")
+
+    def _take_tokens(self, frame: pb.ForwardFrame) -> None:
+        if not self.is_first:
+            raise BadFrame("token frames go to the first shard only")
+        queue = self._pending.get(frame.request_id)
+        if queue is None:
+            log.debug("token for finished request %s dropped", frame.request_id)
+            return
+        if len(frame.tokens.ids) != 1:
+            raise BadFrame(f"expected one sampled token, got {len(frame.tokens.ids)}")
+        queue.put_nowait((frame.tokens.ids[0], frame.compute_s))
+
+    async def _take_activation(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
+        if self.is_first:
+            raise BadFrame("the first shard takes tokens, not activations")
+        t = frame.activation
+        self.engine.check_activation(list(t.shape), t.dtype, frame.position)
+        self._routes[frame.request_id] = replies
+        sample = _sampling(frame.sampling) if (frame.sample and self.is_last) else None
+        result = await self.engine.step(frame.request_id, frame.position,
+                                        hidden=(t.data, list(t.shape), t.dtype), sample=sample)
+        self._send_on(frame.request_id, frame.position, result, frame.sample, frame.sampling,
+                      frame.compute_s + result.compute_s)
+
+    def _send_on(self, request_id: str, position: int, result: StepResult, sample: bool,
+                 sampling: pb.SamplingParams, compute_s: float) -> None:
+        """Hand a step's output to the next shard (or, from the last, the token home)."""
+        assert self.link is not None
+        frame = pb.ForwardFrame(request_id=request_id, epoch=self.epoch, position=position,
+                                compute_s=compute_s, sent_unix_ns=time.time_ns())
+        if result.token is not None:
+            frame.tokens.ids.append(result.token)
+        elif result.hidden is not None:
+            data, shape, dtype = result.hidden
+            frame.activation.CopyFrom(pb.Tensor(data=data, shape=shape, dtype=dtype))
+            frame.sample = sample
+            frame.sampling.CopyFrom(sampling)
+        else:
+            return  # last shard, prefill chunk: nothing to send
+        self.metrics.inc("frames_out")
+        self.metrics.inc("bytes_out", frame.ByteSize())
+        self.link.send(frame)
+
+    def _release(self, request_id: str, reason: str, forward: bool) -> None:
+        self.engine.free(request_id)
+        self._routes.pop(request_id, None)
+        if forward and self.link is not None:
+            self.link.send(pb.ForwardFrame(request_id=request_id, epoch=self.epoch,
+                                           release=pb.Release(reason=reason)))
+
+    # ------------------------------------------------------------ requests (first shard)
+
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+        """Run one request round the ring, yielding a GenerateEvent per token, then done."""
+        shard = self.engine.shard
+        tokenizer = shard.tokenizer
+        assert tokenizer is not None
+        ids = list(request.prompt_ids) or tokenizer.encode(request.prompt, request.chat)
+        if not ids:
+            raise BadFrame("empty prompt: give a prompt text or prompt_ids")
+        vocab = int(shard.source.config["vocab_size"])
+        if max(ids) >= vocab:
+            raise BadFrame(f"prompt token id {max(ids)} is outside the vocabulary ({vocab})")
+        context = shard.source.context_length
+        if len(ids) >= context:
+            raise ContextOverflow(f"prompt is {len(ids)} tokens; the model's context is {context}")
+        max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(ids))
+        timeout = request.timeout_s or self.request_timeout_s
+        sampling = request.sampling
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        self._pending[request_id] = queue
+        self.metrics.inc("requests_started")
+        detok = tokenizer.detokenizer()
+        reason = "error"
+        t_start = time.perf_counter()
+        try:
+            prefix, pos = ids[:-1], 0
+            for i in range(0, len(prefix), PREFILL_STEP):
+                chunk = prefix[i:i + PREFILL_STEP]
+                await self._advance(request_id, pos, chunk, None, queue)
+                pos += len(chunk)
+            feed, generated, t_prev, t_first = [ids[-1]], 0, t_start, t_start
+            finish = "length"
+            while generated < max_tokens:
+                await self._advance(request_id, pos, feed, sampling, queue)
+                pos += 1
+                token, compute_s = await self._next_token(queue, timeout)
+                now = time.perf_counter()
+                latency, t_prev = now - t_prev, now
+                generated += 1
+                if generated == 1:
+                    t_first = now
+                    self.metrics.observe("ttft", latency)
+                else:
+                    self.metrics.observe("token_latency", latency)
+                    self.metrics.observe("token_compute", compute_s)
+                    self.metrics.observe("token_transfer", max(0.0, latency - compute_s))
+                if token in tokenizer.eos_ids and not request.ignore_eos:
+                    finish = "stop"
+                    break
+                detok.add_token(token)
+                if generated == max_tokens:
+                    detok.finalize()
+                self.metrics.inc("tokens_generated")
+                yield pb.GenerateEvent(request_id=request_id, token=pb.TokenEvent(
+                    token_id=token, text=detok.last_segment, index=generated - 1,
+                    latency_s=latency, compute_s=compute_s))
+                feed = [token]
+            if finish == "stop":
+                detok.finalize()
+            decode_n = generated - 1
+            decode_s = t_prev - t_first
+            reason = "done"
+            self.metrics.inc("requests_completed")
+            yield pb.GenerateEvent(request_id=request_id, done=pb.GenerateDone(
+                finish_reason=finish, prompt_tokens=len(ids), completion_tokens=generated,
+                ttft_s=t_first - t_start, total_s=time.perf_counter() - t_start,
+                decode_tokens_per_s=decode_n / decode_s if decode_n > 0 and decode_s > 0 else 0.0,
+                epoch=self.epoch, tail_text=detok.last_segment if finish == "stop" else ""))
+        finally:
+            if reason != "done":
+                self.metrics.inc("requests_failed")
+            self._pending.pop(request_id, None)
+            self._release(request_id, reason, forward=True)
+
+    async def _advance(self, request_id: str, position: int, tokens: list[int],
+                       sampling: pb.SamplingParams | None, queue: asyncio.Queue) -> None:
+        """Run this shard on `tokens` and pass the result on (or sample, if alone)."""
+        sample = _sampling(sampling) if sampling is not None else None
+        alone = self.link is None
+        result = await self.engine.step(request_id, position, tokens=tokens,
+                                        sample=sample if alone else None)
+        if alone:
+            if result.token is not None:
+                queue.put_nowait((result.token, result.compute_s))
+            return
+        self._send_on(request_id, position, result, sampling is not None,
+                      sampling or pb.SamplingParams(), result.compute_s)
+
+    @staticmethod
+    async def _next_token(queue: asyncio.Queue, timeout: float) -> tuple[int, float]:
+        try:
+            item = await asyncio.wait_for(queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no token came back round the ring within {timeout:.0f} s") from None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+def _sampling(params: pb.SamplingParams) -> Sampling:
+    return Sampling(temperature=params.temperature, top_p=params.top_p,
+                    seed=params.seed if params.HasField("seed") else -1)

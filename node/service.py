@@ -1,0 +1,257 @@
+"""The node's gRPC service: control plane (info, load, unload, metrics), data plane
+(Forward streams) and the Generate entry point, plus the standard health service.
+
+Every error a caller can cause is answered with a precise status and a message, and
+the node keeps serving: nothing a request sends can take the process down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+import grpc
+import psutil
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from node import __version__
+from node.capabilities import capabilities
+from node.engine import Engine
+from node.errors import ModelError, NodeError, NotLoaded, StaleEpoch
+from node.metrics import NodeMetrics
+from node.models import Shard, check_range, load_shard, resolve
+from node.pipeline import CHANNEL_OPTIONS, Pipeline
+from protos import cluster_pb2 as pb
+from protos import cluster_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "mlxcluster.NodeService"
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    if isinstance(error, NodeError):
+        await context.abort(grpc.StatusCode[error.code], str(error))
+    log.exception("unexpected error")
+    await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+class NodeServicer(pb_grpc.NodeServiceServicer):
+    def __init__(self, node_id: str, name: str, memory_budget: int | None,
+                 request_timeout_s: float = 120.0, idle_request_s: float = 300.0) -> None:
+        self.node_id = node_id
+        self.name = name
+        self.address = ""
+        self.memory_budget = memory_budget
+        self.request_timeout_s = request_timeout_s
+        self.idle_request_s = idle_request_s
+        self.metrics = NodeMetrics()
+        self.started = time.monotonic()
+        # one thread for every MLX call: loads and forwards never run concurrently
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
+        self.shard: Shard | None = None
+        self.pipeline: Pipeline | None = None
+        self._load_lock = asyncio.Lock()
+        self._process = psutil.Process()
+        self._process.cpu_percent()
+
+    # ------------------------------------------------------------ info
+
+    def _shard_info(self) -> pb.ShardInfo | None:
+        if self.shard is None or self.pipeline is None:
+            return None
+        s = self.shard
+        return pb.ShardInfo(model=s.source.spec, start_layer=s.start, end_layer=s.end,
+                            n_layers=s.n_layers, epoch=self.pipeline.epoch, dtype=s.dtype,
+                            form=s.source.form or s.dtype, weight_bytes=s.weight_bytes,
+                            context_length=s.source.context_length, load_seconds=s.load_seconds)
+
+    async def GetInfo(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
+        caps = await asyncio.get_running_loop().run_in_executor(None, capabilities,
+                                                                self.memory_budget)
+        info = pb.NodeInfo(node_id=self.node_id, name=self.name, version=__version__,
+                           address=self.address, capabilities=pb.Capabilities(**caps),
+                           pid=os.getpid(), uptime_s=time.monotonic() - self.started,
+                           active_requests=self.pipeline.engine.active_requests
+                           if self.pipeline else 0)
+        shard = self._shard_info()
+        if shard is not None and self.pipeline is not None:
+            info.shard.CopyFrom(shard)
+            info.plan.CopyFrom(self.pipeline.plan)
+        return info
+
+    async def GetMetrics(self, request: pb.MetricsRequest, context) -> pb.Metrics:
+        c = self.metrics.counters
+        return pb.Metrics(
+            node_id=self.node_id, requests_started=c["requests_started"],
+            requests_completed=c["requests_completed"], requests_failed=c["requests_failed"],
+            tokens_generated=c["tokens_generated"], frames_in=c["frames_in"],
+            frames_out=c["frames_out"], bytes_in=c["bytes_in"], bytes_out=c["bytes_out"],
+            frames_rejected=c["frames_rejected"],
+            latencies=[pb.LatencySummary(**s) for s in self.metrics.summaries()],
+            active_requests=self.pipeline.engine.active_requests if self.pipeline else 0,
+            cpu_percent=self._process.cpu_percent(), rss_bytes=self._process.memory_info().rss)
+
+    # ------------------------------------------------------------ load / unload
+
+    async def LoadShard(self, request: pb.LoadShardRequest, context) -> pb.LoadShardReply:
+        try:
+            async with self._load_lock:
+                await self._load(request.plan, request.options)
+        except Exception as e:
+            await _abort(context, e)
+        info = self._shard_info()
+        assert info is not None
+        return pb.LoadShardReply(shard=info)
+
+    async def _load(self, plan: pb.Plan, options: pb.ModelOptions) -> None:
+        mine = [s for s in plan.shards if s.node_id == self.node_id]
+        if len(mine) != 1:
+            raise ModelError(f"the plan names this node ({self.node_id}) {len(mine)} times; "
+                             "each node must hold exactly one shard")
+        if self.pipeline is not None and plan.epoch < self.pipeline.epoch:
+            raise StaleEpoch(f"plan epoch {plan.epoch} is older than the loaded epoch "
+                             f"{self.pipeline.epoch}")
+        _check_plan(plan)
+        ours = mine[0]
+        loop = asyncio.get_running_loop()
+        source = await loop.run_in_executor(self.executor, resolve, plan.model, options.dtype,
+                                            options.layers)
+        if source.n_layers != plan.n_layers:
+            raise ModelError(f"the plan says {plan.n_layers} layers but {plan.model} has "
+                             f"{source.n_layers}")
+        check_range(ours.start_layer, ours.end_layer, source.n_layers)
+        old = self.shard
+        same = old is not None and old.source == source and (old.start, old.end) == (
+            ours.start_layer, ours.end_layer)
+        if self.pipeline is not None:
+            await self.pipeline.close(f"plan epoch {plan.epoch} replaced epoch {self.pipeline.epoch}")
+            self.pipeline = None
+        if not same:
+            self.shard = None  # drop the old weights before loading new ones
+            self.shard = await loop.run_in_executor(self.executor, load_shard, source,
+                                                    ours.start_layer, ours.end_layer)
+        assert self.shard is not None
+        self.pipeline = Pipeline(self.node_id, plan, Engine(self.shard, self.executor),
+                                 self.metrics, self.request_timeout_s)
+        log.info("loaded %s layers %d-%d (epoch %d) in %.1f s", plan.model, ours.start_layer,
+                 ours.end_layer, plan.epoch, self.shard.load_seconds)
+
+    async def UnloadShard(self, request: pb.UnloadShardRequest, context) -> pb.UnloadShardReply:
+        async with self._load_lock:
+            if self.pipeline is None:
+                return pb.UnloadShardReply(unloaded=False)
+            if request.epoch and request.epoch != self.pipeline.epoch:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"epoch {request.epoch} is not loaded (loaded: "
+                                    f"{self.pipeline.epoch})")
+            await self.pipeline.close("the shard was unloaded")
+            self.pipeline = None
+            self.shard = None
+            await asyncio.get_running_loop().run_in_executor(self.executor, _clear_mlx_cache)
+        return pb.UnloadShardReply(unloaded=True)
+
+    # ------------------------------------------------------------ data plane
+
+    async def Forward(self, request_iterator, context) -> AsyncIterator[pb.ForwardReply]:
+        replies: asyncio.Queue[pb.ForwardReply | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for frame in request_iterator:
+                    await self._frame(frame, replies)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the stream itself broke (peer gone, bad message)
+                log.info("forward stream ended: %s", e)
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+
+    async def _frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
+        try:
+            if self.pipeline is None:
+                raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
+            await self.pipeline.handle_frame(frame, replies)
+        except Exception as e:
+            self.metrics.inc("frames_rejected")
+            code = e.code if isinstance(e, NodeError) else "INTERNAL"
+            if not isinstance(e, NodeError):
+                log.exception("frame for request %s failed", frame.request_id)
+            replies.put_nowait(pb.ForwardReply(request_id=frame.request_id, epoch=frame.epoch,
+                                               code=code, error=str(e)))
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateEvent]:
+        pipeline = self.pipeline
+        try:
+            if pipeline is None:
+                raise NotLoaded("no model is loaded; run: mlx-cluster load --model SPEC")
+            if not pipeline.is_first:
+                raise NotLoaded(f"this node holds layers {self.shard.start}-{self.shard.end}; "
+                                f"send Generate to the first shard at {pipeline.entry_address}")
+            async for event in pipeline.generate(request):
+                yield event
+        except Exception as e:
+            await _abort(context, e)
+
+    # ------------------------------------------------------------ housekeeping
+
+    async def reap_idle_requests(self, every_s: float = 10.0) -> None:
+        """Free KV caches of requests nobody has touched for `idle_request_s`."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self.pipeline is not None:
+                freed = self.pipeline.engine.free_idle(self.idle_request_s)
+                if freed:
+                    log.info("freed caches of %d idle request(s)", len(freed))
+
+    async def close(self) -> None:
+        if self.pipeline is not None:
+            await self.pipeline.close("the node is shutting down")
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_plan(plan: pb.Plan) -> None:
+    """Shards must be contiguous, in order, and cover every layer exactly once."""
+    expected = 0
+    for s in plan.shards:
+        if s.start_layer != expected or s.end_layer < s.start_layer:
+            raise ModelError(f"plan shards must be contiguous from layer 0: shard "
+                             f"{s.start_layer}-{s.end_layer} should start at {expected}")
+        expected = s.end_layer + 1
+    if expected != plan.n_layers:
+        raise ModelError(f"plan covers layers 0-{expected - 1} but the model has {plan.n_layers}")
+
+
+def _clear_mlx_cache() -> None:
+    import gc
+
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+
+
+async def serve(servicer: NodeServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server; returns it and the bound port (useful with port 0)."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    pb_grpc.add_NodeServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    servicer.address = f"{host}:{bound}"
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf modules for `cluster.proto` (regenerate with `make protos`)."""

@@ -1,0 +1,327 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Capabilities(_message.Message):
+    __slots__ = ("platform", "chip", "cpu_count", "memory_total", "memory_available", "memory_budget", "mlx_version", "mlx_device", "blas", "mlx_lm_version")
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    CHIP_FIELD_NUMBER: _ClassVar[int]
+    CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MLX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MLX_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BLAS_FIELD_NUMBER: _ClassVar[int]
+    MLX_LM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    platform: str
+    chip: str
+    cpu_count: int
+    memory_total: int
+    memory_available: int
+    memory_budget: int
+    mlx_version: str
+    mlx_device: str
+    blas: str
+    mlx_lm_version: str
+    def __init__(self, platform: _Optional[str] = ..., chip: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., memory_budget: _Optional[int] = ..., mlx_version: _Optional[str] = ..., mlx_device: _Optional[str] = ..., blas: _Optional[str] = ..., mlx_lm_version: _Optional[str] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("model", "start_layer", "end_layer", "n_layers", "epoch", "dtype", "form", "weight_bytes", "context_length", "load_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FORM_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    start_layer: int
+    end_layer: int
+    n_layers: int
+    epoch: int
+    dtype: str
+    form: str
+    weight_bytes: int
+    context_length: int
+    load_seconds: float
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[str] = ..., form: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    version: str
+    address: str
+    capabilities: Capabilities
+    shard: ShardInfo
+    plan: Plan
+    pid: int
+    uptime_s: float
+    active_requests: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ...) -> None: ...
+
+class PlanShard(_message.Message):
+    __slots__ = ("node_id", "address", "start_layer", "end_layer")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    start_layer: int
+    end_layer: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
+
+class Plan(_message.Message):
+    __slots__ = ("model", "epoch", "n_layers", "strategy", "shards")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    N_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    epoch: int
+    n_layers: int
+    strategy: str
+    shards: _containers.RepeatedCompositeFieldContainer[PlanShard]
+    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., n_layers: _Optional[int] = ..., strategy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[PlanShard, _Mapping]]] = ...) -> None: ...
+
+class ModelOptions(_message.Message):
+    __slots__ = ("dtype", "layers")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    layers: int
+    def __init__(self, dtype: _Optional[str] = ..., layers: _Optional[int] = ...) -> None: ...
+
+class LoadShardRequest(_message.Message):
+    __slots__ = ("plan", "options")
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    plan: Plan
+    options: ModelOptions
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., options: _Optional[_Union[ModelOptions, _Mapping]] = ...) -> None: ...
+
+class LoadShardReply(_message.Message):
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardInfo
+    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+
+class UnloadShardRequest(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class UnloadShardReply(_message.Message):
+    __slots__ = ("unloaded",)
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    unloaded: bool
+    def __init__(self, unloaded: _Optional[bool] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape", "dtype")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Release(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ForwardFrame(_message.Message):
+    __slots__ = ("request_id", "epoch", "position", "activation", "tokens", "release", "sample", "sampling", "compute_s", "sent_unix_ns")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    epoch: int
+    position: int
+    activation: Tensor
+    tokens: TokenIds
+    release: Release
+    sample: bool
+    sampling: SamplingParams
+    compute_s: float
+    sent_unix_ns: int
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., activation: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., compute_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("request_id", "epoch", "code", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    epoch: int
+    code: str
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("prompt", "prompt_ids", "chat", "max_tokens", "sampling", "ignore_eos", "timeout_s")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    chat: bool
+    max_tokens: int
+    sampling: SamplingParams
+    ignore_eos: bool
+    timeout_s: float
+    def __init__(self, prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., chat: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., ignore_eos: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class TokenEvent(_message.Message):
+    __slots__ = ("token_id", "text", "index", "latency_s", "compute_s")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    index: int
+    latency_s: float
+    compute_s: float
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., index: _Optional[int] = ..., latency_s: _Optional[float] = ..., compute_s: _Optional[float] = ...) -> None: ...
+
+class GenerateDone(_message.Message):
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_s", "total_s", "decode_tokens_per_s", "epoch", "tail_text")
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TAIL_TEXT_FIELD_NUMBER: _ClassVar[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    total_s: float
+    decode_tokens_per_s: float
+    epoch: int
+    tail_text: str
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_s: _Optional[float] = ..., total_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., epoch: _Optional[int] = ..., tail_text: _Optional[str] = ...) -> None: ...
+
+class GenerateEvent(_message.Message):
+    __slots__ = ("request_id", "token", "done")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token: TokenEvent
+    done: GenerateDone
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[TokenEvent, _Mapping]] = ..., done: _Optional[_Union[GenerateDone, _Mapping]] = ...) -> None: ...
+
+class MetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LatencySummary(_message.Message):
+    __slots__ = ("name", "count", "p50_s", "p90_s", "p99_s", "mean_s", "max_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    P50_S_FIELD_NUMBER: _ClassVar[int]
+    P90_S_FIELD_NUMBER: _ClassVar[int]
+    P99_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    count: int
+    p50_s: float
+    p90_s: float
+    p99_s: float
+    mean_s: float
+    max_s: float
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., p50_s: _Optional[float] = ..., p90_s: _Optional[float] = ..., p99_s: _Optional[float] = ..., mean_s: _Optional[float] = ..., max_s: _Optional[float] = ...) -> None: ...
+
+class Metrics(_message.Message):
+    __slots__ = ("node_id", "requests_started", "requests_completed", "requests_failed", "tokens_generated", "frames_in", "frames_out", "bytes_in", "bytes_out", "frames_rejected", "latencies", "active_requests", "cpu_percent", "rss_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_STARTED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_IN_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_OUT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    LATENCIES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    requests_started: int
+    requests_completed: int
+    requests_failed: int
+    tokens_generated: int
+    frames_in: int
+    frames_out: int
+    bytes_in: int
+    bytes_out: int
+    frames_rejected: int
+    latencies: _containers.RepeatedCompositeFieldContainer[LatencySummary]
+    active_requests: int
+    cpu_percent: float
+    rss_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., requests_started: _Optional[int] = ..., requests_completed: _Optional[int] = ..., requests_failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[LatencySummary, _Mapping]]] = ..., active_requests: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...

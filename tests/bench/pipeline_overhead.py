@@ -1,0 +1,114 @@
+"""Benchmark: what does splitting a model over a 3-node loopback pipeline cost?
+
+Prints, from one run on this machine: single-process mlx_lm decode tokens/s, 3-node
+pipeline decode tokens/s for the same model and prompt, their ratio, and p50/p99 of one
+activation hop (sender's clock to receiver's clock; valid because all nodes share one
+host), plus the per-token compute vs transfer split seen by the first shard.
+
+    .venv/bin/python tests/bench/pipeline_overhead.py [--model smollm2-135m] [--tokens 128]
+
+Both sides run with the same BLAS (OpenBLAS preloaded where installed) and greedy
+decoding with EOS ignored, so they generate the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from console import local  # noqa: E402
+from console.cli import load_plan, with_clients  # noqa: E402
+from console.client import NodeClient  # noqa: E402
+from node.blas import openblas_env  # noqa: E402
+from protos import cluster_pb2 as pb  # noqa: E402
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def prompt_ids(model: str) -> list[int]:
+    from node.models import prompt_tokenizer, resolve
+
+    return prompt_tokenizer(resolve(model)).encode(PROMPT, chat=True)
+
+
+def single_process(model: str, ids: list[int], tokens: int, repeats: int) -> list[float]:
+    cmd = [sys.executable, "-m", "node.reference", "--model", model, "--prompt-ids",
+           ",".join(map(str, ids)), "--max-tokens", str(tokens), "--ignore-eos"]
+    out = []
+    for _ in range(repeats):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=openblas_env(), cwd=ROOT)
+        if res.returncode:
+            sys.exit(f"reference failed:\n{res.stderr}")
+        out.append(json.loads(res.stdout.splitlines()[-1])["decode_tokens_per_s"])
+    return out
+
+
+async def pipeline_run(addresses: list[str], model: str, ids: list[int], tokens: int,
+                       repeats: int) -> tuple[list[float], dict]:
+    async def run(clients: list[NodeClient]):
+        plan, _ = await load_plan(clients, model, "", 0, "uniform", progress=lambda m: None)
+        entry = clients[0]
+        speeds = []
+        request = pb.GenerateRequest(prompt_ids=ids, max_tokens=tokens, ignore_eos=True)
+        for _ in range(repeats + 1):  # the first run warms up
+            async for event in entry.generate(request):
+                if event.HasField("done"):
+                    speeds.append(event.done.decode_tokens_per_s)
+        metrics = [await c.metrics() for c in clients]
+        return speeds[1:], metrics
+
+    speeds, metrics = await with_clients(addresses, run)
+    lat = {}
+    for m in metrics:
+        for s in m.latencies:
+            lat.setdefault(s.name, []).append(s)
+    return speeds, lat
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nodes", type=int, default=3)
+    args = parser.parse_args()
+
+    ids = prompt_ids(args.model)
+    print(f"model {args.model}, prompt {len(ids)} tokens, {args.tokens} generated tokens, "
+          f"{args.repeats} repeats, {os.cpu_count()} CPUs", flush=True)
+    single = single_process(args.model, ids, args.tokens, args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cluster.json"
+        cluster = local.up(args.nodes, path=path)
+        try:
+            addresses = [n["address"] for n in cluster["nodes"]]
+            piped, lat = asyncio.run(pipeline_run(addresses, args.model, ids, args.tokens,
+                                                  args.repeats))
+        finally:
+            local.down(path)
+    s, p = statistics.median(single), statistics.median(piped)
+    print(f"single-process mlx_lm decode : {s:7.2f} tok/s  (runs: "
+          + ", ".join(f"{x:.2f}" for x in single) + ")")
+    print(f"{args.nodes}-node pipeline decode    : {p:7.2f} tok/s  (runs: "
+          + ", ".join(f"{x:.2f}" for x in piped) + ")")
+    print(f"ratio pipeline / single      : {p / s:7.3f}")
+    for name in ("hop", "token_latency", "token_compute", "token_transfer"):
+        for summary in lat.get(name, []):
+            print(f"{name:15} n={summary.count:<6} p50 {summary.p50_s * 1e3:8.3f} ms   "
+                  f"p99 {summary.p99_s * 1e3:8.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
