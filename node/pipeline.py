@@ -294,7 +294,8 @@ class Pipeline:
             reason = "done"
             self.metrics.inc("requests_completed")
             yield pb.GenerateEvent(request_id=request_id, done=pb.GenerateDone(
-                finish_reason=finish, prompt_tokens=len(ids), completion_tokens=generated,
+                finish_reason=finish, prompt_tokens=len(ids),
+                completion_tokens=generated - (finish == "stop"),  # EOS is not streamed
                 ttft_s=t_first - t_start, total_s=time.perf_counter() - t_start,
                 decode_tokens_per_s=decode_n / decode_s if decode_n > 0 and decode_s > 0 else 0.0,
                 epoch=self.epoch, tail_text=detok.last_segment if finish == "stop" else ""))

@@ -25,15 +25,19 @@ def largest_remainder(total: int, weights: list[float]) -> list[int]:
         raise PlanError(f"{total} layers cannot be split over {n} nodes (each needs >= 1)")
     if any(w < 0 for w in weights):
         raise PlanError("weights must be >= 0")
-    # give each node its guaranteed layer, then apportion the rest by weight
-    rest = total - n
     wsum = sum(weights)
-    shares = [rest * w / wsum for w in weights] if wsum > 0 else [rest / n] * n
+    shares = [total * w / wsum for w in weights] if wsum > 0 else [total / n] * n
     counts = [int(s) for s in shares]
     order = sorted(range(n), key=lambda i: (shares[i] - counts[i], weights[i], -i), reverse=True)
-    for i in order[: rest - sum(counts)]:
+    for i in order[: total - sum(counts)]:
         counts[i] += 1
-    return [c + 1 for c in counts]
+    # every node holds at least one layer: take them from the nodes holding the most
+    for i in range(n):
+        while counts[i] == 0:
+            donor = max(range(n), key=lambda j: (counts[j], -j))
+            counts[donor] -= 1
+            counts[i] += 1
+    return counts
 
 
 def ranges_from_counts(counts: list[int]) -> list[tuple[int, int]]:

@@ -158,6 +158,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def Forward(self, request_iterator, context) -> AsyncIterator[pb.ForwardReply]:
         replies: asyncio.Queue[pb.ForwardReply | None] = asyncio.Queue()
+        broken: list[str] = []
 
         async def read() -> None:
             try:
@@ -165,8 +166,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                     await self._frame(frame, replies)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the stream itself broke (peer gone, bad message)
-                log.info("forward stream ended: %s", e)
+            except Exception as e:  # the stream itself broke (peer gone, undecodable bytes)
+                log.info("forward stream ended: %r", e)
+                broken.append(repr(e))
             finally:
                 replies.put_nowait(None)
 
@@ -176,6 +178,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 yield reply
         finally:
             reader.cancel()
+        if broken:
+            self.metrics.inc("frames_rejected")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"forward stream rejected: {broken[0]}")
 
     async def _frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
         try:

@@ -1,0 +1,147 @@
+"""Bad input never takes a node down: each gets a clear error, then the node serves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from console.cli import load_plan, with_clients
+from console.client import ClusterError, NodeClient
+from node.pipeline import CHANNEL_OPTIONS
+from protos import cluster_pb2 as pb
+from protos import cluster_pb2_grpc as pb_grpc
+from tests.conftest import reference_tokens
+from tests.test_cluster import addresses, generate_ids, load
+
+pytestmark = pytest.mark.cluster
+
+PROMPT = [256, *b"frames"]
+
+
+async def forward_replies(address: str, frames: list[pb.ForwardFrame]) -> list[pb.ForwardReply]:
+    """Send frames on one Forward stream and collect one reply per frame."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.NodeServiceStub(channel)
+        call = stub.Forward()
+        replies = []
+        for frame in frames:
+            await call.write(frame)
+            replies.append(await asyncio.wait_for(call.read(), 10))
+        await call.done_writing()
+        return replies
+
+
+def activation(epoch: int, shape: list[int], dtype: str = "float32", data: bytes | None = None,
+               position: int = 0, request_id: str = "evil") -> pb.ForwardFrame:
+    itemsize = 2 if dtype in ("float16", "bfloat16") else 4
+    count = 1
+    for d in shape:
+        count *= d
+    if data is None:
+        data = bytes(count * itemsize)
+    return pb.ForwardFrame(request_id=request_id, epoch=epoch, position=position, sample=True,
+                           activation=pb.Tensor(data=data, shape=shape, dtype=dtype))
+
+
+async def test_malformed_forward_frames_are_rejected_then_generation_is_correct(cluster3):
+    addrs = addresses(cluster3)
+    plan = await load(addrs, "synthetic:tiny", "manual:0-1,2-4,5-7")
+    epoch = plan.epoch
+    middle = addrs[1]
+    frames = [
+        activation(epoch, [1, 1, 63]),                              # wrong hidden size
+        activation(epoch, [1, 1, 64], dtype="float16"),             # wrong dtype
+        activation(epoch, [1, 1, 64], dtype="int8"),                # unsupported dtype
+        activation(epoch + 7, [1, 1, 64]),                          # stale epoch
+        activation(epoch, [1, 1, 64], data=b"\x13\x37" * 5),        # garbage: too few bytes
+        activation(epoch, [1, 1, 64], data=b"\xff" * 256),          # garbage: NaN floats
+        activation(epoch, [1, 1, 64], position=5),                  # unknown request mid-way
+        pb.ForwardFrame(request_id="evil", epoch=epoch),            # no payload
+        pb.ForwardFrame(request_id="evil", epoch=epoch, tokens=pb.TokenIds(ids=[1])),
+    ]
+    replies = await forward_replies(middle, frames)
+    codes = [r.code for r in replies]
+    assert codes == ["INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
+                     "FAILED_PRECONDITION", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
+                     "INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+    assert "expected [1, L, 64]" in replies[0].error
+    assert "float32" in replies[1].error
+    assert "epoch" in replies[3].error
+    assert "bytes" in replies[4].error
+    assert "NaN" in replies[5].error
+    assert all(r.request_id == "evil" for r in replies)
+
+    # bytes that are not a protobuf message at all: the stream fails, the node does not
+    async with grpc.aio.insecure_channel(middle) as channel:
+        raw = channel.stream_stream("/mlxcluster.NodeService/Forward",
+                                    request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+        call = raw()
+        await call.write(b"\xff\xfe\xfd not protobuf")
+        await call.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in call:
+                pass
+
+    got = await generate_ids(addrs[0], PROMPT, 12, ignore_eos=True)
+    assert got == reference_tokens("synthetic:tiny", PROMPT, 12, ignore_eos=True)
+
+
+async def test_unknown_model_and_bad_ranges_are_clear_errors(cluster3):
+    addrs = addresses(cluster3)
+    with pytest.raises(ClusterError, match="unknown model spec 'no-such-model'"):
+        await load(addrs, "no-such-model")
+    with pytest.raises(ClusterError, match="unknown synthetic model"):
+        await load(addrs, "synthetic:llama-99b")
+    with pytest.raises(ClusterError, match="covers layers 0-9; the model has 8"):
+        await load(addrs, "synthetic:tiny", "manual:0-1,2-4,5-9")
+
+    async def direct(clients: list[NodeClient]):
+        info = await clients[0].info()
+        plan = pb.Plan(model="synthetic:tiny", epoch=1000, n_layers=8, shards=[
+            pb.PlanShard(node_id=info.node_id, address=info.address, start_layer=0,
+                         end_layer=40)])
+        with pytest.raises(ClusterError, match="INVALID_ARGUMENT"):
+            await clients[0].load(plan, pb.ModelOptions())
+        plan.shards[0].end_layer = 7
+        plan.n_layers = 8
+        plan.model = "nope"
+        with pytest.raises(ClusterError, match="unknown model spec"):
+            await clients[0].load(plan, pb.ModelOptions())
+        return await clients[0].healthy()
+
+    assert await with_clients(addrs[:1], direct)
+    await load(addrs, "synthetic:tiny")
+    assert len(await generate_ids(addrs[0], PROMPT, 4, ignore_eos=True)) == 4
+
+
+async def test_prompt_longer_than_context_and_wrong_entry_node(cluster3):
+    addrs = addresses(cluster3)
+    await load(addrs, "synthetic:tiny")
+    with pytest.raises(ClusterError, match="OUT_OF_RANGE.*context is 2048"):
+        await generate_ids(addrs[0], [65] * 2048, 4)
+    with pytest.raises(ClusterError, match="outside the vocabulary"):
+        await generate_ids(addrs[0], [65, 100000], 4)
+    with pytest.raises(ClusterError, match=f"first shard at {addrs[0]}"):
+        await generate_ids(addrs[1], PROMPT, 4)
+    assert len(await generate_ids(addrs[0], PROMPT, 4, ignore_eos=True)) == 4
+
+
+async def test_a_dead_peer_fails_the_request_quickly_and_the_node_keeps_serving(small_cluster):
+    cluster = await asyncio.to_thread(small_cluster, 3)  # local.up runs its own loop
+    addrs = addresses(cluster)
+    await load(addrs, "synthetic:tiny")
+    assert len(await generate_ids(addrs[0], PROMPT, 4, ignore_eos=True)) == 4
+    os.kill(cluster["nodes"][2]["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match="unreachable|UNAVAILABLE"):
+        await generate_ids(addrs[0], PROMPT, 64, ignore_eos=True)
+    assert time.monotonic() - t0 < 15
+    # the survivors still answer, and a plan on them works
+    await load(addrs[:2], "synthetic:tiny")
+    assert len(await generate_ids(addrs[0], PROMPT, 8, ignore_eos=True)) == 8
