@@ -253,6 +253,7 @@ class Pipeline:
         self.metrics.inc("requests_started")
         detok = tokenizer.detokenizer()
         reason = "error"
+        step: asyncio.Future | None = None
         t_start = time.perf_counter()
         try:
             prefix, pos = ids[:-1], 0
@@ -260,11 +261,14 @@ class Pipeline:
                 chunk = prefix[i:i + PREFILL_STEP]
                 await self._advance(request_id, pos, chunk, None, queue)
                 pos += len(chunk)
-            feed, generated, t_prev, t_first = [ids[-1]], 0, t_start, t_start
-            finish = "length"
-            while generated < max_tokens:
-                await self._advance(request_id, pos, feed, sampling, queue)
-                pos += 1
+            generated, t_prev, t_first, finish = 0, t_start, t_start, "length"
+            # the next step starts before this token is written to the client, so the
+            # client write overlaps the ring's work instead of adding to every token
+            step = asyncio.ensure_future(self._advance(request_id, pos, [ids[-1]], sampling, queue))
+            pos += 1
+            while step is not None:
+                await step
+                step = None
                 token, compute_s = await self._next_token(queue, timeout)
                 now = time.perf_counter()
                 latency, t_prev = now - t_prev, now
@@ -280,13 +284,16 @@ class Pipeline:
                     finish = "stop"
                     break
                 detok.add_token(token)
-                if generated == max_tokens:
+                if generated < max_tokens:
+                    step = asyncio.ensure_future(
+                        self._advance(request_id, pos, [token], sampling, queue))
+                    pos += 1
+                else:
                     detok.finalize()
                 self.metrics.inc("tokens_generated")
                 yield pb.GenerateEvent(request_id=request_id, token=pb.TokenEvent(
                     token_id=token, text=detok.last_segment, index=generated - 1,
                     latency_s=latency, compute_s=compute_s))
-                feed = [token]
             if finish == "stop":
                 detok.finalize()
             decode_n = generated - 1
@@ -300,6 +307,8 @@ class Pipeline:
                 decode_tokens_per_s=decode_n / decode_s if decode_n > 0 and decode_s > 0 else 0.0,
                 epoch=self.epoch, tail_text=detok.last_segment if finish == "stop" else ""))
         finally:
+            if step is not None and not step.done():
+                step.cancel()
             if reason != "done":
                 self.metrics.inc("requests_failed")
             self._pending.pop(request_id, None)
