@@ -199,6 +199,7 @@ class Pipeline:
         sample = _sampling(frame.sampling) if (frame.sample and self.is_last) else None
         result = await self.engine.step(frame.request_id, frame.position,
                                         hidden=(t.data, list(t.shape), t.dtype), sample=sample)
+        self.metrics.observe("step_compute", result.compute_s)
         self._send_on(frame.request_id, frame.position, result, frame.sample, frame.sampling,
                       frame.compute_s + result.compute_s)
 
@@ -321,6 +322,7 @@ class Pipeline:
         alone = self.link is None
         result = await self.engine.step(request_id, position, tokens=tokens,
                                         sample=sample if alone else None)
+        self.metrics.observe("step_compute", result.compute_s)
         if alone:
             if result.token is not None:
                 queue.put_nowait((result.token, result.compute_s))

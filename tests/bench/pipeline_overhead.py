@@ -8,7 +8,8 @@ host), plus the per-token compute vs transfer split seen by the first shard.
     .venv/bin/python tests/bench/pipeline_overhead.py [--model smollm2-135m] [--tokens 128]
 
 Both sides run with the same BLAS (OpenBLAS preloaded where installed) and greedy
-decoding with EOS ignored, so they generate the same number of tokens.
+decoding with EOS ignored, so they generate the same number of tokens. Runs alternate
+(single, pipeline, single, ...) so that a noisy shared machine slows both alike.
 """
 
 from __future__ import annotations
@@ -41,38 +42,46 @@ def prompt_ids(model: str) -> list[int]:
     return prompt_tokenizer(resolve(model)).encode(PROMPT, chat=True)
 
 
-def single_process(model: str, ids: list[int], tokens: int, repeats: int) -> list[float]:
+def single_process(model: str, ids: list[int], tokens: int) -> float:
+    """Decode tokens/s of one mlx_lm generation in a fresh process (same BLAS as nodes)."""
     cmd = [sys.executable, "-m", "node.reference", "--model", model, "--prompt-ids",
            ",".join(map(str, ids)), "--max-tokens", str(tokens), "--ignore-eos"]
-    out = []
-    for _ in range(repeats):
-        res = subprocess.run(cmd, capture_output=True, text=True, env=openblas_env(), cwd=ROOT)
-        if res.returncode:
-            sys.exit(f"reference failed:\n{res.stderr}")
-        out.append(json.loads(res.stdout.splitlines()[-1])["decode_tokens_per_s"])
-    return out
+    res = subprocess.run(cmd, capture_output=True, text=True, env=openblas_env(), cwd=ROOT)
+    if res.returncode:
+        sys.exit(f"reference failed:\n{res.stderr}")
+    return json.loads(res.stdout.splitlines()[-1])["decode_tokens_per_s"]
 
 
-async def pipeline_run(addresses: list[str], model: str, ids: list[int], tokens: int,
-                       repeats: int) -> tuple[list[float], dict]:
+async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: int,
+                      repeats: int) -> tuple[list[float], list[float], dict]:
+    """Alternate single-process and pipeline runs so machine noise hits both alike."""
+
     async def run(clients: list[NodeClient]):
-        plan, _ = await load_plan(clients, model, "", 0, "uniform", progress=lambda m: None)
-        entry = clients[0]
-        speeds = []
+        await load_plan(clients, model, "", 0, "uniform", progress=lambda m: None)
         request = pb.GenerateRequest(prompt_ids=ids, max_tokens=tokens, ignore_eos=True)
-        for _ in range(repeats + 1):  # the first run warms up
-            async for event in entry.generate(request):
-                if event.HasField("done"):
-                    speeds.append(event.done.decode_tokens_per_s)
-        metrics = [await c.metrics() for c in clients]
-        return speeds[1:], metrics
 
-    speeds, metrics = await with_clients(addresses, run)
-    lat = {}
+        async def pipeline_once() -> float:
+            async for event in clients[0].generate(request):
+                if event.HasField("done"):
+                    return event.done.decode_tokens_per_s
+            raise RuntimeError("no done event")
+
+        await pipeline_once()  # warm-up
+        single, piped = [], []
+        for i in range(repeats):
+            single.append(await asyncio.to_thread(single_process, model, ids, tokens))
+            piped.append(await pipeline_once())
+            print(f"  run {i + 1}/{repeats}: single {single[-1]:.2f} tok/s, "
+                  f"pipeline {piped[-1]:.2f} tok/s", flush=True)
+        metrics = [await c.metrics() for c in clients]
+        return single, piped, metrics
+
+    single, piped, metrics = await with_clients(addresses, run)
+    lat: dict[str, list] = {}
     for m in metrics:
-        for s in m.latencies:
-            lat.setdefault(s.name, []).append(s)
-    return speeds, lat
+        for summary in m.latencies:
+            lat.setdefault(summary.name, []).append(summary)
+    return single, piped, lat
 
 
 def main() -> int:
@@ -80,30 +89,28 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--nodes", type=int, default=3)
     args = parser.parse_args()
 
     ids = prompt_ids(args.model)
     print(f"model {args.model}, prompt {len(ids)} tokens, {args.tokens} generated tokens, "
-          f"{args.repeats} repeats, {os.cpu_count()} CPUs", flush=True)
-    single = single_process(args.model, ids, args.tokens, args.repeats)
+          f"{args.repeats} interleaved repeats, {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cluster.json"
         cluster = local.up(args.nodes, path=path)
         try:
             addresses = [n["address"] for n in cluster["nodes"]]
-            piped, lat = asyncio.run(pipeline_run(addresses, args.model, ids, args.tokens,
-                                                  args.repeats))
+            single, piped, lat = asyncio.run(interleaved(addresses, args.model, ids, args.tokens,
+                                                         args.repeats))
         finally:
             local.down(path)
     s, p = statistics.median(single), statistics.median(piped)
-    print(f"single-process mlx_lm decode : {s:7.2f} tok/s  (runs: "
-          + ", ".join(f"{x:.2f}" for x in single) + ")")
-    print(f"{args.nodes}-node pipeline decode    : {p:7.2f} tok/s  (runs: "
-          + ", ".join(f"{x:.2f}" for x in piped) + ")")
-    print(f"ratio pipeline / single      : {p / s:7.3f}")
-    for name in ("hop", "token_latency", "token_compute", "token_transfer"):
+    paired = statistics.median(b / a for a, b in zip(single, piped))
+    print(f"single-process mlx_lm decode : {s:7.2f} tok/s (median)")
+    print(f"{args.nodes}-node pipeline decode    : {p:7.2f} tok/s (median)")
+    print(f"ratio pipeline / single      : {p / s:7.3f}   (median of paired runs {paired:.3f})")
+    for name in ("hop", "step_compute", "token_latency", "token_compute", "token_transfer"):
         for summary in lat.get(name, []):
             print(f"{name:15} n={summary.count:<6} p50 {summary.p50_s * 1e3:8.3f} ms   "
                   f"p99 {summary.p99_s * 1e3:8.3f} ms")
