@@ -7,8 +7,8 @@ to the loop that made them).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import grpc
 from google.protobuf.json_format import MessageToDict

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -123,7 +124,8 @@ class Engine:
         if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != hidden:
             raise BadFrame(f"activation shape {list(shape)} is wrong: expected [1, L, {hidden}]")
         if dtype != self.shard.dtype:
-            raise BadFrame(f"activation dtype {dtype} is wrong: this shard computes in {self.shard.dtype}")
+            raise BadFrame(f"activation dtype {dtype} is wrong: this shard computes in "
+                           f"{self.shard.dtype}")
         if position + shape[1] > self.shard.source.context_length:
             raise ContextOverflow(
                 f"positions {position}..{position + shape[1] - 1} exceed the context length "

@@ -129,7 +129,8 @@ class MlxLmTokenizer:
             return list(ids)
         bos = self._tok.bos_token
         # as mlx_lm.generate does: add BOS unless the text already starts with it
-        return list(self._tok.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
+        add_bos = bos is None or not text.startswith(bos)
+        return list(self._tok.encode(text, add_special_tokens=add_bos))
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
@@ -138,7 +139,7 @@ class MlxLmTokenizer:
         return self._tok.detokenizer
 
 
-def prompt_tokenizer(source: "ModelSource") -> PromptTokenizer:
+def prompt_tokenizer(source: ModelSource) -> PromptTokenizer:
     """The tokenizer of a resolved model, without loading any weights."""
     if source.kind == "synthetic":
         return ByteTokenizer()
@@ -329,7 +330,8 @@ def _dir_model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTo
     except (FileNotFoundError, ValueError) as e:
         raise ModelError(f"cannot load model from {source.path}: {e}") from e
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise ModelError(f"{source.spec}: only llama-family models (model.model.layers) can be split")
+        raise ModelError(f"{source.spec}: only llama-family models (model.model.layers) "
+                         "can be split")
     _cut(model, start, end)
     if source.dtype:
         model.set_dtype(getattr(mx, source.dtype))

@@ -19,13 +19,19 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from node.engine import Engine, Sampling, StepResult
-from node.errors import (BadFrame, ContextOverflow, NodeError, PeerUnavailable, RequestTimeout,
-                         StaleEpoch)
+from node.errors import (
+    BadFrame,
+    ContextOverflow,
+    NodeError,
+    PeerUnavailable,
+    RequestTimeout,
+    StaleEpoch,
+)
 from node.metrics import NodeMetrics
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
@@ -334,8 +340,9 @@ class Pipeline:
     async def _next_token(queue: asyncio.Queue, timeout: float) -> tuple[int, float]:
         try:
             item = await asyncio.wait_for(queue.get(), timeout)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(f"no token came back round the ring within {timeout:.0f} s") from None
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no token came back round the ring within {timeout:.0f} s") from None
         if isinstance(item, Exception):
             raise item
         return item

@@ -11,8 +11,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
 
 import grpc
 import psutil
@@ -128,7 +128,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         same = old is not None and old.source == source and (old.start, old.end) == (
             ours.start_layer, ours.end_layer)
         if self.pipeline is not None:
-            await self.pipeline.close(f"plan epoch {plan.epoch} replaced epoch {self.pipeline.epoch}")
+            await self.pipeline.close(
+                f"plan epoch {plan.epoch} replaced epoch {self.pipeline.epoch}")
             self.pipeline = None
         if not same:
             self.shard = None  # drop the old weights before loading new ones
@@ -196,7 +197,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             replies.put_nowait(pb.ForwardReply(request_id=frame.request_id, epoch=frame.epoch,
                                                code=code, error=str(e)))
 
-    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateEvent]:
+    async def Generate(self, request: pb.GenerateRequest,
+                       context) -> AsyncIterator[pb.GenerateEvent]:
         pipeline = self.pipeline
         try:
             if pipeline is None:

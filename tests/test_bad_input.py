@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from console.cli import load_plan, with_clients
+from console.cli import with_clients
 from console.client import ClusterError, NodeClient
 from node.pipeline import CHANNEL_OPTIONS
 from protos import cluster_pb2 as pb

@@ -41,7 +41,8 @@ async def test_smollm2_split_10_10_10_equals_single_process(cluster3):
     plan = await load(addrs, "smollm2-135m")
     assert [(s.start_layer, s.end_layer) for s in plan.shards] == [(0, 9), (10, 19), (20, 29)]
     tokenizer = prompt_tokenizer(resolve("smollm2-135m"))
-    for prompt in ("What is the capital of France?", "Name the largest planet in the solar system."):
+    prompts = ("What is the capital of France?", "Name the largest planet in the solar system.")
+    for prompt in prompts:
         ids = tokenizer.encode(prompt, chat=True)
         got = await generate_ids(addrs[0], ids, 24)
         want = reference_tokens("smollm2-135m", ids, 24)

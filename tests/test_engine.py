@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 from node.engine import Engine, Sampling, decode_tensor, encode_tensor
 from node.errors import BadFrame, ModelError
-from node.models import (ByteTokenizer, load_shard, resolve, synthetic_full_model)
+from node.models import ByteTokenizer, load_shard, resolve, synthetic_full_model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

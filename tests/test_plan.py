@@ -14,7 +14,8 @@ def test_uniform_splits_evenly_and_covers_every_layer():
 
 def test_memory_weighted_follows_budgets_with_at_least_one_layer_each():
     gib = 2**30
-    assert plan_ranges("memory", 32, [64 * gib, 32 * gib, 16 * gib]) == [(0, 17), (18, 26), (27, 31)]
+    budgets = [64 * gib, 32 * gib, 16 * gib]
+    assert plan_ranges("memory", 32, budgets) == [(0, 17), (18, 26), (27, 31)]
     counts = largest_remainder(10, [1000.0, 1.0, 1.0])
     assert counts == [8, 1, 1]
 
