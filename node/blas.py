@@ -8,9 +8,10 @@ Set MLX_CLUSTER_NO_OPENBLAS=1 to opt out.
 
 OpenBLAS worker threads busy-wait for ~2^28 cycles after each call before sleeping.
 On a machine running several nodes (a local cluster) the idle nodes' spinning threads
-steal the cores from the node that is computing; pipeline decode of SmolLM2 on three
-loopback nodes went from ~0.63 to ~0.9 of single-process speed with a 2^22-cycle
-timeout (tests/bench/pipeline_overhead.py). OPENBLAS_THREAD_TIMEOUT set by the user wins.
+steal the cores from the node that is computing: 3-node loopback pipeline decode of
+SmolLM2 ran at ~0.63 of single-process speed with the default, ~0.97 with a 2^18-cycle
+timeout (tests/bench/pipeline_overhead.py, 2-core machine; single-process decode was
+not slower with it). OPENBLAS_THREAD_TIMEOUT set by the user wins.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
 )
 _REEXEC_MARK = "MLX_CLUSTER_BLAS_REEXEC"
-THREAD_TIMEOUT = "22"  # log2 of the cycles an idle OpenBLAS thread spins before sleeping
+THREAD_TIMEOUT = "18"  # log2 of the cycles an idle OpenBLAS thread spins before sleeping
 
 
 def openblas_path() -> str | None:
