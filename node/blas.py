@@ -9,9 +9,10 @@ Set MLX_CLUSTER_NO_OPENBLAS=1 to opt out.
 OpenBLAS worker threads busy-wait for ~2^28 cycles after each call before sleeping.
 On a machine running several nodes (a local cluster) the idle nodes' spinning threads
 steal the cores from the node that is computing: 3-node loopback pipeline decode of
-SmolLM2 ran at ~0.63 of single-process speed with the default, ~0.97 with a 2^18-cycle
-timeout (tests/bench/pipeline_overhead.py, 2-core machine; single-process decode was
-not slower with it). OPENBLAS_THREAD_TIMEOUT set by the user wins.
+SmolLM2 ran at ~0.63 of single-process speed with the default and ~0.8-0.9 with shorter
+timeouts; 2^18 cycles, with the engine's per-layer async_eval, gave ~0.96-1.0
+(tests/bench/pipeline_overhead.py, 2-core machine; single-process decode was not
+slower with it). OPENBLAS_THREAD_TIMEOUT set by the user wins.
 """
 
 from __future__ import annotations
