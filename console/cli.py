@@ -296,7 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-DEMO_PROMPTS = ("What is the capital of France?", "What is the largest planet in our solar system?")
+DEMO_PROMPTS = ("What is the capital of France?", "What is the boiling point of water in Celsius?")
 
 
 # ---------------------------------------------------------------- parser
