@@ -1,19 +1,123 @@
-"""Partition planning: which contiguous layer range each node holds. Pure functions.
+"""Partition planning: which contiguous layer range each node holds. Pure functions, no I/O.
 
-Ranges are inclusive at both ends, as in exo's Shard: (0, 9) is ten layers. Counts are
-apportioned with the largest-remainder method, so they always sum to the layer count
-(exo's float-range rounding could over-fill a node), and every node gets at least one.
+Ranges are inclusive at both ends, as in exo's Shard: (0, 9) is ten layers. Every plan
+comes with a memory estimate per node (parameters, KV cache at the context length) and
+is refused, with the shortfall in the message, when any node would go over its budget.
+
+Strategies:
+- `ring-memory-weighted`: exo's, kept for comparison: nodes sorted by memory (largest
+  first), float cut points rounded per node (the rounding that over-filled exo nodes).
+- `memory`: largest remainder over memory budgets, capped by what each node can hold.
+- `speed`: largest remainder over calibrated speed, within the same memory caps.
+- `uniform`: equal counts, within the memory caps.
+- `manual:0-9,10-19,20-29`: ranges in node order, checked.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass, field
 
-STRATEGIES = ("uniform", "memory", "manual:A-B,C-D,...")
+GIB = 1024**3
+STRATEGIES = ("memory", "ring-memory-weighted", "speed", "uniform", "manual:A-B,C-D,...")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class PlanError(ValueError):
     """A plan that cannot be made; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What the planner needs to know about a node."""
+
+    node_id: str
+    budget: int  # bytes the node may use for its shard
+    name: str = ""
+    address: str = ""
+    speed: float = 0.0  # calibrated GFLOP/s; 0 = unknown
+
+    @property
+    def label(self) -> str:
+        return self.name or self.address or self.node_id
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Byte sizes of a model's parts, for memory estimates."""
+
+    n_layers: int
+    layer_bytes: int  # parameters of one transformer block
+    embed_bytes: int  # input embedding (first shard)
+    head_bytes: int  # final norm + output projection (last shard; the embedding when tied)
+    kv_bytes_per_token: int  # K and V of one layer for one position
+    context_length: int
+
+    def shard_bytes(self, start: int, end: int, context: int | None = None) -> tuple[int, int]:
+        """(parameter bytes, KV-cache bytes at `context` positions) of layers start..end."""
+        layers = end - start + 1
+        params = layers * self.layer_bytes
+        if start == 0:
+            params += self.embed_bytes
+        if end == self.n_layers - 1:
+            params += self.head_bytes
+        ctx = self.context_length if context is None else context
+        return params, layers * self.kv_bytes_per_token * ctx
+
+
+def model_shape(config: dict, dtype: str, bits: int = 0, context: int = 0) -> ModelShape:
+    """Sizes of a llama-family model from its config; `bits` > 0 for quantized weights."""
+    h = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or h // heads)
+    inter = int(config["intermediate_size"])
+    vocab = int(config["vocab_size"])
+    act = DTYPE_BYTES.get(dtype, 4)
+    # quantized: bits per weight plus a float scale and bias per group of 32
+    per_weight = bits / 8 + 2 * act / 32 if bits else act
+    matrices = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2 + 3 * h * inter
+    layer = int(matrices * per_weight) + 2 * h * act
+    embed = int(vocab * h * per_weight)
+    tied = config.get("tie_word_embeddings", True)
+    head = h * act + (embed if tied else int(vocab * h * per_weight))
+    return ModelShape(
+        n_layers=int(config["num_hidden_layers"]), layer_bytes=layer, embed_bytes=embed,
+        head_bytes=head, kv_bytes_per_token=2 * kv_heads * head_dim * act,
+        context_length=context or int(config.get("max_position_embeddings") or 4096))
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    node: NodeSpec
+    start: int
+    end: int
+    param_bytes: int
+    kv_bytes: int
+
+    @property
+    def layers(self) -> int:
+        return self.end - self.start + 1
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.kv_bytes
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    strategy: str
+    n_layers: int
+    context: int
+    shards: list[ShardPlan] = field(default_factory=list)
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(s.start, s.end) for s in self.shards]
+
+
+# ------------------------------------------------------------------ apportioning
 
 
 def largest_remainder(total: int, weights: list[float]) -> list[int]:
@@ -37,6 +141,23 @@ def largest_remainder(total: int, weights: list[float]) -> list[int]:
             donor = max(range(n), key=lambda j: (counts[j], -j))
             counts[donor] -= 1
             counts[i] += 1
+    return counts
+
+
+def capped_largest_remainder(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """Largest remainder, then move layers off nodes above their cap onto nodes with room
+    (in proportion to weight). Assumes sum(caps) >= total and every cap >= 1."""
+    counts = largest_remainder(total, weights)
+    for _ in range(total * len(caps)):  # bounded: each pass moves at least one layer
+        over = [i for i, (c, cap) in enumerate(zip(counts, caps)) if c > cap]
+        if not over:
+            return counts
+        i = over[0]
+        room = [j for j in range(len(caps)) if counts[j] < caps[j]]
+        # the node with the most weight per layer it already holds gets the layer
+        j = max(room, key=lambda k: (weights[k] / (counts[k] + 1), caps[k] - counts[k], -k))
+        counts[i] -= 1
+        counts[j] += 1
     return counts
 
 
@@ -70,12 +191,115 @@ def parse_manual(text: str, n_layers: int, n_nodes: int) -> list[tuple[int, int]
     return ranges
 
 
-def plan_ranges(strategy: str, n_layers: int, budgets: list[int]) -> list[tuple[int, int]]:
-    """Layer ranges, one per node in the given order, for a strategy name."""
-    if strategy == "uniform":
-        return ranges_from_counts(largest_remainder(n_layers, [1.0] * len(budgets)))
-    if strategy == "memory":
-        return ranges_from_counts(largest_remainder(n_layers, [float(b) for b in budgets]))
+def exo_ring_memory_weighted(n_layers: int, memories: list[int]) -> list[tuple[int, int]]:
+    """exo's RingMemoryWeightedPartitioningStrategy + map_partitions_to_shards, in the
+    given order (callers sort by memory, largest first, as exo does)."""
+    total = sum(memories)
+    if total <= 0:
+        raise PlanError("nodes report no memory")
+    cuts, start = [], 0.0
+    for mem in memories:
+        end = round(start + mem / total, 5)
+        cuts.append((start, end))
+        start = end
+    ranges = []
+    for i, (a, b) in enumerate(cuts):
+        first, last = int(a * n_layers), int(b * n_layers) - 1
+        if i == len(cuts) - 1:
+            last = n_layers - 1
+        if first > last:
+            raise PlanError(f"exo's rounding leaves node {i} without layers; use --strategy memory")
+        ranges.append((first, last))
+    return ranges
+
+
+# ------------------------------------------------------------------ plans
+
+
+def _caps(shape: ModelShape, nodes: list[NodeSpec], context: int) -> list[int]:
+    """How many layers each node can hold at its position in the order."""
+    per_layer = shape.layer_bytes + shape.kv_bytes_per_token * context
+    caps = []
+    for i, node in enumerate(nodes):
+        fixed = (shape.embed_bytes if i == 0 else 0) + (
+            shape.head_bytes if i == len(nodes) - 1 else 0)
+        caps.append(max(0, (node.budget - fixed) // per_layer) if per_layer else shape.n_layers)
+    return caps
+
+
+def _fits_or_explain(shape: ModelShape, nodes: list[NodeSpec], caps: list[int],
+                     context: int, model: str) -> None:
+    per_layer = shape.layer_bytes + shape.kv_bytes_per_token * context
+    need = shape.n_layers * per_layer + shape.embed_bytes + shape.head_bytes
+    have = sum(n.budget for n in nodes)
+    if sum(caps) < shape.n_layers or need > have:
+        raise PlanError(
+            f"{model or 'the model'} does not fit: it needs {need / GIB:.2f} GiB "
+            f"({shape.n_layers} layers x {per_layer / GIB:.3f} GiB incl. KV cache at {context} "
+            f"tokens, + {(shape.embed_bytes + shape.head_bytes) / GIB:.2f} GiB embedding/head) "
+            f"but the nodes' budgets total {have / GIB:.2f} GiB and hold at most {sum(caps)} "
+            f"layers: {max(need - have, per_layer * (shape.n_layers - sum(caps))) / GIB:.2f} "
+            f"GiB short. Add nodes, raise --memory-budget, use a smaller --dtype or a "
+            f"shorter context.")
+    tiny = [n.label for n, c in zip(nodes, caps) if c < 1]
+    if tiny:
+        raise PlanError(f"node(s) {', '.join(tiny)} cannot hold even one layer "
+                        f"({per_layer / GIB:.3f} GiB); leave them out with --nodes")
+
+
+def make_plan(strategy: str, shape: ModelShape, nodes: list[NodeSpec],
+              context: int | None = None, model: str = "") -> PartitionPlan:
+    """A checked plan: ranges for the strategy, estimates per node, budgets respected."""
+    if not nodes:
+        raise PlanError("no nodes to plan over")
+    ctx = shape.context_length if context is None else context
+    if strategy == "ring-memory-weighted":
+        nodes = sorted(nodes, key=lambda n: (n.budget, n.node_id), reverse=True)
+    caps = _caps(shape, nodes, ctx)
     if strategy.startswith("manual:"):
-        return parse_manual(strategy[len("manual:"):], n_layers, len(budgets))
-    raise PlanError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        ranges = parse_manual(strategy[len("manual:"):], shape.n_layers, len(nodes))
+    elif strategy == "ring-memory-weighted":
+        ranges = exo_ring_memory_weighted(shape.n_layers, [n.budget for n in nodes])
+    elif strategy in ("memory", "speed", "uniform"):
+        if shape.n_layers < len(nodes):
+            raise PlanError(f"{shape.n_layers} layers cannot be split over {len(nodes)} nodes "
+                            f"(each needs >= 1); use fewer nodes")
+        _fits_or_explain(shape, nodes, caps, ctx, model)
+        if strategy == "memory":
+            weights = [float(n.budget) for n in nodes]
+        elif strategy == "speed":
+            weights = [n.speed or float(n.budget) for n in nodes]
+            if not all(n.speed for n in nodes):
+                weights = [float(n.budget) for n in nodes]  # not all calibrated: by memory
+        else:
+            weights = [1.0] * len(nodes)
+        ranges = ranges_from_counts(capped_largest_remainder(shape.n_layers, weights, caps))
+    else:
+        raise PlanError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    shards = []
+    for node, (start, end) in zip(nodes, ranges):
+        params, kv = shape.shard_bytes(start, end, ctx)
+        shards.append(ShardPlan(node, start, end, params, kv))
+    over = [s for s in shards if s.total_bytes > s.node.budget]
+    if over:
+        s = over[0]
+        raise PlanError(
+            f"{strategy} puts layers {s.start}-{s.end} ({s.total_bytes / GIB:.2f} GiB) on "
+            f"{s.node.label}, whose budget is {s.node.budget / GIB:.2f} GiB: "
+            f"{(s.total_bytes - s.node.budget) / GIB:.2f} GiB over. Try --strategy memory.")
+    return PartitionPlan(strategy, shape.n_layers, ctx, shards)
+
+
+def plan_ranges(strategy: str, n_layers: int, budgets: list[int]) -> list[tuple[int, int]]:
+    """Ranges only, for callers without model sizes (no memory caps are applied)."""
+    shape = ModelShape(n_layers, 0, 0, 0, 0, 0)
+    nodes = [NodeSpec(str(i), b) for i, b in enumerate(budgets)]
+    return make_plan(strategy, shape, nodes).ranges
+
+
+def layer_bar(start: int, end: int, n_layers: int, width: int = 30) -> str:
+    """A text bar of the whole layer list with this shard's range filled in."""
+    width = min(width, n_layers) if n_layers < width else width
+    a = math.floor(start * width / n_layers)
+    b = max(a + 1, math.ceil((end + 1) * width / n_layers))
+    return "·" * a + "█" * (b - a) + "·" * (width - b)

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from node.plan import PlanError, largest_remainder, parse_manual, plan_ranges, ranges_from_counts
+from node.plan import (
+    GIB,
+    ModelShape,
+    NodeSpec,
+    PlanError,
+    exo_ring_memory_weighted,
+    largest_remainder,
+    make_plan,
+    model_shape,
+    parse_manual,
+    plan_ranges,
+    ranges_from_counts,
+)
 
 
 def test_uniform_splits_evenly_and_covers_every_layer():
@@ -50,3 +64,91 @@ def test_too_few_layers_and_unknown_strategy():
         plan_ranges("uniform", 2, [1, 1, 1])
     with pytest.raises(PlanError, match="unknown strategy"):
         plan_ranges("fastest", 8, [1, 1])
+
+
+# ------------------------------------------------------------------ estimates and budgets
+
+LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+            "max_position_embeddings": 4096, "tie_word_embeddings": False}
+
+
+def nodes(*gib: float) -> list[NodeSpec]:
+    return [NodeSpec(f"n{i}", int(g * GIB), name=f"node{i}") for i, g in enumerate(gib)]
+
+
+def test_exo_example_ring_memory_weighted():
+    assert exo_ring_memory_weighted(32, [64, 32, 16]) == [(0, 17), (18, 26), (27, 31)]
+    shape = ModelShape(32, 1, 0, 0, 0, 1)
+    plan = make_plan("ring-memory-weighted", shape, nodes(16, 64, 32))
+    assert plan.ranges == [(0, 17), (18, 26), (27, 31)]
+    assert [s.node.name for s in plan.shards] == ["node1", "node2", "node0"]  # biggest first
+
+
+def test_llama_7b_sizes_match_the_known_parameter_count():
+    shape = model_shape(LLAMA_7B, "float32")
+    params = (shape.layer_bytes * 32 + shape.embed_bytes + shape.head_bytes) / 4
+    assert 6.7e9 < params < 6.8e9
+    assert shape.kv_bytes_per_token == 2 * 4096 * 4
+    q4 = model_shape(LLAMA_7B, "float32", bits=4)
+    assert q4.layer_bytes < shape.layer_bytes / 4
+
+
+def test_memory_plan_respects_caps_and_estimates():
+    shape = model_shape(dict(LLAMA_7B, num_hidden_layers=8), "float32")
+    plan = make_plan("memory", shape, nodes(4, 3, 3), model="synthetic:llama-7b")
+    assert plan.ranges == [(0, 2), (3, 5), (6, 7)]
+    for s in plan.shards:
+        assert s.total_bytes <= s.node.budget
+        assert s.param_bytes == shape.shard_bytes(s.start, s.end)[0]
+
+
+def test_a_model_that_fits_nowhere_is_refused_with_the_shortfall():
+    shape = model_shape(dict(LLAMA_7B, hidden_size=5120, num_hidden_layers=40,
+                             intermediate_size=13824, num_attention_heads=40,
+                             num_key_value_heads=40), "float32")
+    with pytest.raises(PlanError, match=r"synthetic:llama-13b does not fit: it needs 5\d\.\d\d "
+                                        r"GiB .* total 10\.00 GiB .* GiB short"):
+        make_plan("memory", shape, nodes(4, 3, 3), model="synthetic:llama-13b")
+    for strategy in ("uniform", "speed"):
+        with pytest.raises(PlanError, match="does not fit"):
+            make_plan(strategy, shape, nodes(4, 3, 3))
+    with pytest.raises(PlanError, match="GiB over"):
+        make_plan("manual:0-1,2-38,39-39", shape, nodes(40, 40, 40))
+
+
+def test_speed_strategy_weights_by_calibrated_speed_within_caps():
+    shape = ModelShape(12, GIB // 4, 0, 0, 0, 1)
+    fast = [NodeSpec("a", 8 * GIB, speed=300.0), NodeSpec("b", 8 * GIB, speed=100.0)]
+    assert make_plan("speed", shape, fast).ranges == [(0, 8), (9, 11)]
+    capped = [NodeSpec("a", 1 * GIB, speed=300.0), NodeSpec("b", 8 * GIB, speed=100.0)]
+    assert make_plan("speed", shape, capped).ranges == [(0, 3), (4, 11)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(n_layers=st.integers(1, 120),
+       budgets=st.lists(st.integers(0, 64 * GIB), min_size=1, max_size=8),
+       layer_gib=st.floats(0.01, 4.0),
+       strategy=st.sampled_from(["memory", "uniform", "ring-memory-weighted"]))
+def test_property_plans_cover_all_layers_and_never_exceed_budgets(n_layers, budgets, layer_gib,
+                                                                  strategy):
+    shape = ModelShape(n_layers, int(layer_gib * GIB), int(0.1 * GIB), int(0.1 * GIB), 1024,
+                       512)
+    specs = [NodeSpec(f"n{i}", b) for i, b in enumerate(budgets)]
+    try:
+        plan = make_plan(strategy, shape, specs)
+    except PlanError as e:
+        assert str(e)  # refusals always explain themselves
+        if strategy == "memory":  # the capped strategy refuses only what cannot fit
+            per_layer = shape.layer_bytes + 1024 * 512
+            caps = [max(0, (b - (shape.embed_bytes if i == 0 else 0)
+                            - (shape.head_bytes if i == len(budgets) - 1 else 0)) // per_layer)
+                    for i, b in enumerate(budgets)]
+            assert n_layers < len(budgets) or sum(caps) < n_layers or min(caps) < 1 or (
+                n_layers * per_layer + shape.embed_bytes + shape.head_bytes > sum(budgets))
+        return
+    assert [s.start for s in plan.shards][0] == 0 and plan.shards[-1].end == n_layers - 1
+    assert sum(s.layers for s in plan.shards) == n_layers
+    assert all(s.layers >= 1 for s in plan.shards)
+    assert all(a.end + 1 == b.start for a, b in zip(plan.shards, plan.shards[1:]))
+    assert all(s.total_bytes <= s.node.budget for s in plan.shards)
