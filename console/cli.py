@@ -112,16 +112,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     rows = asyncio.run(with_clients(node_addresses(args), run))
     lines = []
+    gib = 2**30
     for r in rows:
         if "error" in r:
             lines.append(f"{r['address']:22} DOWN  {r['error']}")
             continue
         caps, shard = r["capabilities"], r.get("shard") or {}
-        layers = (f"{shard['model']} layers {shard['start_layer']}-{shard['end_layer']} "
-                  f"epoch {shard['epoch']}") if shard else "no shard"
-        lines.append(f"{r['address']:22} {'up' if r['up'] else 'unhealthy':5} {r['name']:10} "
-                     f"{caps['mlx_device']}/{caps['blas']:9} budget "
-                     f"{int(caps['memory_budget']) / 2**30:6.1f} GiB  {layers}")
+        mem = (f"mlx {r['mlx_active_bytes'] / gib:5.2f} GiB / budget "
+               f"{caps['memory_budget'] / gib:5.2f} GiB")
+        layers = (f"{shard['model']} {shard['start_layer']}-{shard['end_layer']} "
+                  f"(epoch {shard['epoch']})") if shard else "no shard"
+        lines.append(f"{r['address']:22} {'up' if r['up'] else 'unhealthy':5} {r['name'][:10]:10} "
+                     f"{caps['mlx_device']}/{caps['blas']:9} {mem}  {layers}")
     emit(args, {"nodes": rows}, "\n".join(lines))
     return EXIT_OK if all(r.get("up") for r in rows) else EXIT_FAIL
 
@@ -129,59 +131,103 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- load / unload
 
 
-def build_plan(infos: list[pb.NodeInfo], model: str, n_layers: int, strategy: str) -> pb.Plan:
-    from node.plan import plan_ranges
-
-    budgets = [i.capabilities.memory_budget for i in infos]
-    ranges = plan_ranges(strategy, n_layers, budgets)
-    epoch = max((i.shard.epoch for i in infos if i.HasField("shard")), default=0) + 1
-    return pb.Plan(model=model, epoch=epoch, n_layers=n_layers, strategy=strategy,
-                   shards=[pb.PlanShard(node_id=i.node_id, address=i.address,
-                                        start_layer=s, end_layer=e)
-                           for i, (s, e) in zip(infos, ranges)])
-
-
-def model_layers(model: str, dtype: str, layers: int) -> int:
+def resolve_model(model: str, dtype: str, layers: int):
+    """The model's source (config, form, dtype) as the nodes will see it."""
     from node.errors import ModelError
-    from node.models import SYNTHETIC_PREFIX, resolve
+    from node.models import resolve
 
-    if not model.startswith(SYNTHETIC_PREFIX) and layers:
-        raise ClusterError("--layers only applies to synthetic:* models")
     try:
-        return resolve(model, dtype, layers).n_layers
+        return resolve(model, dtype, layers)
     except ModelError as e:
         raise ClusterError(str(e)) from e
+
+
+def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, strategy: str):
+    """Plan `model` over the nodes (in their order): a checked PartitionPlan and the source."""
+    from node.models import shape_of
+    from node.plan import NodeSpec, PlanError, make_plan
+
+    source = resolve_model(model, dtype, layers)
+    specs = [NodeSpec(i.node_id, i.capabilities.memory_budget, i.name, i.address,
+                      i.capabilities.matmul_gflops) for i in infos]
+    try:
+        return make_plan(strategy, shape_of(source), specs, model=model), source
+    except PlanError as e:
+        raise ClusterError(str(e)) from e
+
+
+def proto_plan(plan, model: str, epoch: int) -> pb.Plan:
+    return pb.Plan(model=model, epoch=epoch, n_layers=plan.n_layers, strategy=plan.strategy,
+                   context_length=plan.context,
+                   shards=[pb.PlanShard(node_id=s.node.node_id, address=s.node.address,
+                                        name=s.node.name, start_layer=s.start, end_layer=s.end,
+                                        param_bytes=s.param_bytes, kv_bytes=s.kv_bytes)
+                           for s in plan.shards])
 
 
 async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: int,
                     strategy: str, progress=eprint) -> tuple[pb.Plan, list[pb.ShardInfo]]:
     """Plan `model` over the nodes and load every shard at once."""
-    from node.plan import PlanError
-
     infos = await live_infos(clients)
-    n_layers = model_layers(model, dtype, layers)
-    try:
-        plan = build_plan(infos, model, n_layers, strategy)
-    except PlanError as e:
-        raise ClusterError(str(e)) from e
-    progress(f"loading {model} ({n_layers} layers, {strategy}) on {len(clients)} node(s), "
-             f"epoch {plan.epoch}")
+    plan, _ = partition(infos, model, dtype, layers, strategy)
+    epoch = max((i.shard.epoch for i in infos if i.HasField("shard")), default=0) + 1
+    proto = proto_plan(plan, model, epoch)
+    progress(f"loading {model} ({plan.n_layers} layers, {strategy}) on {len(clients)} "
+             f"node(s), epoch {epoch}")
     options = pb.ModelOptions(dtype=dtype, layers=layers)
+    client_of = {i.node_id: c for c, i in zip(clients, infos)}
     t0 = time.perf_counter()
 
-    async def one(client: NodeClient, shard: pb.PlanShard) -> pb.ShardInfo:
-        reply = await client.load(plan, options)
-        progress(f"  {client.address}: layers {shard.start_layer}-{shard.end_layer} loaded "
+    async def one(shard: pb.PlanShard) -> pb.ShardInfo:
+        reply = await client_of[shard.node_id].load(proto, options)
+        progress(f"  {shard.address}: layers {shard.start_layer}-{shard.end_layer} loaded "
                  f"({reply.shard.weight_bytes / 2**20:.0f} MiB, {reply.shard.form}) "
                  f"after {time.perf_counter() - t0:.1f} s")
         return reply.shard
 
-    results = await asyncio.gather(*(one(c, s) for c, s in zip(clients, plan.shards)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(*(one(s) for s in proto.shards), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise ClusterError("load failed: " + "; ".join(str(e) for e in errors))
-    return plan, results  # type: ignore[return-value]
+    return proto, results  # type: ignore[return-value]
+
+
+def plan_rows(plan: pb.Plan) -> list[dict]:
+    from node.plan import layer_bar
+
+    return [{"node": s.node_id, "name": s.name, "address": s.address,
+             "start_layer": s.start_layer, "end_layer": s.end_layer,
+             "layers": s.end_layer - s.start_layer + 1,
+             "bar": layer_bar(s.start_layer, s.end_layer, plan.n_layers),
+             "param_bytes": s.param_bytes, "kv_bytes": s.kv_bytes,
+             "total_bytes": s.param_bytes + s.kv_bytes} for s in plan.shards]
+
+
+def format_plan(plan: pb.Plan, budgets: dict[str, int], dtype: str) -> str:
+    gib = 2**30
+    lines = [f"{plan.model} · {plan.n_layers} layers · {dtype} · strategy {plan.strategy} · "
+             f"KV cache at {plan.context_length} tokens",
+             f"{'NODE':12} {'ADDRESS':21} {'LAYERS':>7}  {'LAYER MAP':30}  "
+             f"{'WEIGHTS':>9} {'KV':>9} {'TOTAL':>9} {'BUDGET':>9}"]
+    for r in plan_rows(plan):
+        lines.append(f"{r['name'][:12]:12} {r['address']:21} "
+                     f"{r['start_layer']:>3}-{r['end_layer']:<3}  {r['bar']:30}  "
+                     f"{r['param_bytes'] / gib:5.2f} GiB {r['kv_bytes'] / gib:5.2f} GiB "
+                     f"{r['total_bytes'] / gib:5.2f} GiB {budgets[r['node']] / gib:5.2f} GiB")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    infos = asyncio.run(with_clients(node_addresses(args), live_infos))
+    plan, source = partition(infos, args.model, args.dtype, args.layers, args.strategy)
+    proto = proto_plan(plan, args.model, 0)
+    budgets = {i.node_id: i.capabilities.memory_budget for i in infos}
+    dtype = source.dtype or source.form
+    emit(args, {"model": args.model, "strategy": plan.strategy, "n_layers": plan.n_layers,
+                "context_length": plan.context, "dtype": dtype,
+                "shards": [dict(r, budget_bytes=budgets[r["node"]]) for r in plan_rows(proto)]},
+         format_plan(proto, budgets, dtype))
+    return EXIT_OK
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -323,14 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", parents=[common, nodes],
                    help="health, capabilities and loaded shard of every node")
 
-    load = sub.add_parser("load", parents=[common, nodes], help="split a model across the nodes",
-                          epilog="strategies: uniform (equal layer counts), memory (in proportion"
-                                 " to memory budgets), manual:0-9,10-19,20-29 (node order)")
-    load.add_argument("--model", required=True, help="smollm2-135m, synthetic:tiny, a dir, ...")
-    load.add_argument("--layers", type=int, default=0, help="layer count (synthetic models)")
-    load.add_argument("--dtype", default="", choices=["", "float32", "float16", "bfloat16"],
-                      help="compute dtype (default: float32 on CPU, float16 on GPU)")
-    load.add_argument("--strategy", default="uniform", help="uniform | memory | manual:A-B,...")
+    model_opts = argparse.ArgumentParser(add_help=False)
+    model_opts.add_argument("--model", required=True,
+                            help="smollm2-135m, synthetic:tiny|llama-7b|llama-13b, or a dir")
+    model_opts.add_argument("--layers", type=int, default=0,
+                            help="layer count override (synthetic models)")
+    model_opts.add_argument("--dtype", default="", choices=["", "float32", "float16", "bfloat16"],
+                            help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    model_opts.add_argument("--strategy", default="memory",
+                            help="memory (default) | ring-memory-weighted | speed | uniform | "
+                                 "manual:A-B,C-D,...")
+    strategies = ("strategies: memory (largest remainder over memory budgets, never above a "
+                  "budget), ring-memory-weighted (exo's, for comparison), speed (by calibrated "
+                  "matmul speed, within budgets), uniform (equal counts), manual:0-9,10-19,20-29 "
+                  "(node order)")
+    sub.add_parser("plan", parents=[common, nodes, model_opts], epilog=strategies,
+                   help="preview how a model would be split: layers and memory per node")
+    sub.add_parser("load", parents=[common, nodes, model_opts], epilog=strategies,
+                   help="split a model across the nodes (replaces the loaded plan)")
 
     sub.add_parser("unload", parents=[common, nodes], help="drop the loaded shards")
 
@@ -348,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"local": cmd_local, "status": cmd_status, "load": cmd_load, "unload": cmd_unload,
-            "generate": cmd_generate, "demo": cmd_demo}
+COMMANDS = {"local": cmd_local, "status": cmd_status, "plan": cmd_plan, "load": cmd_load,
+            "unload": cmd_unload, "generate": cmd_generate, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,3 +53,9 @@ class RequestTimeout(NodeError):
     """A token did not come back round the ring in time."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class OverBudget(NodeError):
+    """Loading the shard would take more memory than the node's budget."""
+
+    code = "RESOURCE_EXHAUSTED"

@@ -19,11 +19,11 @@ import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from node import __version__
-from node.capabilities import capabilities
+from node.capabilities import capabilities, default_memory_budget
 from node.engine import Engine
-from node.errors import ModelError, NodeError, NotLoaded, StaleEpoch
+from node.errors import ModelError, NodeError, NotLoaded, OverBudget, StaleEpoch
 from node.metrics import NodeMetrics
-from node.models import Shard, check_range, load_shard, resolve
+from node.models import Shard, check_range, load_shard, resolve, shape_of
 from node.pipeline import CHANNEL_OPTIONS, Pipeline
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
@@ -49,6 +49,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.request_timeout_s = request_timeout_s
         self.idle_request_s = idle_request_s
         self.metrics = NodeMetrics()
+        self.matmul_gflops = 0.0  # set by --calibrate
         self.started = time.monotonic()
         # one thread for every MLX call: loads and forwards never run concurrently
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
@@ -72,11 +73,17 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def GetInfo(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
         caps = await asyncio.get_running_loop().run_in_executor(None, capabilities,
                                                                 self.memory_budget)
+        import mlx.core as mx
+
+        caps["matmul_gflops"] = self.matmul_gflops
         info = pb.NodeInfo(node_id=self.node_id, name=self.name, version=__version__,
                            address=self.address, capabilities=pb.Capabilities(**caps),
                            pid=os.getpid(), uptime_s=time.monotonic() - self.started,
                            active_requests=self.pipeline.engine.active_requests
-                           if self.pipeline else 0)
+                           if self.pipeline else 0,
+                           mlx_active_bytes=mx.get_active_memory(),
+                           mlx_peak_bytes=mx.get_peak_memory(),
+                           rss_bytes=self._process.memory_info().rss)
         shard = self._shard_info()
         if shard is not None and self.pipeline is not None:
             info.shard.CopyFrom(shard)
@@ -124,6 +131,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             raise ModelError(f"the plan says {plan.n_layers} layers but {plan.model} has "
                              f"{source.n_layers}")
         check_range(ours.start_layer, ours.end_layer, source.n_layers)
+        self._check_budget(source, ours.start_layer, ours.end_layer, plan.context_length)
         old = self.shard
         same = old is not None and old.source == source and (old.start, old.end) == (
             ours.start_layer, ours.end_layer)
@@ -140,6 +148,20 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                                  self.metrics, self.request_timeout_s)
         log.info("loaded %s layers %d-%d (epoch %d) in %.1f s", plan.model, ours.start_layer,
                  ours.end_layer, plan.epoch, self.shard.load_seconds)
+
+    def _check_budget(self, source, start: int, end: int, context: int) -> None:
+        """Refuse, before loading anything, a shard that would not fit this node's budget."""
+        budget = self.memory_budget
+        if budget is None:  # free memory now, plus what the shard we replace gives back
+            budget = default_memory_budget() + (self.shard.weight_bytes if self.shard else 0)
+        params, kv = shape_of(source).shard_bytes(start, end, context or None)
+        if params + kv > budget:
+            gib = 1024**3
+            raise OverBudget(
+                f"layers {start}-{end} of {source.spec} need {(params + kv) / gib:.2f} GiB "
+                f"({params / gib:.2f} GiB weights + {kv / gib:.2f} GiB KV cache) but this node's "
+                f"memory budget is {budget / gib:.2f} GiB; plan with --strategy memory or "
+                f"start the node with a larger --memory-budget")
 
     async def UnloadShard(self, request: pb.UnloadShardRequest, context) -> pb.UnloadShardReply:
         async with self._load_lock:

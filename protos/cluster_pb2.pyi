@@ -11,7 +11,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("platform", "chip", "cpu_count", "memory_total", "memory_available", "memory_budget", "mlx_version", "mlx_device", "blas", "mlx_lm_version")
+    __slots__ = ("platform", "chip", "cpu_count", "memory_total", "memory_available", "memory_budget", "mlx_version", "mlx_device", "blas", "mlx_lm_version", "matmul_gflops")
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     CHIP_FIELD_NUMBER: _ClassVar[int]
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class Capabilities(_message.Message):
     MLX_DEVICE_FIELD_NUMBER: _ClassVar[int]
     BLAS_FIELD_NUMBER: _ClassVar[int]
     MLX_LM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MATMUL_GFLOPS_FIELD_NUMBER: _ClassVar[int]
     platform: str
     chip: str
     cpu_count: int
@@ -32,7 +33,8 @@ class Capabilities(_message.Message):
     mlx_device: str
     blas: str
     mlx_lm_version: str
-    def __init__(self, platform: _Optional[str] = ..., chip: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., memory_budget: _Optional[int] = ..., mlx_version: _Optional[str] = ..., mlx_device: _Optional[str] = ..., blas: _Optional[str] = ..., mlx_lm_version: _Optional[str] = ...) -> None: ...
+    matmul_gflops: float
+    def __init__(self, platform: _Optional[str] = ..., chip: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., memory_budget: _Optional[int] = ..., mlx_version: _Optional[str] = ..., mlx_device: _Optional[str] = ..., blas: _Optional[str] = ..., mlx_lm_version: _Optional[str] = ..., matmul_gflops: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("model", "start_layer", "end_layer", "n_layers", "epoch", "dtype", "form", "weight_bytes", "context_length", "load_seconds")
@@ -59,7 +61,7 @@ class ShardInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[str] = ..., form: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests")
+    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests", "mlx_active_bytes", "rss_bytes", "mlx_peak_bytes", "advertising", "faults_allowed", "auth_required")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +72,12 @@ class NodeInfo(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MLX_ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MLX_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISING_FIELD_NUMBER: _ClassVar[int]
+    FAULTS_ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -80,33 +88,47 @@ class NodeInfo(_message.Message):
     pid: int
     uptime_s: float
     active_requests: int
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ...) -> None: ...
+    mlx_active_bytes: int
+    rss_bytes: int
+    mlx_peak_bytes: int
+    advertising: bool
+    faults_allowed: bool
+    auth_required: bool
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ...) -> None: ...
 
 class PlanShard(_message.Message):
-    __slots__ = ("node_id", "address", "start_layer", "end_layer")
+    __slots__ = ("node_id", "address", "start_layer", "end_layer", "param_bytes", "kv_bytes", "name")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     start_layer: int
     end_layer: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
+    param_bytes: int
+    kv_bytes: int
+    name: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., param_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("model", "epoch", "n_layers", "strategy", "shards")
+    __slots__ = ("model", "epoch", "n_layers", "strategy", "shards", "context_length")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     model: str
     epoch: int
     n_layers: int
     strategy: str
     shards: _containers.RepeatedCompositeFieldContainer[PlanShard]
-    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., n_layers: _Optional[int] = ..., strategy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[PlanShard, _Mapping]]] = ...) -> None: ...
+    context_length: int
+    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., n_layers: _Optional[int] = ..., strategy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[PlanShard, _Mapping]]] = ..., context_length: _Optional[int] = ...) -> None: ...
 
 class ModelOptions(_message.Message):
     __slots__ = ("dtype", "layers")

@@ -54,10 +54,10 @@ def small_cluster(tmp_path: Path):
 
     clusters: list[Path] = []
 
-    def make(n: int = 3) -> dict:
+    def make(n: int = 3, **kwargs) -> dict:
         path = tmp_path / f"cluster{len(clusters)}.json"
         clusters.append(path)
-        return start_cluster(n, path)
+        return start_cluster(n, path, **kwargs)
 
     yield make
     for path in clusters:
