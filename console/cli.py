@@ -11,9 +11,11 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from console.client import ClusterError, NodeClient, entry_node, gather_infos, to_dict
+from node.auth import read_token
 from protos import cluster_pb2 as pb
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -52,8 +54,12 @@ def node_addresses(args: argparse.Namespace) -> list[str]:
     return [n["address"] for n in cluster["nodes"]]
 
 
+# connection options from the command line (--token, --token-file, --tls-ca), set by main()
+CONNECTION: dict = {}
+
+
 async def with_clients(addresses: list[str], fn):
-    clients = [NodeClient(a) for a in addresses]
+    clients = [NodeClient(a, **CONNECTION) for a in addresses]
     try:
         return await fn(clients)
     finally:
@@ -76,7 +82,11 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     if args.local_command == "up":
         budgets = args.memory_budgets.split(",") if args.memory_budgets else None
-        cluster = local.up(args.n, budgets, log=eprint if not args.json else lambda m: None)
+        node_args = ["--allow-faults"] if args.allow_faults else []
+        if args.token_file:
+            node_args += ["--token-file", str(args.token_file)]
+        cluster = local.up(args.n, budgets, log=eprint if not args.json else lambda m: None,
+                           node_args=node_args)
         lines = [f"{n['name']:10} {n['address']:22} pid {n['pid']:<8} id {n['node_id']}"
                  for n in cluster["nodes"]]
         emit(args, cluster, "\n".join(lines) + f"\ncluster file: {local.cluster_file()}")
@@ -122,8 +132,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                f"{caps['memory_budget'] / gib:5.2f} GiB")
         layers = (f"{shard['model']} {shard['start_layer']}-{shard['end_layer']} "
                   f"(epoch {shard['epoch']})") if shard else "no shard"
+        faults = ", ".join(f"{f['spec']['kind']} ({f['id']})" for f in r.get("faults", []))
         lines.append(f"{r['address']:22} {'up' if r['up'] else 'unhealthy':5} {r['name'][:10]:10} "
-                     f"{caps['mlx_device']}/{caps['blas']:9} {mem}  {layers}")
+                     f"{caps['mlx_device']}/{caps['blas']:9} {mem}  {layers}"
+                     + (f"  faults: {faults}" if faults else ""))
     emit(args, {"nodes": rows}, "\n".join(lines))
     return EXIT_OK if all(r.get("up") for r in rows) else EXIT_FAIL
 
@@ -356,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     nodes = argparse.ArgumentParser(add_help=False)
     nodes.add_argument("--nodes", help="comma-separated host:port list (default: the cluster file)")
+    nodes.add_argument("--token", help="cluster token (default: env MLX_CLUSTER_TOKEN)")
+    nodes.add_argument("--token-file", type=Path, help="read the cluster token from a file")
+    nodes.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): talk TLS to the nodes")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     lp = sub.add_parser("local", help="start/stop a cluster of node processes on this machine")
@@ -363,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = lsub.add_parser("up", parents=[common], help="start N nodes on 127.0.0.1")
     up.add_argument("-n", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--memory-budgets", help="per-node budgets, e.g. 4GiB,2GiB,2GiB")
+    up.add_argument("--allow-faults", action="store_true", help="nodes accept fault injection")
+    up.add_argument("--token-file", type=Path,
+                    help="nodes require this cluster token (env MLX_CLUSTER_TOKEN works too)")
     lsub.add_parser("down", parents=[common], help="stop the nodes `local up` started")
     lsub.add_parser("status", parents=[common], help="list the local nodes and whether they run")
 
@@ -399,13 +417,106 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
+    inj = sub.add_parser("inject", parents=[common, nodes],
+                         help="inject a fault into a node started with --allow-faults",
+                         epilog="faults: kill, hang, latency --ms M [--jitter J], loss --p P, "
+                                "slow-compute --factor F; each with --duration S and --seed N")
+    inj.add_argument("node", help="node name, id or host:port")
+    inj.add_argument("fault", choices=["kill", "hang", "latency", "loss", "slow-compute"])
+    inj.add_argument("--ms", type=float, default=0.0, help="latency: delay per frame (ms)")
+    inj.add_argument("--jitter", type=float, default=0.0, help="latency: +- jitter (ms)")
+    inj.add_argument("--p", type=float, default=0.0, help="loss: drop probability")
+    inj.add_argument("--factor", type=float, default=0.0, help="slow-compute: slow-down factor")
+    inj.add_argument("--duration", type=float, default=0.0, help="seconds until it heals (0 = "
+                                                                    "until `heal`)")
+    inj.add_argument("--seed", type=int, default=None)
+    heal = sub.add_parser("heal", parents=[common, nodes], help="remove injected faults")
+    heal.add_argument("node", nargs="?", help="node name, id or host:port (default: --all)")
+    heal.add_argument("--all", action="store_true", help="heal every node")
+    stop = sub.add_parser("shutdown", parents=[common, nodes], help="stop node processes")
+    stop.add_argument("node", nargs="*", help="node names, ids or host:port")
+    stop.add_argument("--all", action="store_true", help="stop every node")
+
     sub.add_parser("demo", parents=[nodes],
                    help="start a 3-node local cluster, load the bundled model, generate")
     return parser
 
 
+async def pick_nodes(clients: list[NodeClient], wanted: list[str]) -> list[NodeClient]:
+    """The clients whose node name, id or address is in `wanted` (all when empty)."""
+    if not wanted:
+        return clients
+    infos = await gather_infos(clients)
+    chosen = []
+    for want in wanted:
+        match = [c for c, i in zip(clients, infos) if want == c.address or (
+            not isinstance(i, ClusterError) and want in (i.name, i.node_id))]
+        if not match and ":" in want:
+            match = [NodeClient(want, **CONNECTION)]
+        if not match:
+            known = ", ".join(i.name for i in infos if not isinstance(i, ClusterError))
+            raise ClusterError(f"no node named {want!r} (known: {known})")
+        chosen += match
+    return chosen
+
+
+def fault_rows(active) -> list[dict]:
+    return [{"id": f.id, "kind": f.spec.kind, "remaining_s": f.remaining_s,
+             "spec": to_dict(f.spec)} for f in active]
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    spec = pb.FaultSpec(kind=args.fault, ms=args.ms, jitter_ms=args.jitter, p=args.p,
+                        factor=args.factor, duration_s=args.duration)
+    if args.seed is not None:
+        spec.seed = args.seed
+
+    async def run(clients):
+        (client,) = await pick_nodes(clients, [args.node])
+        return client.address, await client.inject(spec)
+
+    address, reply = asyncio.run(with_clients(node_addresses(args), run))
+    rows = fault_rows(reply.active)
+    emit(args, {"node": address, "active": rows},
+         f"{address}: {args.fault} injected; active: "
+         + ", ".join(f"{r['kind']} ({r['id']})" for r in rows))
+    return EXIT_OK
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    if not args.node and not args.all:
+        args.all = True
+
+    async def run(clients):
+        chosen = await pick_nodes(clients, [] if args.all else [args.node])
+        replies = await asyncio.gather(*(c.heal() for c in chosen), return_exceptions=True)
+        return [(c.address, r) for c, r in zip(chosen, replies)]
+
+    results = asyncio.run(with_clients(node_addresses(args), run))
+    data = [{"node": a, "error": str(r)} if isinstance(r, BaseException)
+            else {"node": a, "active": fault_rows(r.active)} for a, r in results]
+    emit(args, {"nodes": data}, "\n".join(
+        f"{d['node']}: {d.get('error', 'healed')}" for d in data))
+    return EXIT_FAIL if any("error" in d for d in data) else EXIT_OK
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    if not args.node and not args.all:
+        raise ClusterError("name the nodes to stop, or pass --all")
+
+    async def run(clients):
+        chosen = await pick_nodes(clients, [] if args.all else args.node)
+        done = await asyncio.gather(*(c.shutdown("mlx-cluster shutdown") for c in chosen))
+        return [c.address for c, ok in zip(chosen, done) if ok]
+
+    stopped = asyncio.run(with_clients(node_addresses(args), run))
+    emit(args, {"stopping": stopped}, f"stopping {len(stopped)} node(s): {', '.join(stopped)}")
+    return EXIT_OK
+
+
 COMMANDS = {"local": cmd_local, "status": cmd_status, "plan": cmd_plan, "load": cmd_load,
-            "unload": cmd_unload, "generate": cmd_generate, "demo": cmd_demo}
+            "unload": cmd_unload, "generate": cmd_generate, "inject": cmd_inject,
+            "heal": cmd_heal, "shutdown": cmd_shutdown, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,7 +526,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_OK
     try:
+        CONNECTION.clear()
+        if getattr(args, "token", None) or getattr(args, "token_file", None):
+            CONNECTION["token"] = read_token(args.token, args.token_file)
+        if getattr(args, "tls_ca", None):
+            CONNECTION["tls_ca"] = args.tls_ca
         return COMMANDS[args.command](args)
+    except ValueError as e:  # unreadable token file and the like
+        eprint(f"mlx-cluster: {e}")
+        return EXIT_USAGE
     except ClusterError as e:
         eprint(f"mlx-cluster: {e}")
         return EXIT_FAIL

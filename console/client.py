@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from node.auth import open_channel, read_token, token_metadata
 from node.pipeline import CHANNEL_OPTIONS
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
@@ -54,16 +56,21 @@ def _int64_as_numbers(descriptor, data: dict) -> None:
 
 @dataclass
 class NodeClient:
+    """One node. `token` defaults to env MLX_CLUSTER_TOKEN; `tls_ca` turns on TLS."""
+
     address: str
     timeout_s: float = 10.0
+    token: str | None = None
+    tls_ca: Path | None = None
 
     def __post_init__(self) -> None:
         self._channel: grpc.aio.Channel | None = None
+        self.metadata = token_metadata(self.token if self.token is not None else read_token())
 
     @property
     def stub(self) -> pb_grpc.NodeServiceStub:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channel = open_channel(self.address, CHANNEL_OPTIONS, self.tls_ca)
         return pb_grpc.NodeServiceStub(self._channel)
 
     async def close(self) -> None:
@@ -97,12 +104,30 @@ class NodeClient:
     async def load(self, plan: pb.Plan, options: pb.ModelOptions,
                    timeout_s: float = 900.0) -> pb.LoadShardReply:
         request = pb.LoadShardRequest(plan=plan, options=options)
-        return await self._call(self.stub.LoadShard(request, timeout=timeout_s))
+        return await self._call(self.stub.LoadShard(request, timeout=timeout_s,
+                                                    metadata=self.metadata))
 
     async def unload(self) -> bool:
         reply = await self._call(self.stub.UnloadShard(pb.UnloadShardRequest(),
-                                                       timeout=self.timeout_s))
+                                                       timeout=self.timeout_s,
+                                                       metadata=self.metadata))
         return reply.unloaded
+
+    async def inject(self, spec: pb.FaultSpec) -> pb.FaultReply:
+        return await self._call(self.stub.InjectFault(pb.FaultRequest(fault=spec),
+                                                      timeout=self.timeout_s,
+                                                      metadata=self.metadata))
+
+    async def heal(self, fault_id: str = "") -> pb.FaultReply:
+        return await self._call(self.stub.HealFaults(pb.HealRequest(id=fault_id),
+                                                     timeout=self.timeout_s,
+                                                     metadata=self.metadata))
+
+    async def shutdown(self, reason: str = "") -> bool:
+        reply = await self._call(self.stub.Shutdown(pb.ShutdownRequest(reason=reason),
+                                                    timeout=self.timeout_s,
+                                                    metadata=self.metadata))
+        return reply.stopping
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
         call = self.stub.Generate(request)

@@ -61,8 +61,9 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def up(n: int, memory_budgets: list[str] | None = None, path: Path | None = None,
-       timeout_s: float = 60.0, log=lambda msg: None) -> dict:
-    """Start n nodes on loopback and write the cluster file; returns its contents."""
+       timeout_s: float = 60.0, log=lambda msg: None, node_args: list[str] = ()) -> dict:
+    """Start n nodes on loopback and write the cluster file; returns its contents.
+    `node_args` go to every `mlx-node serve` (e.g. --allow-faults, --token-file F)."""
     path = path or cluster_file()
     existing = read_cluster(path)
     if existing and live_nodes(existing):
@@ -84,6 +85,7 @@ def up(n: int, memory_budgets: list[str] | None = None, path: Path | None = None
                "--name", name, "--state-dir", str(base / name), "--ready-file", str(ready)]
         if memory_budgets:
             cmd += ["--memory-budget", memory_budgets[i]]
+        cmd += list(node_args)
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)

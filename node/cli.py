@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from node import __version__
+from node.auth import read_token, server_credentials
 from node.blas import reexec_with_openblas
 from node.capabilities import parse_bytes
 
@@ -73,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for a token to come back round the ring")
     serve.add_argument("--ready-file", type=Path, default=None,
                        help="write {node_id, address, pid} as JSON here once serving")
+    sec = serve.add_argument_group("security")
+    sec.add_argument("--token", default=None,
+                     help="cluster token required for load/unload/faults/shutdown and between "
+                          "nodes (default: env MLX_CLUSTER_TOKEN; unset = no token)")
+    sec.add_argument("--token-file", type=Path, default=None, help="read the token from a file")
+    sec.add_argument("--allow-faults", action="store_true",
+                     help="accept fault injection (mlx-cluster inject); refused otherwise")
+    sec.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate (PEM)")
+    sec.add_argument("--tls-key", type=Path, help="private key for --tls-cert (PEM)")
+    sec.add_argument("--tls-ca", type=Path,
+                     help="CA (PEM) to verify other nodes' certificates when they serve TLS")
     serve.add_argument("--log-level", default="INFO")
     return parser
 
@@ -82,15 +94,23 @@ async def _serve(args: argparse.Namespace) -> None:
 
     state_dir = args.state_dir or default_state_dir()
     node_id = node_id_for(state_dir)
-    servicer = NodeServicer(node_id, args.name, args.memory_budget, args.request_timeout)
-    server, port = await serve(servicer, args.host, args.port)
+    token = read_token(args.token, args.token_file)
+    credentials = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        credentials = server_credentials(args.tls_cert, args.tls_key)
+    servicer = NodeServicer(node_id, args.name, args.memory_budget, args.request_timeout,
+                            token=token, allow_faults=args.allow_faults, peer_ca=args.tls_ca,
+                            tls=credentials is not None)
+    server, port = await serve(servicer, args.host, args.port, credentials)
     log.info("node %s (%s) serving on %s", node_id, args.name, servicer.address)
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"node_id": node_id, "address": servicer.address,
                                    "pid": os.getpid(), "name": args.name}))
         os.replace(tmp, args.ready_file)
-    stop = asyncio.Event()
+    stop = servicer.stop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -110,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         try:
             asyncio.run(_serve(args))
-        except OSError as e:
+        except (OSError, ValueError) as e:
             print(f"mlx-node: {e}", file=sys.stderr)
             return 1
     return 0

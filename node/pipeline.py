@@ -20,9 +20,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 
+from node.auth import open_channel
 from node.engine import Engine, Sampling, StepResult
 from node.errors import (
     BadFrame,
@@ -32,6 +34,7 @@ from node.errors import (
     RequestTimeout,
     StaleEpoch,
 )
+from node.faults import FaultBook
 from node.metrics import NodeMetrics
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
@@ -56,12 +59,12 @@ class PeerLink:
 
     def __init__(self, address: str, on_reply: Callable[[pb.ForwardReply], None],
                  on_broken: Callable[[set[str], str], None],
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), ca: Path | None = None) -> None:
         self.address = address
         self._on_reply = on_reply
         self._on_broken = on_broken
         self._metadata = metadata
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(address, CHANNEL_OPTIONS, ca)
         self._queue: asyncio.Queue[pb.ForwardFrame | None] | None = None
         self._reader: asyncio.Task | None = None
         self.inflight: set[str] = set()
@@ -116,8 +119,10 @@ class Pipeline:
 
     def __init__(self, node_id: str, plan: pb.Plan, engine: Engine, metrics: NodeMetrics,
                  request_timeout_s: float = 120.0,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (), faults: FaultBook | None = None,
+                 peer_ca: Path | None = None) -> None:
         self.plan = plan
+        self.faults = faults or FaultBook(allowed=False)
         self.epoch = plan.epoch
         self.engine = engine
         self.metrics = metrics
@@ -130,7 +135,7 @@ class Pipeline:
         self.link: PeerLink | None = None
         if len(plan.shards) > 1:
             nxt = plan.shards[(self.index + 1) % len(plan.shards)]
-            self.link = PeerLink(nxt.address, self._on_reply, self._on_broken, metadata)
+            self.link = PeerLink(nxt.address, self._on_reply, self._on_broken, metadata, peer_ca)
         self._pending: dict[str, asyncio.Queue] = {}  # first shard: requests it owns
         self._routes: dict[str, asyncio.Queue] = {}  # where to send errors back for a request
 
@@ -206,6 +211,7 @@ class Pipeline:
         result = await self.engine.step(frame.request_id, frame.position,
                                         hidden=(t.data, list(t.shape), t.dtype), sample=sample)
         self.metrics.observe("step_compute", result.compute_s)
+        await self.faults.after_compute(result.compute_s)
         self._send_on(frame.request_id, frame.position, result, frame.sample, frame.sampling,
                       frame.compute_s + result.compute_s)
 
@@ -329,6 +335,7 @@ class Pipeline:
         result = await self.engine.step(request_id, position, tokens=tokens,
                                         sample=sample if alone else None)
         self.metrics.observe("step_compute", result.compute_s)
+        await self.faults.after_compute(result.compute_s)
         if alone:
             if result.token is not None:
                 queue.put_nowait((result.token, result.compute_s))

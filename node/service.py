@@ -13,15 +13,18 @@ import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from node import __version__
+from node.auth import TokenInterceptor, token_metadata
 from node.capabilities import capabilities, default_memory_budget
 from node.engine import Engine
 from node.errors import ModelError, NodeError, NotLoaded, OverBudget, StaleEpoch
+from node.faults import FaultBook, exit_now
 from node.metrics import NodeMetrics
 from node.models import Shard, check_range, load_shard, resolve, shape_of
 from node.pipeline import CHANNEL_OPTIONS, Pipeline
@@ -41,8 +44,15 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
 
 class NodeServicer(pb_grpc.NodeServiceServicer):
     def __init__(self, node_id: str, name: str, memory_budget: int | None,
-                 request_timeout_s: float = 120.0, idle_request_s: float = 300.0) -> None:
+                 request_timeout_s: float = 120.0, idle_request_s: float = 300.0,
+                 token: str | None = None, allow_faults: bool = False,
+                 peer_ca: Path | None = None, tls: bool = False) -> None:
         self.node_id = node_id
+        self.token = token
+        self.peer_ca = peer_ca
+        self.tls = tls
+        self.faults = FaultBook(allow_faults)
+        self.stop = asyncio.Event()  # set by Shutdown (and by signals in node.cli)
         self.name = name
         self.address = ""
         self.memory_budget = memory_budget
@@ -83,7 +93,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                            if self.pipeline else 0,
                            mlx_active_bytes=mx.get_active_memory(),
                            mlx_peak_bytes=mx.get_peak_memory(),
-                           rss_bytes=self._process.memory_info().rss)
+                           rss_bytes=self._process.memory_info().rss,
+                           faults_allowed=self.faults.allowed,
+                           auth_required=self.token is not None, tls=self.tls,
+                           faults=self._active_faults())
         shard = self._shard_info()
         if shard is not None and self.pipeline is not None:
             info.shard.CopyFrom(shard)
@@ -145,7 +158,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                                                     ours.start_layer, ours.end_layer)
         assert self.shard is not None
         self.pipeline = Pipeline(self.node_id, plan, Engine(self.shard, self.executor),
-                                 self.metrics, self.request_timeout_s)
+                                 self.metrics, self.request_timeout_s,
+                                 token_metadata(self.token), self.faults, self.peer_ca)
         log.info("loaded %s layers %d-%d (epoch %d) in %.1f s", plan.model, ours.start_layer,
                  ours.end_layer, plan.epoch, self.shard.load_seconds)
 
@@ -208,6 +222,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def _frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
         try:
+            if not await self.faults.before_frame():
+                return  # dropped by a loss fault
             if self.pipeline is None:
                 raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
             await self.pipeline.handle_frame(frame, replies)
@@ -221,6 +237,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest,
                        context) -> AsyncIterator[pb.GenerateEvent]:
+        await self.faults.wait_if_hung()
         pipeline = self.pipeline
         try:
             if pipeline is None:
@@ -232,6 +249,40 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 yield event
         except Exception as e:
             await _abort(context, e)
+
+    # ------------------------------------------------------------ faults, shutdown
+
+    def _active_faults(self) -> list[pb.ActiveFault]:
+        now = time.monotonic()
+        return [pb.ActiveFault(id=f.id, remaining_s=f.remaining(now), spec=pb.FaultSpec(
+            kind=f.kind, ms=f.ms, jitter_ms=f.jitter_ms, p=f.p, factor=f.factor,
+            duration_s=f.duration_s, seed=f.seed)) for f in self.faults.active()]
+
+    async def InjectFault(self, request: pb.FaultRequest, context) -> pb.FaultReply:
+        spec = request.fault
+        try:
+            fault = self.faults.inject(spec.kind, spec.ms, spec.jitter_ms, spec.p,
+                                       spec.factor or 1.0, spec.duration_s,
+                                       spec.seed if spec.HasField("seed") else None)
+        except Exception as e:
+            await _abort(context, e)
+        log.warning("fault injected: %s %s", fault.kind, fault.id)
+        if fault.kind == "kill":
+            asyncio.get_running_loop().call_later(0.05, exit_now)
+        return pb.FaultReply(active=self._active_faults())
+
+    async def HealFaults(self, request: pb.HealRequest, context) -> pb.FaultReply:
+        try:
+            healed = self.faults.heal(request.id)
+        except Exception as e:
+            await _abort(context, e)
+        log.info("healed %d fault(s)", len(healed))
+        return pb.FaultReply(active=self._active_faults())
+
+    async def Shutdown(self, request: pb.ShutdownRequest, context) -> pb.ShutdownReply:
+        log.warning("shutdown requested: %s", request.reason or "no reason given")
+        asyncio.get_running_loop().call_later(0.05, self.stop.set)
+        return pb.ShutdownReply(stopping=True)
 
     # ------------------------------------------------------------ housekeeping
 
@@ -271,13 +322,18 @@ def _clear_mlx_cache() -> None:
     mx.clear_cache()
 
 
-async def serve(servicer: NodeServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def serve(servicer: NodeServicer, host: str, port: int,
+                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server; returns it and the bound port (useful with port 0)."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    interceptors = [TokenInterceptor(servicer.token)] if servicer.token else []
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
     pb_grpc.add_NodeServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if credentials is not None:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()

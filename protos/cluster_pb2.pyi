@@ -61,7 +61,7 @@ class ShardInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[str] = ..., form: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests", "mlx_active_bytes", "rss_bytes", "mlx_peak_bytes", "advertising", "faults_allowed", "auth_required")
+    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests", "mlx_active_bytes", "rss_bytes", "mlx_peak_bytes", "advertising", "faults_allowed", "auth_required", "faults", "tls")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class NodeInfo(_message.Message):
     ADVERTISING_FIELD_NUMBER: _ClassVar[int]
     FAULTS_ALLOWED_FIELD_NUMBER: _ClassVar[int]
     AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    FAULTS_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -94,7 +96,9 @@ class NodeInfo(_message.Message):
     advertising: bool
     faults_allowed: bool
     auth_required: bool
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ...) -> None: ...
+    faults: _containers.RepeatedCompositeFieldContainer[ActiveFault]
+    tls: bool
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ..., faults: _Optional[_Iterable[_Union[ActiveFault, _Mapping]]] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class PlanShard(_message.Message):
     __slots__ = ("node_id", "address", "start_layer", "end_layer", "param_bytes", "kv_bytes", "name")
@@ -347,3 +351,61 @@ class Metrics(_message.Message):
     cpu_percent: float
     rss_bytes: int
     def __init__(self, node_id: _Optional[str] = ..., requests_started: _Optional[int] = ..., requests_completed: _Optional[int] = ..., requests_failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[LatencySummary, _Mapping]]] = ..., active_requests: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+
+class FaultSpec(_message.Message):
+    __slots__ = ("kind", "ms", "jitter_ms", "p", "factor", "duration_s", "seed")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    JITTER_MS_FIELD_NUMBER: _ClassVar[int]
+    P_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    ms: float
+    jitter_ms: float
+    p: float
+    factor: float
+    duration_s: float
+    seed: int
+    def __init__(self, kind: _Optional[str] = ..., ms: _Optional[float] = ..., jitter_ms: _Optional[float] = ..., p: _Optional[float] = ..., factor: _Optional[float] = ..., duration_s: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ActiveFault(_message.Message):
+    __slots__ = ("id", "spec", "remaining_s")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_S_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec: FaultSpec
+    remaining_s: float
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[FaultSpec, _Mapping]] = ..., remaining_s: _Optional[float] = ...) -> None: ...
+
+class FaultRequest(_message.Message):
+    __slots__ = ("fault",)
+    FAULT_FIELD_NUMBER: _ClassVar[int]
+    fault: FaultSpec
+    def __init__(self, fault: _Optional[_Union[FaultSpec, _Mapping]] = ...) -> None: ...
+
+class HealRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class FaultReply(_message.Message):
+    __slots__ = ("active",)
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    active: _containers.RepeatedCompositeFieldContainer[ActiveFault]
+    def __init__(self, active: _Optional[_Iterable[_Union[ActiveFault, _Mapping]]] = ...) -> None: ...
+
+class ShutdownRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ShutdownReply(_message.Message):
+    __slots__ = ("stopping",)
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    stopping: bool
+    def __init__(self, stopping: _Optional[bool] = ...) -> None: ...

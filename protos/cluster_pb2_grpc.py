@@ -64,6 +64,21 @@ class NodeServiceStub:
                 request_serializer=protos_dot_cluster__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=protos_dot_cluster__pb2.Metrics.FromString,
                 _registered_method=True)
+        self.InjectFault = channel.unary_unary(
+                '/mlxcluster.NodeService/InjectFault',
+                request_serializer=protos_dot_cluster__pb2.FaultRequest.SerializeToString,
+                response_deserializer=protos_dot_cluster__pb2.FaultReply.FromString,
+                _registered_method=True)
+        self.HealFaults = channel.unary_unary(
+                '/mlxcluster.NodeService/HealFaults',
+                request_serializer=protos_dot_cluster__pb2.HealRequest.SerializeToString,
+                response_deserializer=protos_dot_cluster__pb2.FaultReply.FromString,
+                _registered_method=True)
+        self.Shutdown = channel.unary_unary(
+                '/mlxcluster.NodeService/Shutdown',
+                request_serializer=protos_dot_cluster__pb2.ShutdownRequest.SerializeToString,
+                response_deserializer=protos_dot_cluster__pb2.ShutdownReply.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -114,6 +129,26 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InjectFault(self, request, context):
+        """Failure injection; refused unless the node runs with --allow-faults. Mutating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HealFaults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Shutdown(self, request, context):
+        """Stop the node process gracefully. Mutating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +181,21 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.GetMetrics,
                     request_deserializer=protos_dot_cluster__pb2.MetricsRequest.FromString,
                     response_serializer=protos_dot_cluster__pb2.Metrics.SerializeToString,
+            ),
+            'InjectFault': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectFault,
+                    request_deserializer=protos_dot_cluster__pb2.FaultRequest.FromString,
+                    response_serializer=protos_dot_cluster__pb2.FaultReply.SerializeToString,
+            ),
+            'HealFaults': grpc.unary_unary_rpc_method_handler(
+                    servicer.HealFaults,
+                    request_deserializer=protos_dot_cluster__pb2.HealRequest.FromString,
+                    response_serializer=protos_dot_cluster__pb2.FaultReply.SerializeToString,
+            ),
+            'Shutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.Shutdown,
+                    request_deserializer=protos_dot_cluster__pb2.ShutdownRequest.FromString,
+                    response_serializer=protos_dot_cluster__pb2.ShutdownReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +360,87 @@ class NodeService:
             '/mlxcluster.NodeService/GetMetrics',
             protos_dot_cluster__pb2.MetricsRequest.SerializeToString,
             protos_dot_cluster__pb2.Metrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectFault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxcluster.NodeService/InjectFault',
+            protos_dot_cluster__pb2.FaultRequest.SerializeToString,
+            protos_dot_cluster__pb2.FaultReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HealFaults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxcluster.NodeService/HealFaults',
+            protos_dot_cluster__pb2.HealRequest.SerializeToString,
+            protos_dot_cluster__pb2.FaultReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxcluster.NodeService/Shutdown',
+            protos_dot_cluster__pb2.ShutdownRequest.SerializeToString,
+            protos_dot_cluster__pb2.ShutdownReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,100 @@
+"""Cluster token and TLS: who may change a node.
+
+Mutating RPCs (load, unload, fault injection, shutdown) and the Forward data plane need
+the cluster token, sent as call metadata and compared in constant time by a server
+interceptor; read-only RPCs (info, metrics, health, generate) stay open. The token comes
+from --token, --token-file or the MLX_CLUSTER_TOKEN environment variable.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+import grpc
+
+TOKEN_METADATA_KEY = "x-mlx-cluster-token"
+TOKEN_ENV = "MLX_CLUSTER_TOKEN"
+SERVICE_PREFIX = "/mlxcluster.NodeService/"
+MUTATING = frozenset({"LoadShard", "UnloadShard", "InjectFault", "HealFaults", "Shutdown",
+                      "Forward"})
+
+
+def read_token(token: str | None = None, token_file: Path | str | None = None) -> str | None:
+    """The token from an explicit value, a file, or the environment (in that order)."""
+    if token:
+        return token
+    if token_file:
+        try:
+            value = Path(token_file).expanduser().read_text().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read token file {token_file}: {e.strerror}") from e
+        if not value:
+            raise ValueError(f"token file {token_file} is empty")
+        return value
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return ((TOKEN_METADATA_KEY, token),) if token else ()
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects mutating calls whose metadata lacks the cluster token (UNAUTHENTICATED)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def _allowed(self, details: grpc.HandlerCallDetails) -> bool:
+        method = details.method
+        if not method.startswith(SERVICE_PREFIX) or method[len(SERVICE_PREFIX):] not in MUTATING:
+            return True
+        given = dict(details.invocation_metadata or ()).get(TOKEN_METADATA_KEY, "")
+        if isinstance(given, str):
+            given = given.encode()
+        return hmac.compare_digest(given, self._token)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or self._allowed(handler_call_details):
+            return handler
+        return _denying(handler, handler_call_details.method.rsplit("/", 1)[-1])
+
+
+def _denying(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    message = (f"{method} needs the cluster token: pass --token/--token-file or set "
+               f"{TOKEN_ENV}")
+
+    async def deny_unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = {"request_deserializer": handler.request_deserializer,
+          "response_serializer": handler.response_serializer}
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny_unary, **kw)
+    return grpc.unary_unary_rpc_method_handler(deny_unary, **kw)
+
+
+def server_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+
+
+def channel_credentials(ca: Path | None) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(Path(ca).read_bytes() if ca else None)
+
+
+def open_channel(address: str, options: list, ca: Path | None = None,
+                 tls: bool = False) -> grpc.aio.Channel:
+    """An insecure channel, or a TLS one when a CA is given (or tls=True: system roots)."""
+    if ca or tls:
+        return grpc.aio.secure_channel(address, channel_credentials(ca), options=options)
+    return grpc.aio.insecure_channel(address, options=options)

@@ -1,0 +1,147 @@
+"""Failure injection on a node, in toxiproxy / Chaos Mesh vocabulary.
+
+Only on nodes started with --allow-faults (and, where a token is set, only with it: the
+RPCs are mutating). Each fault has an optional duration after which it heals itself and
+a seed for its random parts. Effects:
+- kill: the process exits right after answering.
+- hang: the node stops answering Forward and Generate (it stays alive; health answers).
+- latency --ms M --jitter J: every Forward frame is delayed M +- J ms before it is used.
+- loss --p P: each Forward frame is dropped with probability P.
+- slow-compute --factor F: each shard step takes F times as long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+from node.errors import NodeError
+
+KINDS = ("kill", "hang", "latency", "loss", "slow-compute")
+
+
+class FaultsNotAllowed(NodeError):
+    code = "PERMISSION_DENIED"
+
+
+class BadFault(NodeError):
+    code = "INVALID_ARGUMENT"
+
+
+@dataclass
+class Fault:
+    id: str
+    kind: str
+    ms: float = 0.0
+    jitter_ms: float = 0.0
+    p: float = 0.0
+    factor: float = 1.0
+    duration_s: float = 0.0
+    seed: int | None = None
+    started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def remaining(self, now: float) -> float:
+        return max(0.0, self.started + self.duration_s - now) if self.duration_s else 0.0
+
+    def expired(self, now: float) -> bool:
+        return bool(self.duration_s) and now >= self.started + self.duration_s
+
+
+def validate(kind: str, ms: float, jitter_ms: float, p: float, factor: float,
+             duration_s: float) -> None:
+    if kind not in KINDS:
+        raise BadFault(f"unknown fault {kind!r}; this node supports {', '.join(KINDS)}")
+    if duration_s < 0 or ms < 0 or jitter_ms < 0:
+        raise BadFault("durations and delays must be >= 0")
+    if kind == "latency" and ms <= 0:
+        raise BadFault("latency needs --ms > 0")
+    if kind == "loss" and not 0 < p <= 1:
+        raise BadFault("loss needs 0 < --p <= 1")
+    if kind == "slow-compute" and factor <= 1:
+        raise BadFault("slow-compute needs --factor > 1")
+
+
+class FaultBook:
+    """The faults active on this node and the hooks the service calls."""
+
+    def __init__(self, allowed: bool) -> None:
+        self.allowed = allowed
+        self._faults: dict[str, Fault] = {}
+        self.hang_released = asyncio.Event()
+
+    def inject(self, kind: str, ms: float = 0.0, jitter_ms: float = 0.0, p: float = 0.0,
+               factor: float = 1.0, duration_s: float = 0.0, seed: int | None = None) -> Fault:
+        if not self.allowed:
+            raise FaultsNotAllowed("this node refuses fault injection: start it with "
+                                   "`mlx-node serve --allow-faults` to allow it")
+        validate(kind, ms, jitter_ms, p, factor, duration_s)
+        fault = Fault(uuid.uuid4().hex[:8], kind, ms, jitter_ms, p, factor, duration_s, seed,
+                      time.monotonic())
+        self._faults[fault.id] = fault
+        if kind == "hang":
+            self.hang_released.clear()
+        return fault
+
+    def heal(self, fault_id: str = "") -> list[Fault]:
+        if not self.allowed:
+            raise FaultsNotAllowed("this node refuses fault injection (no --allow-faults)")
+        if fault_id and fault_id not in self._faults:
+            raise BadFault(f"no active fault {fault_id!r}")
+        healed = [self._faults.pop(f) for f in ([fault_id] if fault_id else list(self._faults))]
+        self._update_hang()
+        return healed
+
+    def active(self) -> list[Fault]:
+        now = time.monotonic()
+        for f in [f for f in self._faults.values() if f.expired(now)]:
+            del self._faults[f.id]
+        self._update_hang()
+        return list(self._faults.values())
+
+    def _update_hang(self) -> None:
+        if not any(f.kind == "hang" for f in self._faults.values()):
+            self.hang_released.set()
+
+    def _of(self, kind: str) -> list[Fault]:
+        return [f for f in self.active() if f.kind == kind]
+
+    # ------------------------------------------------------------ hooks
+
+    async def wait_if_hung(self) -> None:
+        """Block while a hang fault is active (re-checking for auto-heal)."""
+        while self._of("hang"):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hang_released.wait(), 0.2)
+
+    async def before_frame(self) -> bool:
+        """Apply latency/loss/hang to an incoming frame; False = drop it."""
+        await self.wait_if_hung()
+        for fault in self._of("loss"):
+            if fault.rng.random() < fault.p:
+                return False
+        delay = sum(max(0.0, f.ms + f.rng.uniform(-f.jitter_ms, f.jitter_ms))
+                    for f in self._of("latency"))
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        return True
+
+    async def after_compute(self, compute_s: float) -> None:
+        extra = sum((f.factor - 1) * compute_s for f in self._of("slow-compute"))
+        if extra:
+            await asyncio.sleep(extra)
+
+    def kill_pending(self) -> bool:
+        return bool(self._of("kill"))
+
+
+def exit_now() -> None:
+    """The kill fault: leave without cleanup, as a crash would."""
+    os._exit(137)
