@@ -43,15 +43,28 @@ def emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def node_addresses(args: argparse.Namespace) -> list[str]:
+    """Nodes from --nodes, else --peers FILE, else the cluster file, else zeroconf."""
+    from console.discovery import discover, read_peers_file
     from console.local import cluster_file, read_cluster
 
     if getattr(args, "nodes", None):
         return [a.strip() for a in args.nodes.split(",") if a.strip()]
+    if getattr(args, "peers", None):
+        return read_peers_file(args.peers)
     cluster = read_cluster()
-    if not cluster or not cluster.get("nodes"):
-        raise ClusterError(f"no nodes: pass --nodes host:port,... or start a local cluster with "
-                           f"`mlx-cluster local up -n 3` (cluster file: {cluster_file()})")
-    return [n["address"] for n in cluster["nodes"]]
+    if cluster and cluster.get("nodes"):
+        return [n["address"] for n in cluster["nodes"]]
+    eprint(f"no --nodes, --peers or cluster file ({cluster_file()}); browsing zeroconf "
+           f"for {DISCOVER_S:.0f} s ...")
+    found = asyncio.run(discover(DISCOVER_S, client_options=CONNECTION))
+    if not found:
+        raise ClusterError("no nodes found: start some (`mlx-cluster local up -n 3`, or "
+                           "`mlx-node serve` on each machine) or name them with --nodes "
+                           "host:port,... or --peers FILE")
+    return [i.address for i in found]
+
+
+DISCOVER_S = 3.0
 
 
 # connection options from the command line (--token, --token-file, --tls-ca), set by main()
@@ -368,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     nodes = argparse.ArgumentParser(add_help=False)
     nodes.add_argument("--nodes", help="comma-separated host:port list (default: the cluster file)")
+    nodes.add_argument("--peers", type=Path,
+                       help='TOML peers file: one [[node]] table per node, address = "host:port"')
     nodes.add_argument("--token", help="cluster token (default: env MLX_CLUSTER_TOKEN)")
     nodes.add_argument("--token-file", type=Path, help="read the cluster token from a file")
     nodes.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): talk TLS to the nodes")
@@ -384,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     lsub.add_parser("down", parents=[common], help="stop the nodes `local up` started")
     lsub.add_parser("status", parents=[common], help="list the local nodes and whether they run")
 
+    disc = sub.add_parser("discover", parents=[common, nodes],
+                          help="find nodes with zeroconf (plus --nodes/--peers) and list them")
+    disc.add_argument("--timeout", type=float, default=DISCOVER_S,
+                      help=f"seconds to browse (default {DISCOVER_S:.0f})")
+    disc.add_argument("--interface", action="append", default=[], metavar="IP",
+                      help="browse on this interface address only (repeatable)")
+    disc.add_argument("--no-mdns", action="store_true", help="only --nodes / --peers")
     sub.add_parser("status", parents=[common, nodes],
                    help="health, capabilities and loaded shard of every node")
 
@@ -514,8 +536,28 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"local": cmd_local, "status": cmd_status, "plan": cmd_plan, "load": cmd_load,
-            "unload": cmd_unload, "generate": cmd_generate, "inject": cmd_inject,
+def cmd_discover(args: argparse.Namespace) -> int:
+    from console.discovery import discover, read_peers_file
+
+    static = [a.strip() for a in (args.nodes or "").split(",") if a.strip()]
+    if args.peers:
+        static += read_peers_file(args.peers)
+    found = asyncio.run(discover(args.timeout, static, not args.no_mdns,
+                                 args.interface or None, CONNECTION))
+    gib = 2**30
+    rows = [to_dict(i) for i in found]
+    text = "\n".join(
+        f"{i.name[:16]:16} {i.address:22} id {i.node_id}  {i.capabilities.mlx_device}/"
+        f"{i.capabilities.blas}  budget {i.capabilities.memory_budget / gib:.1f} GiB"
+        + (f"  {i.shard.model} {i.shard.start_layer}-{i.shard.end_layer}"
+           if i.HasField("shard") else "") for i in found)
+    emit(args, {"nodes": rows}, text or f"no nodes found in {args.timeout:.0f} s")
+    return EXIT_OK if found else EXIT_FAIL
+
+
+COMMANDS = {"local": cmd_local, "discover": cmd_discover, "status": cmd_status,
+            "plan": cmd_plan, "load": cmd_load, "unload": cmd_unload,
+            "generate": cmd_generate, "inject": cmd_inject,
             "heal": cmd_heal, "shutdown": cmd_shutdown, "demo": cmd_demo}
 
 

@@ -78,3 +78,38 @@ def capabilities(memory_budget: int | None) -> dict:
         "blas": blas_in_use(),
         "mlx_lm_version": _pkg_version("mlx-lm"),
     }
+
+
+def measure_matmul_gflops(size: int = 1024, seconds: float = 1.0) -> float:
+    """fp32 matmul throughput of MLX's default device, for speed-weighted plans."""
+    import time
+
+    import mlx.core as mx
+
+    a = mx.random.uniform(shape=(size, size))
+    b = mx.random.uniform(shape=(size, size))
+    mx.eval(a, b, a @ b)  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        mx.eval(a @ b)
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def cached_calibration(state_dir, refresh: bool = False) -> float:
+    """The measured GFLOP/s, cached in the state dir per MLX version, device and BLAS."""
+    import json
+    from pathlib import Path
+
+    path = Path(state_dir) / "calibration.json"
+    key = f"{_pkg_version('mlx')}/{mlx_device()}/{blas_in_use()}"
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key and not refresh:
+            return float(cached["matmul_gflops"])
+    except (OSError, ValueError, KeyError):
+        pass
+    gflops = measure_matmul_gflops()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "matmul_gflops": gflops}))
+    return gflops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 from node import __version__
 from node.auth import read_token, server_credentials
 from node.blas import reexec_with_openblas
-from node.capabilities import parse_bytes
+from node.capabilities import cached_calibration, default_memory_budget, parse_bytes
 
 log = logging.getLogger("mlx-node")
 
@@ -74,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds to wait for a token to come back round the ring")
     serve.add_argument("--ready-file", type=Path, default=None,
                        help="write {node_id, address, pid} as JSON here once serving")
+    disc = serve.add_argument_group("discovery")
+    disc.add_argument("--interface", action="append", default=[], metavar="IP",
+                      help="advertise on this interface address only (repeatable)")
+    disc.add_argument("--no-advertise", action="store_true",
+                      help="do not announce the node with zeroconf (use --nodes or a peers file)")
+    serve.add_argument("--calibrate", action="store_true",
+                       help="measure matmul speed for speed-weighted plans (cached per MLX "
+                            "version in the state dir)")
     sec = serve.add_argument_group("security")
     sec.add_argument("--token", default=None,
                      help="cluster token required for load/unload/faults/shutdown and between "
@@ -103,8 +112,18 @@ async def _serve(args: argparse.Namespace) -> None:
     servicer = NodeServicer(node_id, args.name, args.memory_budget, args.request_timeout,
                             token=token, allow_faults=args.allow_faults, peer_ca=args.tls_ca,
                             tls=credentials is not None)
+    if args.calibrate:
+        servicer.matmul_gflops = cached_calibration(state_dir)
+        log.info("calibrated: %.1f GFLOP/s fp32 matmul", servicer.matmul_gflops)
     server, port = await serve(servicer, args.host, args.port, credentials)
     log.info("node %s (%s) serving on %s", node_id, args.name, servicer.address)
+    advertiser = None
+    if not args.no_advertise:
+        from node.advertise import Advertiser
+
+        budget = args.memory_budget if args.memory_budget is not None else default_memory_budget()
+        advertiser = Advertiser(node_id, args.name, args.host, port, budget, args.interface)
+        asyncio.get_running_loop().create_task(_advertise(advertiser, servicer))
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"node_id": node_id, "address": servicer.address,
@@ -118,8 +137,20 @@ async def _serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("shutting down")
     reaper.cancel()
+    if advertiser is not None:
+        with contextlib.suppress(Exception):
+            await advertiser.close()  # the goodbye packet: browsers drop the node at once
     await server.stop(grace=1.0)
     await servicer.close()
+
+
+async def _advertise(advertiser, servicer) -> None:
+    """Register with zeroconf in the background (it takes a second or two)."""
+    try:
+        await advertiser.start()
+        servicer.advertising = True
+    except Exception as e:  # no multicast here: the node still serves, by address
+        log.warning("zeroconf advertising failed (%s); name this node with --nodes instead", e)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.idle_request_s = idle_request_s
         self.metrics = NodeMetrics()
         self.matmul_gflops = 0.0  # set by --calibrate
+        self.advertising = False
         self.started = time.monotonic()
         # one thread for every MLX call: loads and forwards never run concurrently
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
@@ -94,7 +95,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                            mlx_active_bytes=mx.get_active_memory(),
                            mlx_peak_bytes=mx.get_peak_memory(),
                            rss_bytes=self._process.memory_info().rss,
-                           faults_allowed=self.faults.allowed,
+                           faults_allowed=self.faults.allowed, advertising=self.advertising,
                            auth_required=self.token is not None, tls=self.tls,
                            faults=self._active_faults())
         shard = self._shard_info()

@@ -42,7 +42,7 @@ def cluster3(session_dir: Path):
     from console import local
 
     path = session_dir / "shared-cluster.json"
-    cluster = start_cluster(3, path)
+    cluster = start_cluster(3, path, node_args=["--no-advertise"])
     yield cluster
     local.down(path)
 
