@@ -78,3 +78,19 @@ def reference_tokens(model: str, prompt_ids: list[int], max_tokens: int,
                          timeout=300)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.splitlines()[-1])["token_ids"]
+
+
+def spawn_node(ready_file: Path, *args: str, timeout_s: float = 30.0):
+    """One `mlx-node serve --port 0` process; returns (Popen, ready-file dict)."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--port", "0",
+                             "--ready-file", str(ready_file), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while not ready_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"node did not start: {args}")
+        time.sleep(0.05)
+    return proc, json.loads(ready_file.read_text())

@@ -6,15 +6,13 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from console.client import ClusterError
 from console.discovery import Discovery, read_peers_file
-from tests.conftest import ROOT
+from tests.conftest import spawn_node
 from tests.test_cli import mlx_cluster
 from tests.test_cluster import addresses
 
@@ -90,16 +88,11 @@ async def test_two_nodes_with_one_id_are_a_conflict(tmp_path):
     procs, addrs = [], []
     try:
         for i in range(2):
-            ready = tmp_path / f"ready{i}.json"
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "node.cli", "serve", "--port", "0", "--no-advertise",
-                 "--state-dir", str(state), "--ready-file", str(ready)], cwd=ROOT,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            for _ in range(300):
-                if ready.exists():
-                    break
-                await asyncio.sleep(0.05)
-            addrs.append(json.loads(ready.read_text())["address"])
+            proc, ready = await asyncio.to_thread(
+                spawn_node, tmp_path / f"ready{i}.json", "--no-advertise", "--state-dir",
+                str(state))
+            procs.append(proc)
+            addrs.append(ready["address"])
         async with Discovery(static=addrs, mdns=False) as browser:
             kinds = []
             for _ in range(10):
