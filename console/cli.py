@@ -165,6 +165,8 @@ def resolve_model(model: str, dtype: str, layers: int):
         return resolve(model, dtype, layers)
     except ModelError as e:
         raise ClusterError(str(e)) from e
+    except (OSError, ValueError, KeyError) as e:  # unreadable or incomplete model files
+        raise ClusterError(f"cannot read model {model!r}: {e}") from e
 
 
 def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, strategy: str):
@@ -299,7 +301,8 @@ async def generate(clients: list[NodeClient], request: pb.GenerateRequest,
             done = event.done
             parts.append(done.tail_text)
             on_text(done.tail_text)
-    assert done is not None
+    if done is None:
+        raise ClusterError(f"the stream from {client.address} ended without a result")
     return {
         "text": "".join(parts), "token_ids": ids,
         "tokens_per_s": done.decode_tokens_per_s, "ttft_s": done.ttft_s,

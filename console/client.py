@@ -27,9 +27,10 @@ class ClusterError(Exception):
 
 
 def describe_rpc_error(address: str, error: grpc.aio.AioRpcError) -> str:
-    if error.code() == grpc.StatusCode.UNAVAILABLE:
-        return f"node {address} is unreachable ({error.details()}); is it running?"
-    return f"node {address}: {error.code().name}: {error.details()}"
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAVAILABLE and "next shard" not in details:
+        return f"node {address} is unreachable ({details}); is it running?"
+    return f"node {address}: {error.code().name}: {details}"
 
 
 def to_dict(message) -> dict:

@@ -76,24 +76,25 @@ def up(n: int, memory_budgets: list[str] | None = None, path: Path | None = None
     base = path.parent / (path.stem + ".d")
     base.mkdir(parents=True, exist_ok=True)
     procs = []
-    for i in range(n):
-        name = f"local-{i}"
-        ready = base / f"{name}.ready.json"
-        ready.unlink(missing_ok=True)
-        log_path = base / f"{name}.log"
-        cmd = [sys.executable, "-m", "node.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--name", name, "--state-dir", str(base / name), "--ready-file", str(ready)]
-        if memory_budgets:
-            cmd += ["--memory-budget", memory_budgets[i]]
-        cmd += list(node_args)
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        procs.append((name, proc, ready, log_path))
-        log(f"started {name} (pid {proc.pid})")
     nodes = []
     deadline = time.monotonic() + timeout_s
     try:
+        for i in range(n):
+            name = f"local-{i}"
+            ready = base / f"{name}.ready.json"
+            ready.unlink(missing_ok=True)
+            log_path = base / f"{name}.log"
+            cmd = [sys.executable, "-m", "node.cli", "serve", "--host", "127.0.0.1", "--port",
+                   "0", "--name", name, "--state-dir", str(base / name), "--ready-file",
+                   str(ready)]
+            if memory_budgets:
+                cmd += ["--memory-budget", memory_budgets[i]]
+            cmd += list(node_args)
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
+            procs.append((name, proc, ready, log_path))
+            log(f"started {name} (pid {proc.pid})")
         for name, proc, ready, log_path in procs:
             while not ready.exists():
                 if proc.poll() is not None:
@@ -142,9 +143,12 @@ def _stop_pid(pid: int, grace_s: float = 5.0) -> bool:
         try:
             proc.kill()
             proc.wait(grace_s)
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
             pass
-    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def down(path: Path | None = None) -> list[dict]:
@@ -153,10 +157,13 @@ def down(path: Path | None = None) -> list[dict]:
     cluster = read_cluster(path)
     if cluster is None:
         return []
-    stopped = []
+    stopped, survivors = [], []
     for node in cluster.get("nodes", []):
         if _is_our_node(node["pid"]):
-            _stop_pid(node["pid"])
-            stopped.append(node)
+            (stopped if _stop_pid(node["pid"]) else survivors).append(node)
+    if survivors:  # keep a record of what still runs, so a later `down` can retry
+        path.write_text(json.dumps(dict(cluster, nodes=survivors), indent=2))
+        raise ClusterError("could not stop pid(s) "
+                           + ", ".join(str(n["pid"]) for n in survivors))
     path.unlink(missing_ok=True)
     return stopped

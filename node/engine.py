@@ -103,7 +103,8 @@ class Engine:
 
     def free_idle(self, max_idle_s: float) -> list[str]:
         now = time.monotonic()
-        stale = [r for r, s in self._requests.items() if now - s.last_used > max_idle_s]
+        # list(): the MLX thread may add a request while the event loop looks
+        stale = [r for r, s in list(self._requests.items()) if now - s.last_used > max_idle_s]
         for r in stale:
             self._requests.pop(r, None)
         return stale

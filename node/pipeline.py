@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -41,7 +42,8 @@ from protos import cluster_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-PREFILL_STEP = 2048  # as mlx_lm.generate_step's prefill_step_size
+PREFILL_STEP = 2048
+MAX_TIMEOUT_S = 3600.0  # as mlx_lm.generate_step's prefill_step_size
 DEFAULT_MAX_TOKENS = 128
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -67,21 +69,26 @@ class PeerLink:
         self._channel = open_channel(address, CHANNEL_OPTIONS, ca)
         self._queue: asyncio.Queue[pb.ForwardFrame | None] | None = None
         self._reader: asyncio.Task | None = None
+        self._closed = False
         self.inflight: set[str] = set()
 
     def send(self, frame: pb.ForwardFrame) -> None:
+        is_release = frame.WhichOneof("payload") == "release"
+        if is_release:
+            self.inflight.discard(frame.request_id)
+        if self._closed:
+            if is_release:
+                return  # the plan is gone; the peer drops the caches with it
+            raise StaleEpoch("the plan (epoch) this request ran on was replaced or unloaded")
         if self._queue is None:
             self._open()
         assert self._queue is not None
-        if frame.WhichOneof("payload") == "release":
-            self.inflight.discard(frame.request_id)
-        else:
+        if not is_release:
             self.inflight.add(frame.request_id)
         self._queue.put_nowait(frame)
 
     def _open(self) -> None:
         queue: asyncio.Queue[pb.ForwardFrame | None] = asyncio.Queue()
-        self._queue = queue
 
         async def frames() -> AsyncIterator[pb.ForwardFrame]:
             while (frame := await queue.get()) is not None:
@@ -89,6 +96,7 @@ class PeerLink:
 
         stub = pb_grpc.NodeServiceStub(self._channel)
         call = stub.Forward(frames(), metadata=self._metadata)
+        self._queue = queue
         self._reader = asyncio.get_running_loop().create_task(self._read(call, queue))
 
     async def _read(self, call: grpc.aio.StreamStreamCall, queue: asyncio.Queue) -> None:
@@ -100,12 +108,16 @@ class PeerLink:
             reason = f"{e.code().name}: {e.details()}"
         except asyncio.CancelledError:
             return
+        except Exception as e:  # anything else must not leave a dead queue behind
+            log.exception("forward stream to %s failed", self.address)
+            reason = repr(e)
         if self._queue is queue:  # not closed on purpose: report and reopen on next send
             self._queue = None
             broken, self.inflight = self.inflight, set()
             self._on_broken(broken, f"next shard at {self.address} unreachable ({reason})")
 
     async def close(self) -> None:
+        self._closed = True
         queue, self._queue = self._queue, None
         if queue is not None:
             queue.put_nowait(None)
@@ -159,7 +171,7 @@ class Pipeline:
         self.metrics.inc("errors")
         if request_id in self._pending:
             error = NodeError(message)
-            error.code = code
+            error.code = code if code in grpc.StatusCode.__members__ else "INTERNAL"
             self._pending[request_id].put_nowait(error)
         elif request_id in self._routes:
             self._routes[request_id].put_nowait(
@@ -199,6 +211,9 @@ class Pipeline:
             return
         if len(frame.tokens.ids) != 1:
             raise BadFrame(f"expected one sampled token, got {len(frame.tokens.ids)}")
+        vocab = int(self.engine.shard.source.config["vocab_size"])
+        if frame.tokens.ids[0] >= vocab:
+            raise BadFrame(f"token id {frame.tokens.ids[0]} is outside the vocabulary ({vocab})")
         queue.put_nowait((frame.tokens.ids[0], frame.compute_s))
 
     async def _take_activation(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
@@ -237,6 +252,8 @@ class Pipeline:
     def _release(self, request_id: str, reason: str, forward: bool) -> None:
         self.engine.free(request_id)
         self._routes.pop(request_id, None)
+        if self.link is not None:
+            self.link.inflight.discard(request_id)
         if forward and self.link is not None:
             self.link.send(pb.ForwardFrame(request_id=request_id, epoch=self.epoch,
                                            release=pb.Release(reason=reason)))
@@ -248,17 +265,24 @@ class Pipeline:
         shard = self.engine.shard
         tokenizer = shard.tokenizer
         assert tokenizer is not None
-        ids = list(request.prompt_ids) or tokenizer.encode(request.prompt, request.chat)
+        context = shard.source.context_length
+        if len(request.prompt) > 16 * context:  # far beyond the context whatever the tokenizer
+            raise ContextOverflow(f"prompt is {len(request.prompt)} characters; the model's "
+                                  f"context is {context} tokens")
+        if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+            raise BadFrame(f"timeout_s must be a positive number of seconds, not "
+                           f"{request.timeout_s}")
+        ids = list(request.prompt_ids) or await asyncio.get_running_loop().run_in_executor(
+            None, tokenizer.encode, request.prompt, request.chat)  # off the event loop
         if not ids:
             raise BadFrame("empty prompt: give a prompt text or prompt_ids")
         vocab = int(shard.source.config["vocab_size"])
         if max(ids) >= vocab:
             raise BadFrame(f"prompt token id {max(ids)} is outside the vocabulary ({vocab})")
-        context = shard.source.context_length
         if len(ids) >= context:
             raise ContextOverflow(f"prompt is {len(ids)} tokens; the model's context is {context}")
         max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(ids))
-        timeout = request.timeout_s or self.request_timeout_s
+        timeout = min(request.timeout_s or self.request_timeout_s, MAX_TIMEOUT_S)
         sampling = request.sampling
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
@@ -320,12 +344,18 @@ class Pipeline:
                 decode_tokens_per_s=decode_n / decode_s if decode_n > 0 and decode_s > 0 else 0.0,
                 epoch=self.epoch, tail_text=detok.last_segment if finish == "stop" else ""))
         finally:
-            if step is not None and not step.done():
-                step.cancel()
+            if step is not None:
+                if not step.done():
+                    step.cancel()
+                elif not step.cancelled():
+                    step.exception()  # retrieved: the request already failed or ended
             if reason != "done":
                 self.metrics.inc("requests_failed")
             self._pending.pop(request_id, None)
-            self._release(request_id, reason, forward=True)
+            try:
+                self._release(request_id, reason, forward=True)
+            except Exception:  # never hide the request's own outcome behind a cleanup error
+                log.exception("releasing request %s failed", request_id)
 
     async def _advance(self, request_id: str, position: int, tokens: list[int],
                        sampling: pb.SamplingParams | None, queue: asyncio.Queue) -> None:

@@ -37,7 +37,8 @@ SERVICE_NAME = "mlxcluster.NodeService"
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     if isinstance(error, NodeError):
-        await context.abort(grpc.StatusCode[error.code], str(error))
+        code = grpc.StatusCode.__members__.get(error.code, grpc.StatusCode.INTERNAL)
+        await context.abort(code, str(error))
     log.exception("unexpected error")
     await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 
@@ -150,9 +151,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         same = old is not None and old.source == source and (old.start, old.end) == (
             ours.start_layer, ours.end_layer)
         if self.pipeline is not None:
-            await self.pipeline.close(
-                f"plan epoch {plan.epoch} replaced epoch {self.pipeline.epoch}")
-            self.pipeline = None
+            old_pipeline, self.pipeline = self.pipeline, None  # no new frames reach it
+            await old_pipeline.close(
+                f"plan epoch {plan.epoch} replaced epoch {old_pipeline.epoch}")
         if not same:
             self.shard = None  # drop the old weights before loading new ones
             self.shard = await loop.run_in_executor(self.executor, load_shard, source,
@@ -186,9 +187,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"epoch {request.epoch} is not loaded (loaded: "
                                     f"{self.pipeline.epoch})")
-            await self.pipeline.close("the shard was unloaded")
-            self.pipeline = None
+            old_pipeline, self.pipeline = self.pipeline, None
             self.shard = None
+            await old_pipeline.close("the shard was unloaded")
             await asyncio.get_running_loop().run_in_executor(self.executor, _clear_mlx_cache)
         return pb.UnloadShardReply(unloaded=True)
 
@@ -291,10 +292,13 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         """Free KV caches of requests nobody has touched for `idle_request_s`."""
         while True:
             await asyncio.sleep(every_s)
-            if self.pipeline is not None:
-                freed = self.pipeline.engine.free_idle(self.idle_request_s)
-                if freed:
-                    log.info("freed caches of %d idle request(s)", len(freed))
+            try:
+                if self.pipeline is not None:
+                    freed = self.pipeline.engine.free_idle(self.idle_request_s)
+                    if freed:
+                        log.info("freed caches of %d idle request(s)", len(freed))
+            except Exception:  # the reaper must outlive any one bad pass
+                log.exception("idle request reaper")
 
     async def close(self) -> None:
         if self.pipeline is not None:
@@ -327,14 +331,19 @@ async def serve(servicer: NodeServicer, host: str, port: int,
                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server; returns it and the bound port (useful with port 0)."""
     interceptors = [TokenInterceptor(servicer.token)] if servicer.token else []
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+    # no SO_REUSEPORT: a second node on a taken port must fail, not share it silently
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+                             interceptors=interceptors)
     pb_grpc.add_NodeServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if credentials is not None:
-        bound = server.add_secure_port(f"{host}:{port}", credentials)
-    else:
-        bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        if credentials is not None:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:  # grpc's way of saying the address is taken or invalid
+        raise OSError(f"cannot bind {host}:{port} ({e}); is another node using the port?") from e
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -15,7 +17,7 @@ from console.client import ClusterError, NodeClient
 from node.pipeline import CHANNEL_OPTIONS
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
-from tests.conftest import reference_tokens
+from tests.conftest import ROOT, reference_tokens
 from tests.test_cluster import addresses, generate_ids, load
 
 pytestmark = pytest.mark.cluster
@@ -145,3 +147,44 @@ async def test_a_dead_peer_fails_the_request_quickly_and_the_node_keeps_serving(
     # the survivors still answer, and a plan on them works
     await load(addrs[:2], "synthetic:tiny")
     assert len(await generate_ids(addrs[0], PROMPT, 8, ignore_eos=True)) == 8
+
+
+async def test_replacing_the_plan_mid_request_fails_it_cleanly(small_cluster):
+    cluster = await asyncio.to_thread(small_cluster, 3)
+    addrs = addresses(cluster)
+    await load(addrs, "synthetic:tiny")
+    client = NodeClient(addrs[0])
+    request = pb.GenerateRequest(prompt_ids=PROMPT, max_tokens=2000, ignore_eos=True)
+
+    async def long_generation() -> int:
+        n = 0
+        async for event in client.generate(request):
+            n += event.HasField("token")
+        return n
+
+    task = asyncio.ensure_future(long_generation())
+    await asyncio.sleep(1.0)
+    await load(addrs, "synthetic:tiny", "manual:0-3,4-5,6-7")  # new epoch while it runs
+    with pytest.raises(ClusterError, match="FAILED_PRECONDITION.*(replaced|epoch)"):
+        await asyncio.wait_for(task, 20)
+    assert len(await generate_ids(addrs[0], PROMPT, 6, ignore_eos=True)) == 6
+    await client.close()
+
+
+async def test_bad_timeouts_and_a_taken_port_are_clear_errors(cluster3, tmp_path):
+    addrs = addresses(cluster3)
+    await load(addrs, "synthetic:tiny")
+    client = NodeClient(addrs[0])
+    for bad in (float("nan"), -1.0):
+        request = pb.GenerateRequest(prompt_ids=PROMPT, max_tokens=4, timeout_s=bad)
+        with pytest.raises(ClusterError, match="INVALID_ARGUMENT.*timeout_s"):
+            async for _ in client.generate(request):
+                pass
+    await client.close()
+    port = addrs[0].rsplit(":", 1)[1]
+    res = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "node.cli", "serve", "--port", port,
+                         "--no-advertise", "--state-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 1
+    assert "cannot bind" in res.stderr and "Traceback" not in res.stderr
