@@ -17,7 +17,7 @@ from pathlib import Path
 from node import __version__
 from node.auth import read_token, server_credentials
 from node.blas import reexec_with_openblas
-from node.capabilities import cached_calibration, default_memory_budget, parse_bytes
+from node.capabilities import cached_calibration, parse_bytes
 
 log = logging.getLogger("mlx-node")
 
@@ -121,8 +121,8 @@ async def _serve(args: argparse.Namespace) -> None:
     if not args.no_advertise:
         from node.advertise import Advertiser
 
-        budget = args.memory_budget if args.memory_budget is not None else default_memory_budget()
-        advertiser = Advertiser(node_id, args.name, args.host, port, budget, args.interface)
+        advertiser = Advertiser(node_id, args.name, args.host, port, servicer.memory_budget,
+                                args.interface)
         asyncio.get_running_loop().create_task(_advertise(advertiser, servicer))
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")

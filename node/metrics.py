@@ -1,41 +1,53 @@
-"""Counters and latency windows a node keeps about its own work.
+"""Counters and latency histograms a node keeps about its own work.
 
-Latencies are kept as bounded windows of raw samples (the last N per series), which
-is exact for percentiles over that window and small enough to summarise on request.
+Latencies go into log-bucket histograms (node/histogram.py): exact to merge across nodes
+and time windows, constant memory. `GetMetrics` summarises the totals; each
+`WatchMetrics` stream sends the buckets recorded since its previous snapshot.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
-
-WINDOW = 4096
+from node.histogram import Histogram
 
 
 @dataclass
 class NodeMetrics:
     counters: Counter = field(default_factory=Counter)
-    series: dict[str, deque] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(default_factory=dict)
 
     def inc(self, name: str, by: int = 1) -> None:
         self.counters[name] += by
 
     def observe(self, name: str, seconds: float) -> None:
-        window = self.series.get(name)
-        if window is None:
-            window = self.series[name] = deque(maxlen=WINDOW)
-        window.append(seconds)
+        h = self.histograms.get(name)
+        if h is None:
+            h = self.histograms[name] = Histogram()
+        h.record(seconds)
 
     def summaries(self) -> list[dict]:
         """One dict per series: name, count, p50/p90/p99/mean/max in seconds."""
-        out = []
-        for name, window in sorted(self.series.items()):
-            if not window:
+        return [{"name": name, "count": h.total, "p50_s": h.percentile(50),
+                 "p90_s": h.percentile(90), "p99_s": h.percentile(99), "mean_s": h.mean,
+                 "max_s": h.max_s}
+                for name, h in sorted(self.histograms.items()) if h.total]
+
+    def copy_totals(self) -> dict[str, tuple[dict[int, int], int, float]]:
+        """A cheap copy of every histogram's state, for computing deltas later."""
+        return {n: (dict(h.counts), h.total, h.sum_s) for n, h in self.histograms.items()}
+
+    def deltas_since(self, before: dict[str, tuple[dict[int, int], int, float]]
+                     ) -> dict[str, Histogram]:
+        """What each histogram recorded since `before` (a copy_totals() result)."""
+        out = {}
+        for name, h in self.histograms.items():
+            counts, total, sum_s = before.get(name, ({}, 0, 0.0))
+            if h.total == total:
                 continue
-            a = np.fromiter(window, dtype=float)
-            p50, p90, p99 = np.percentile(a, [50, 90, 99])
-            out.append({"name": name, "count": len(a), "p50_s": p50, "p90_s": p90,
-                        "p99_s": p99, "mean_s": float(a.mean()), "max_s": float(a.max())})
+            delta = Histogram.from_pairs(
+                ((i, c - counts.get(i, 0)) for i, c in h.counts.items()),
+                sum_s=h.sum_s - sum_s, max_s=h.max_s)
+            out[name] = delta
         return out

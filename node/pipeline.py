@@ -139,6 +139,7 @@ class Pipeline:
         self.engine = engine
         self.metrics = metrics
         self.request_timeout_s = request_timeout_s
+        self.node_id = node_id
         ids = [s.node_id for s in plan.shards]
         self.index = ids.index(node_id)
         self.entry_address = plan.shards[0].address
@@ -186,7 +187,10 @@ class Pipeline:
         self.metrics.inc("frames_in")
         self.metrics.inc("bytes_in", frame.ByteSize())
         if frame.sent_unix_ns:
-            self.metrics.observe("hop", max(0.0, (time.time_ns() - frame.sent_unix_ns) / 1e9))
+            hop = max(0.0, (time.time_ns() - frame.sent_unix_ns) / 1e9)
+            self.metrics.observe("hop", hop)
+            if frame.sender:
+                self.metrics.observe(f"hop:{frame.sender}", hop)
         if not frame.request_id:
             raise BadFrame("frame without request_id")
         if frame.epoch != self.epoch:
@@ -235,7 +239,8 @@ class Pipeline:
         """Hand a step's output to the next shard (or, from the last, the token home)."""
         assert self.link is not None
         frame = pb.ForwardFrame(request_id=request_id, epoch=self.epoch, position=position,
-                                compute_s=compute_s, sent_unix_ns=time.time_ns())
+                                compute_s=compute_s, sent_unix_ns=time.time_ns(),
+                                sender=self.node_id)
         if result.token is not None:
             frame.tokens.ids.append(result.token)
         elif result.hidden is not None:

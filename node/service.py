@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -56,7 +57,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.stop = asyncio.Event()  # set by Shutdown (and by signals in node.cli)
         self.name = name
         self.address = ""
-        self.memory_budget = memory_budget
+        # fixed at start: available memory minus a margin unless the operator set one
+        self.memory_budget = memory_budget if memory_budget is not None else (
+            default_memory_budget())
         self.request_timeout_s = request_timeout_s
         self.idle_request_s = idle_request_s
         self.metrics = NodeMetrics()
@@ -117,6 +120,44 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             active_requests=self.pipeline.engine.active_requests if self.pipeline else 0,
             cpu_percent=self._process.cpu_percent(), rss_bytes=self._process.memory_info().rss)
 
+    def _state(self) -> str:
+        if self._load_lock.locked():
+            return "loading"
+        if self.pipeline is not None and self.pipeline.engine.active_requests:
+            return "serving"
+        return "idle" if self.pipeline is None else "ready"
+
+    async def WatchMetrics(self, request: pb.WatchRequest,
+                           context) -> AsyncIterator[pb.MetricsSnapshot]:
+        import mlx.core as mx
+
+        hz = request.hz if math.isfinite(request.hz) and request.hz > 0 else 4.0
+        period = 1.0 / min(hz, 50.0)
+        process = psutil.Process()
+        process.cpu_percent()
+        before = self.metrics.copy_totals()
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            deltas = self.metrics.deltas_since(before)
+            before = self.metrics.copy_totals()
+            snap = pb.MetricsSnapshot(
+                node_id=self.node_id, time_unix=time.time(), interval_s=now - last,
+                state=self._state(), cpu_percent=process.cpu_percent(),
+                rss_bytes=process.memory_info().rss, mlx_active_bytes=mx.get_active_memory(),
+                memory_budget=self.memory_budget,
+                active_requests=self.pipeline.engine.active_requests if self.pipeline else 0,
+                counters=dict(self.metrics.counters),
+                deltas=[pb.Histogram(name=n, buckets=[i for i, _ in h.pairs()],
+                                     counts=[c for _, c in h.pairs()], sum_s=h.sum_s,
+                                     max_s=h.max_s) for n, h in deltas.items()])
+            shard = self._shard_info()
+            if shard is not None:
+                snap.shard.CopyFrom(shard)
+            last = now
+            yield snap
+
     # ------------------------------------------------------------ load / unload
 
     async def LoadShard(self, request: pb.LoadShardRequest, context) -> pb.LoadShardReply:
@@ -168,8 +209,6 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     def _check_budget(self, source, start: int, end: int, context: int) -> None:
         """Refuse, before loading anything, a shard that would not fit this node's budget."""
         budget = self.memory_budget
-        if budget is None:  # free memory now, plus what the shard we replace gives back
-            budget = default_memory_budget() + (self.shard.weight_bytes if self.shard else 0)
         params, kv = shape_of(source).shard_bytes(start, end, context or None)
         if params + kv > budget:
             gib = 1024**3

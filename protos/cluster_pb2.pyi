@@ -201,7 +201,7 @@ class Release(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ForwardFrame(_message.Message):
-    __slots__ = ("request_id", "epoch", "position", "activation", "tokens", "release", "sample", "sampling", "compute_s", "sent_unix_ns")
+    __slots__ = ("request_id", "epoch", "position", "activation", "tokens", "release", "sample", "sampling", "compute_s", "sent_unix_ns", "sender")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class ForwardFrame(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     epoch: int
     position: int
@@ -222,7 +223,8 @@ class ForwardFrame(_message.Message):
     sampling: SamplingParams
     compute_s: float
     sent_unix_ns: int
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., activation: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., compute_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
+    sender: str
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., activation: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., compute_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., sender: _Optional[str] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("request_id", "epoch", "code", "error")
@@ -319,6 +321,61 @@ class LatencySummary(_message.Message):
     mean_s: float
     max_s: float
     def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., p50_s: _Optional[float] = ..., p90_s: _Optional[float] = ..., p99_s: _Optional[float] = ..., mean_s: _Optional[float] = ..., max_s: _Optional[float] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("hz",)
+    HZ_FIELD_NUMBER: _ClassVar[int]
+    hz: float
+    def __init__(self, hz: _Optional[float] = ...) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("name", "buckets", "counts", "sum_s", "max_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUM_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    buckets: _containers.RepeatedScalarFieldContainer[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    sum_s: float
+    max_s: float
+    def __init__(self, name: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., sum_s: _Optional[float] = ..., max_s: _Optional[float] = ...) -> None: ...
+
+class MetricsSnapshot(_message.Message):
+    __slots__ = ("node_id", "time_unix", "interval_s", "state", "cpu_percent", "rss_bytes", "mlx_active_bytes", "memory_budget", "shard", "active_requests", "counters", "deltas")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MLX_ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    time_unix: float
+    interval_s: float
+    state: str
+    cpu_percent: float
+    rss_bytes: int
+    mlx_active_bytes: int
+    memory_budget: int
+    shard: ShardInfo
+    active_requests: int
+    counters: _containers.ScalarMap[str, int]
+    deltas: _containers.RepeatedCompositeFieldContainer[Histogram]
+    def __init__(self, node_id: _Optional[str] = ..., time_unix: _Optional[float] = ..., interval_s: _Optional[float] = ..., state: _Optional[str] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., memory_budget: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., active_requests: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., deltas: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ...) -> None: ...
 
 class Metrics(_message.Message):
     __slots__ = ("node_id", "requests_started", "requests_completed", "requests_failed", "tokens_generated", "frames_in", "frames_out", "bytes_in", "bytes_out", "frames_rejected", "latencies", "active_requests", "cpu_percent", "rss_bytes")

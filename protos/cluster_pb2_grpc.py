@@ -64,6 +64,11 @@ class NodeServiceStub:
                 request_serializer=protos_dot_cluster__pb2.MetricsRequest.SerializeToString,
                 response_deserializer=protos_dot_cluster__pb2.Metrics.FromString,
                 _registered_method=True)
+        self.WatchMetrics = channel.unary_stream(
+                '/mlxcluster.NodeService/WatchMetrics',
+                request_serializer=protos_dot_cluster__pb2.WatchRequest.SerializeToString,
+                response_deserializer=protos_dot_cluster__pb2.MetricsSnapshot.FromString,
+                _registered_method=True)
         self.InjectFault = channel.unary_unary(
                 '/mlxcluster.NodeService/InjectFault',
                 request_serializer=protos_dot_cluster__pb2.FaultRequest.SerializeToString,
@@ -129,6 +134,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchMetrics(self, request, context):
+        """A snapshot stream at the rate the client asks for: gauges, counters, and the
+        latency histogram buckets recorded since the previous snapshot. Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def InjectFault(self, request, context):
         """Failure injection; refused unless the node runs with --allow-faults. Mutating.
         """
@@ -181,6 +194,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.GetMetrics,
                     request_deserializer=protos_dot_cluster__pb2.MetricsRequest.FromString,
                     response_serializer=protos_dot_cluster__pb2.Metrics.SerializeToString,
+            ),
+            'WatchMetrics': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMetrics,
+                    request_deserializer=protos_dot_cluster__pb2.WatchRequest.FromString,
+                    response_serializer=protos_dot_cluster__pb2.MetricsSnapshot.SerializeToString,
             ),
             'InjectFault': grpc.unary_unary_rpc_method_handler(
                     servicer.InjectFault,
@@ -360,6 +378,33 @@ class NodeService:
             '/mlxcluster.NodeService/GetMetrics',
             protos_dot_cluster__pb2.MetricsRequest.SerializeToString,
             protos_dot_cluster__pb2.Metrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlxcluster.NodeService/WatchMetrics',
+            protos_dot_cluster__pb2.WatchRequest.SerializeToString,
+            protos_dot_cluster__pb2.MetricsSnapshot.FromString,
             options,
             channel_credentials,
             insecure,
