@@ -462,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("node", nargs="*", help="node names, ids or host:port")
     stop.add_argument("--all", action="store_true", help="stop every node")
 
+    dash = sub.add_parser("dashboard", parents=[nodes],
+                          help="the live dashboard (also what a bare `mlx-cluster` opens)")
+    dash.add_argument("--mdns", action="store_true",
+                      help="also browse zeroconf when nodes are named")
+    dash.add_argument("--interface", action="append", default=[], metavar="IP",
+                      help="zeroconf on this interface address only (repeatable)")
+
     sub.add_parser("demo", parents=[nodes],
                    help="start a 3-node local cluster, load the bundled model, generate")
     return parser
@@ -558,8 +565,30 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return EXIT_OK if found else EXIT_FAIL
 
 
-COMMANDS = {"local": cmd_local, "discover": cmd_discover, "status": cmd_status,
-            "plan": cmd_plan, "load": cmd_load, "unload": cmd_unload,
+def dashboard_sources(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """Static addresses and whether to browse zeroconf, for the dashboard."""
+    from console.discovery import read_peers_file
+    from console.local import read_cluster
+
+    if args.nodes:
+        return [a.strip() for a in args.nodes.split(",") if a.strip()], args.mdns
+    if args.peers:
+        return read_peers_file(args.peers), args.mdns
+    cluster = read_cluster()
+    if cluster and cluster.get("nodes"):
+        return [n["address"] for n in cluster["nodes"]], args.mdns
+    return [], True
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from console.tui.app import run_dashboard
+
+    static, mdns = dashboard_sources(args)
+    return run_dashboard(static, mdns, CONNECTION, args.interface or None)
+
+
+COMMANDS = {"local": cmd_local, "discover": cmd_discover, "dashboard": cmd_dashboard,
+            "status": cmd_status, "plan": cmd_plan, "load": cmd_load, "unload": cmd_unload,
             "generate": cmd_generate, "inject": cmd_inject,
             "heal": cmd_heal, "shutdown": cmd_shutdown, "demo": cmd_demo}
 
@@ -568,8 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return EXIT_OK
+        if not sys.stdout.isatty():
+            parser.print_help()
+            return EXIT_OK
+        args = parser.parse_args(["dashboard"])
     try:
         CONNECTION.clear()
         if getattr(args, "token", None) or getattr(args, "token_file", None):

@@ -1,0 +1,270 @@
+"""The dashboard's data layer, usable without any UI: nodes, plan, metrics, events.
+
+A ClusterMonitor follows a discovery source (static addresses and/or zeroconf), keeps one
+WatchMetrics stream per node, and turns what arrives into plain state: node rows (up /
+suspect / down, memory, CPU, tokens/s, heartbeat age), the newest plan, sliding-window
+latency histograms merged across nodes, a throughput history and an event log. The
+Textual app only renders this state; tests and scripts can read it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from console.client import ClusterError, NodeClient
+from console.discovery import Discovery, NodeEvent
+from node.histogram import Histogram
+from protos import cluster_pb2 as pb
+
+SUSPECT_AFTER_S = 2.0
+RETRY_S = 2.0
+LATENCY_SERIES = ("token_latency", "ttft", "step_compute", "token_transfer")
+
+
+@dataclass
+class NodeView:
+    address: str
+    node_id: str = ""
+    name: str = ""
+    state: str = "connecting"  # connecting | up | suspect | down
+    info: pb.NodeInfo | None = None
+    snapshot: pb.MetricsSnapshot | None = None
+    last_seen: float = 0.0  # monotonic time of the last snapshot
+    tokens_per_s: float = 0.0
+    cpu: deque = field(default_factory=lambda: deque(maxlen=240))
+
+    @property
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self.last_seen if self.last_seen else float("inf")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.address
+
+
+@dataclass
+class Event:
+    at: float
+    kind: str
+    text: str
+
+
+class ClusterMonitor:
+    def __init__(self, addresses: list[str] | None = None, mdns: bool = False,
+                 interfaces: list[str] | None = None, hz: float = 4.0, window_s: float = 60.0,
+                 client_options: dict | None = None) -> None:
+        self.static = list(addresses or [])
+        self.mdns = mdns
+        self.interfaces = interfaces
+        self.hz = hz
+        self.window_s = window_s
+        self.client_options = client_options or {}
+        self.nodes: dict[str, NodeView] = {}
+        self.events: deque[Event] = deque(maxlen=500)
+        self.event_count = 0  # events ever logged (the deque keeps the newest)
+        self.throughput: deque[tuple[float, float]] = deque(maxlen=600)
+        self.tokens_total = 0
+        self._windows: dict[str, deque[tuple[float, Histogram]]] = {}
+        self._clients: dict[str, NodeClient] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._discovery: Discovery | None = None
+        self._listeners: list[Callable[[], None]] = []
+        self._tokens_by_node: dict[str, tuple[int, float]] = {}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def _changed(self) -> None:
+        for callback in self._listeners:
+            callback()
+
+    def log(self, kind: str, text: str) -> None:
+        self.events.append(Event(time.time(), kind, text))
+        self.event_count += 1
+        self._changed()
+
+    async def start(self) -> None:
+        source = ("zeroconf" if self.mdns else "") + (
+            (" + " if self.mdns and self.static else "") + f"{len(self.static)} static"
+            if self.static else "")
+        self.log("info", f"watching nodes from {source or 'nowhere'}")
+        self._discovery = Discovery(self.static, self.mdns, self.interfaces,
+                                    client_options=self.client_options)
+        await self._discovery.start()
+        self._tasks["discovery"] = asyncio.get_running_loop().create_task(self._follow())
+        self._tasks["suspects"] = asyncio.get_running_loop().create_task(self._suspects())
+
+    async def stop(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        if self._discovery is not None:
+            await self._discovery.close()
+        await asyncio.gather(*(c.close() for c in self._clients.values()),
+                             return_exceptions=True)
+
+    async def switch_source(self, addresses: list[str] | None, mdns: bool) -> None:
+        """Follow another discovery source (the rows of nodes no longer named stay down)."""
+        if self._discovery is not None:
+            self._tasks.pop("discovery").cancel()
+            await self._discovery.close()
+        self.static, self.mdns = list(addresses or []), mdns
+        self._discovery = Discovery(self.static, self.mdns, self.interfaces,
+                                    client_options=self.client_options)
+        await self._discovery.start()
+        self._tasks["discovery"] = asyncio.get_running_loop().create_task(self._follow())
+        self.log("info", "discovery source: " + ("zeroconf" if mdns else "static ")
+                 + ", ".join(self.static))
+
+    # ------------------------------------------------------------ discovery and watches
+
+    async def _follow(self) -> None:
+        assert self._discovery is not None
+        async for event in self._discovery.events():
+            self._on_discovery(event)
+
+    def _on_discovery(self, event: NodeEvent) -> None:
+        view = self.nodes.get(event.address)
+        if event.kind == "conflict":
+            self.log("error", f"{event.address}: {event.detail}")
+            return
+        if event.kind == "down":
+            if view is not None and view.state != "down":
+                view.state = "down"
+                self.log("down", f"{view.label} ({event.address}) is down"
+                         + (f": {event.detail}" if event.detail else ""))
+            return
+        info = event.info
+        if view is None:
+            view = self.nodes[event.address] = NodeView(event.address)
+        was = view.state
+        if info is not None:
+            view.node_id, view.name, view.info = info.node_id, info.name, info
+        if event.kind == "up" and was != "up":
+            view.state = "up"
+            view.last_seen = time.monotonic()
+            self.log("up", f"{view.label} ({event.address}) is up via {event.source}")
+        elif event.kind == "changed" and info is not None:
+            self.log("info", f"{view.label}: " + (
+                f"{info.shard.model} layers {info.shard.start_layer}-{info.shard.end_layer} "
+                f"(epoch {info.shard.epoch})" if info.HasField("shard") else "no shard"))
+        if event.address not in self._tasks or self._tasks[event.address].done():
+            self._tasks[event.address] = asyncio.get_running_loop().create_task(
+                self._watch(event.address))
+        self._changed()
+
+    def _client(self, address: str) -> NodeClient:
+        if address not in self._clients:
+            self._clients[address] = NodeClient(address, **self.client_options)
+        return self._clients[address]
+
+    async def _watch(self, address: str) -> None:
+        """One WatchMetrics stream per node, reopened while the node is known."""
+        view = self.nodes[address]
+        while True:
+            try:
+                call = self._client(address).stub.WatchMetrics(pb.WatchRequest(hz=self.hz))
+                async for snap in call:
+                    self._on_snapshot(view, snap)
+            except grpc.aio.AioRpcError as e:
+                if view.state != "down":
+                    view.state = "down"
+                    self.log("down", f"{view.label} ({address}) is down: {e.code().name}")
+            await asyncio.sleep(RETRY_S)
+            with contextlib.suppress(ClusterError):
+                info = await self._client(address).info()
+                view.info = info
+                view.state = "up"
+                self.log("up", f"{view.label} ({address}) is back")
+
+    def _on_snapshot(self, view: NodeView, snap: pb.MetricsSnapshot) -> None:
+        now = time.monotonic()
+        if view.state in ("suspect", "down", "connecting"):
+            if view.state != "connecting":
+                self.log("up", f"{view.label} answers again")
+            view.state = "up"
+        view.snapshot, view.last_seen = snap, now
+        view.cpu.append(snap.cpu_percent)
+        tokens = snap.counters.get("tokens_generated", 0)
+        prev, prev_t = self._tokens_by_node.get(view.address, (tokens, now))
+        dt = max(snap.interval_s, 1e-3)
+        view.tokens_per_s = max(0, tokens - prev) / dt if prev_t != now else 0.0
+        self.tokens_total += max(0, tokens - prev)
+        self._tokens_by_node[view.address] = (tokens, now)
+        if view.info is not None and snap.HasField("shard"):
+            view.info.shard.CopyFrom(snap.shard)
+        for h in snap.deltas:
+            hist = Histogram.from_pairs(zip(h.buckets, h.counts), h.sum_s, h.max_s)
+            key = h.name if not h.name.startswith("hop:") else f"{h.name}>{view.node_id}"
+            self._windows.setdefault(key, deque()).append((now, hist))
+        self._record_throughput(now)
+        self._changed()
+
+    def _record_throughput(self, now: float) -> None:
+        total = sum(v.tokens_per_s for v in self.nodes.values() if v.state == "up")
+        if not self.throughput or now - self.throughput[-1][0] >= 0.5:
+            self.throughput.append((now, total))
+
+    async def _suspects(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            changed = False
+            for view in self.nodes.values():
+                if view.state == "up" and view.heartbeat_age > SUSPECT_AFTER_S:
+                    view.state = "suspect"
+                    self.log("suspect", f"{view.label}: no metrics for "
+                                        f"{view.heartbeat_age:.1f} s")
+                    changed = True
+            if changed:
+                self._changed()
+
+    # ------------------------------------------------------------ derived state
+
+    def window(self, series: str) -> Histogram:
+        """The series' histogram over the sliding window, merged across nodes."""
+        cutoff = time.monotonic() - self.window_s
+        parts = self._windows.get(series)
+        if not parts:
+            return Histogram()
+        while parts and parts[0][0] < cutoff:
+            parts.popleft()
+        return Histogram.merged(h for _, h in parts)
+
+    def hop_series(self) -> list[tuple[str, str, Histogram]]:
+        """(sender label, receiver label, histogram) per node pair with hop data."""
+        labels = {v.node_id: v.label for v in self.nodes.values()}
+        out = []
+        for key in sorted(self._windows):
+            if key.startswith("hop:"):
+                sender, receiver = key[4:].split(">", 1)
+                out.append((labels.get(sender, sender[:8]), labels.get(receiver, receiver[:8]),
+                            self.window(key)))
+        return out
+
+    def plan(self) -> pb.Plan | None:
+        """The newest plan any up node holds."""
+        plans = [v.info.plan for v in self.nodes.values()
+                 if v.info is not None and v.info.HasField("plan") and v.state != "down"]
+        return max(plans, key=lambda p: p.epoch) if plans else None
+
+    def up_clients(self) -> list[NodeClient]:
+        """Clients of the live nodes, in name order (the order plans are made in)."""
+        live = sorted((v.label, a) for a, v in self.nodes.items()
+                      if v.state in ("up", "suspect"))
+        return [self._client(a) for _, a in live]
+
+    async def refresh_infos(self) -> None:
+        for address, view in self.nodes.items():
+            if view.state == "down":
+                continue
+            with contextlib.suppress(ClusterError):
+                view.info = await self._client(address).info()
+        self._changed()

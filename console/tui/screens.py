@@ -1,0 +1,237 @@
+"""Modal screens: load (with plan preview), generate, node detail, discovery source, help."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, Input, Label, Markdown, Select, Static
+
+from console.client import ClusterError, to_dict
+
+STRATEGIES = ["memory", "uniform", "ring-memory-weighted", "speed"]
+GIB = 2**30
+
+
+class LoadScreen(ModalScreen[str | None]):
+    """Model spec + strategy, a plan preview from the live nodes, then confirm."""
+
+    BINDINGS = [("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, monitor, model: str = "smollm2-135m") -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.model = model
+        self.previewed: tuple[str, str] | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Load a model across the cluster", classes="title")
+            yield Input(self.model, placeholder="smollm2-135m, synthetic:tiny, a dir ...",
+                        id="model")
+            yield Select([(s, s) for s in STRATEGIES], value="memory", allow_blank=False,
+                         id="strategy")
+            yield Static("press Preview to see the plan", id="preview")
+            with Horizontal(classes="buttons"):
+                yield Button("Preview", id="preview-button")
+                yield Button("Load", id="load-button", variant="primary", disabled=True)
+                yield Button("Cancel", id="cancel-button")
+
+    def _choice(self) -> tuple[str, str]:
+        return self.query_one("#model", Input).value.strip(), str(
+            self.query_one("#strategy", Select).value)
+
+    @on(Button.Pressed, "#cancel-button")
+    def cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#preview-button")
+    @on(Input.Submitted, "#model")
+    def preview(self) -> None:
+        self.query_one("#preview", Static).update(Text("planning ...", style="dim"))
+        self.run_preview(*self._choice())
+
+    @work(exclusive=True, group="preview")
+    async def run_preview(self, model: str, strategy: str) -> None:
+        from console.cli import partition
+        from console.client import gather_infos
+
+        infos = [i for i in await gather_infos(self.monitor.up_clients())
+                 if not isinstance(i, ClusterError)]
+        try:
+            if not infos:
+                raise ClusterError("no node is up")
+            plan, source = partition(infos, model, "", 0, strategy)
+        except ClusterError as e:
+            self.query_one("#preview", Static).update(Text(str(e), style="bold red"))
+            self.query_one("#load-button", Button).disabled = True
+            return
+        table = Table(title=f"{model} · {plan.n_layers} layers · {strategy}", expand=True)
+        for column in ("node", "layers", "weights", "kv", "total", "budget"):
+            table.add_column(column)
+        for s in plan.shards:
+            table.add_row(s.node.label, f"{s.start}-{s.end}", f"{s.param_bytes / GIB:.2f} GiB",
+                          f"{s.kv_bytes / GIB:.2f} GiB", f"{s.total_bytes / GIB:.2f} GiB",
+                          f"{s.node.budget / GIB:.2f} GiB")
+        self.query_one("#preview", Static).update(table)
+        self.previewed = (model, strategy)
+        self.query_one("#load-button", Button).disabled = False
+
+    @on(Button.Pressed, "#load-button")
+    def confirm(self) -> None:
+        if self.previewed == self._choice():
+            self.dismiss(f"{self.previewed[0]}|{self.previewed[1]}")
+        else:
+            self.preview()  # the choice changed since the preview
+
+
+class GenerateScreen(ModalScreen[None]):
+    """A prompt; tokens stream into the panel as the cluster produces them."""
+
+    BINDINGS = [("escape", "dismiss(None)", "Close")]
+
+    def __init__(self, monitor, prompt: str = "What is the capital of France?") -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.prompt = prompt
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Generate", classes="title")
+            yield Input(self.prompt, id="prompt")
+            with Horizontal(classes="buttons"):
+                yield Checkbox("chat template", value=True, id="chat")
+                yield Button("Generate", id="go", variant="primary")
+                yield Button("Close", id="close")
+            with VerticalScroll(id="output-box"):
+                yield Static("", id="output")
+            yield Static("", id="stats")
+
+    @on(Button.Pressed, "#close")
+    def close(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#go")
+    @on(Input.Submitted, "#prompt")
+    def go(self) -> None:
+        self.text = ""
+        self.query_one("#output", Static).update("")
+        self.query_one("#stats", Static).update(Text("generating ...", style="dim"))
+        self.stream(self.query_one("#prompt", Input).value,
+                    self.query_one("#chat", Checkbox).value)
+
+    @work(exclusive=True, group="generate")
+    async def stream(self, prompt: str, chat: bool) -> None:
+        from console.cli import generate
+        from protos import cluster_pb2 as pb
+
+        def show(piece: str) -> None:
+            self.text += piece
+            self.query_one("#output", Static).update(self.text)
+
+        request = pb.GenerateRequest(prompt=prompt, chat=chat, max_tokens=64)
+        try:
+            result = await generate(self.monitor.up_clients(), request, show)
+        except ClusterError as e:
+            self.query_one("#stats", Static).update(Text(str(e), style="bold red"))
+            self.monitor.log("error", f"generate: {e}")
+            return
+        stats = (f"{result['completion_tokens']} tokens · {result['finish_reason']} · TTFT "
+                 f"{result['ttft_s'] * 1000:.0f} ms · {result['tokens_per_s']:.1f} tok/s · "
+                 f"{len(result['shards'])} shards")
+        self.query_one("#stats", Static).update(Text(stats, style="green"))
+        self.monitor.log("info", f"generated {stats}")
+
+
+class NodeDetailScreen(ModalScreen[None]):
+    BINDINGS = [("escape", "dismiss(None)", "Close")]
+
+    def __init__(self, view) -> None:
+        super().__init__()
+        self.view = view
+
+    def compose(self) -> ComposeResult:
+        view = self.view
+        lines = [f"# {view.label}", f"address `{view.address}` · id `{view.node_id}` · "
+                 f"state **{view.state}**", ""]
+        if view.info is not None:
+            caps = to_dict(view.info.capabilities)
+            lines += ["| capability | value |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in caps.items()]
+            if view.info.HasField("shard"):
+                shard = to_dict(view.info.shard)
+                lines += ["", "| shard | value |", "|---|---|"]
+                lines += [f"| {k} | {v} |" for k, v in shard.items()]
+        if view.cpu:
+            recent = list(view.cpu)[-20:]
+            lines += ["", f"CPU % (last {len(recent)} snapshots): "
+                      + " ".join(f"{c:.0f}" for c in recent)]
+        with VerticalScroll(id="dialog"):
+            yield Markdown("\n".join(lines))
+            yield Button("Close", id="close")
+
+    @on(Button.Pressed, "#close")
+    def close(self) -> None:
+        self.dismiss(None)
+
+
+class SourceScreen(ModalScreen[str | None]):
+    """Switch discovery: 'zeroconf', or a comma-separated list of host:port."""
+
+    BINDINGS = [("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, current: str) -> None:
+        super().__init__()
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Discovery source: 'zeroconf' or host:port,host:port", classes="title")
+            yield Input(self.current, id="source")
+            with Horizontal(classes="buttons"):
+                yield Button("Use", id="use", variant="primary")
+                yield Button("Cancel", id="cancel")
+
+    @on(Button.Pressed, "#use")
+    @on(Input.Submitted, "#source")
+    def use(self) -> None:
+        self.dismiss(self.query_one("#source", Input).value.strip())
+
+    @on(Button.Pressed, "#cancel")
+    def cancel(self) -> None:
+        self.dismiss(None)
+
+
+HELP = """\
+# mlx-cluster dashboard
+
+| key | action |
+|---|---|
+| `l` | load a model (plan preview first) |
+| `g` | generate: tokens stream into the panel |
+| `u` | unload the model from every node |
+| `enter` / `d` | details of the selected node |
+| `s` | switch the discovery source |
+| `ctrl+p` | command palette: every action by name |
+| `?` | this help |
+| `q` | quit |
+
+Nodes: **up** (metrics arriving), **suspect** (none for 2 s), **down** (stream lost or
+node said goodbye). Latency histograms cover the last 60 s of every node, merged.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [("escape", "dismiss(None)", "Close"), ("question_mark", "dismiss(None)", "")]
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="dialog"):
+            yield Markdown(HELP)
+            yield Button("Close", id="close")
+
+    @on(Button.Pressed, "#close")
+    def close(self) -> None:
+        self.dismiss(None)

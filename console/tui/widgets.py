@@ -1,0 +1,196 @@
+"""Dashboard panels. Each renders state from a ClusterMonitor (or a fake with the same
+attributes in tests); none of them does I/O."""
+
+from __future__ import annotations
+
+import time
+
+from rich.text import Text
+from textual.widgets import DataTable, RichLog, Sparkline, Static
+from textual_plotext import PlotextPlot
+
+from node.histogram import Histogram
+
+COLOURS = ["#4e9a06", "#3465a4", "#c4a000", "#75507b", "#06989a", "#cc0000", "#ce5c00",
+           "#8ae234", "#729fcf", "#fce94f", "#ad7fa8", "#34e2e2", "#ef2929", "#fcaf3e",
+           "#888a85", "#5c3566"]
+STATE_STYLE = {"up": "bold green", "suspect": "bold yellow", "down": "bold red",
+               "connecting": "dim"}
+GIB = 2**30
+
+
+def colour_for(index: int) -> str:
+    return COLOURS[index % len(COLOURS)]
+
+
+def memory_bar(used: int, budget: int, width: int = 10) -> Text:
+    frac = min(1.0, used / budget) if budget else 0.0
+    filled = round(frac * width)
+    style = "green" if frac < 0.75 else "yellow" if frac < 0.95 else "red"
+    bar = Text("█" * filled, style=style) + Text("░" * (width - filled), style="dim")
+    return bar + Text(f" {used / GIB:4.1f}/{budget / GIB:.1f}G")
+
+
+class NodesTable(DataTable):
+    """One row per node, updated in place by row key (the node's address)."""
+
+    COLUMNS = ("node", "address", "state", "memory", "cpu %", "layers", "tok/s", "beat")
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.zebra_stripes = True
+        for column in self.COLUMNS:
+            self.add_column(column, key=column)
+
+    def refresh_from(self, monitor) -> None:
+        plan = monitor.plan()
+        order = {s.node_id: i for i, s in enumerate(plan.shards)} if plan else {}
+        for address, view in monitor.nodes.items():
+            snap, info = view.snapshot, view.info
+            used = snap.mlx_active_bytes if snap else (info.mlx_active_bytes if info else 0)
+            budget = (snap.memory_budget if snap else 0) or (
+                info.capabilities.memory_budget if info else 0)
+            shard = info.shard if info is not None and info.HasField("shard") else None
+            colour = colour_for(order.get(view.node_id, 0)) if shard else "dim"
+            layers = Text(f"{shard.start_layer}-{shard.end_layer}" if shard else "—",
+                          style=colour)
+            age = view.heartbeat_age
+            cells = {
+                "node": Text(view.label, style="bold"),
+                "address": address,
+                "state": Text(view.state, style=STATE_STYLE.get(view.state, "")),
+                "memory": memory_bar(used, budget),
+                "cpu %": f"{snap.cpu_percent:5.1f}" if snap else "—",
+                "layers": layers,
+                "tok/s": f"{view.tokens_per_s:6.1f}" if snap else "—",
+                "beat": f"{age:4.1f}s" if age != float("inf") else "—",
+            }
+            if address not in self.rows:
+                self.add_row(*cells.values(), key=address)
+                self.sort("node", key=lambda cell: str(cell))
+            else:
+                for column, value in cells.items():
+                    self.update_cell(address, column, value, update_width=True)
+
+
+class PartitionBar(Static):
+    """All layers of the loaded model as one bar, each node's range in its colour."""
+
+    def refresh_from(self, monitor) -> None:
+        plan = monitor.plan()
+        if plan is None:
+            self.border_title = "Partition"
+            self.update(Text("no model loaded — press l to load one", style="dim"))
+            return
+        self.border_title = (f"Partition · {plan.model} · {plan.strategy or 'plan'} · "
+                             f"epoch {plan.epoch}")
+        width = max(10, self.size.width - 4)
+        bar, labels = Text(), Text()
+        resident = {v.node_id: v for v in monitor.nodes.values()}
+        for i, shard in enumerate(plan.shards):
+            a = round(shard.start_layer * width / plan.n_layers)
+            b = round((shard.end_layer + 1) * width / plan.n_layers)
+            bar.append("█" * max(1, b - a), style=colour_for(i))
+            labels.append(f"{shard.start_layer}".ljust(max(1, b - a)), style=colour_for(i))
+        lines = [bar, labels + Text(f"{plan.n_layers - 1}")]
+        for i, shard in enumerate(plan.shards):
+            view = resident.get(shard.node_id)
+            used = view.snapshot.mlx_active_bytes if view and view.snapshot else 0
+            est = shard.param_bytes + shard.kv_bytes
+            lines.append(Text.assemble(
+                ("■ ", colour_for(i)), (f"{(view.label if view else shard.address)[:12]:12}",),
+                f" {shard.start_layer:>3}-{shard.end_layer:<3} est {est / GIB:5.2f}G"
+                f" resident {used / GIB:5.2f}G"))
+        self.update(Text("\n").join(lines))
+
+
+class LatencyPanel(PlotextPlot):
+    """Histograms of inter-token latency and TTFT over the window, p50/p90/p99 marked."""
+
+    def refresh_from(self, monitor) -> None:
+        plt = self.plt
+        plt.clear_figure()
+        itl, ttft = monitor.window("token_latency"), monitor.window("ttft")
+        self.border_title = (f"Latency · ITL p50 {ms(itl.percentile(50))} p90 "
+                             f"{ms(itl.percentile(90))} p99 {ms(itl.percentile(99))} · TTFT p50 "
+                             f"{ms(ttft.percentile(50))} · n={itl.total}")
+        xs, ys = histogram_bars(itl)
+        if xs:
+            plt.bar(xs, ys, color="cyan", label="inter-token")
+            for q, colour in ((50, "green"), (90, "orange"), (99, "red")):
+                plt.vline(itl.percentile(q) * 1000, color=colour)
+        xs, ys = histogram_bars(ttft)
+        if xs:
+            plt.bar(xs, ys, color="magenta", label="TTFT")
+        plt.xlabel("ms")
+        plt.title("")
+        self.refresh()
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}ms" if seconds else "—"
+
+
+def histogram_bars(h: Histogram, max_bars: int = 40) -> tuple[list[float], list[int]]:
+    """Bucket midpoints (ms) and counts of a histogram's occupied range."""
+    from node.histogram import bucket_mid
+
+    pairs = h.pairs()
+    if not pairs:
+        return [], []
+    lo, hi = pairs[0][0], pairs[-1][0]
+    step = max(1, (hi - lo + 1 + max_bars - 1) // max_bars)
+    counts = dict(pairs)
+    xs, ys = [], []
+    for start in range(lo, hi + 1, step):
+        xs.append(round(bucket_mid(start + step // 2) * 1000, 3))
+        ys.append(sum(counts.get(i, 0) for i in range(start, start + step)))
+    return xs, ys
+
+
+class HopPanel(Static):
+    """Per-hop (node pair) one-way latency and per-node compute."""
+
+    def refresh_from(self, monitor) -> None:
+        rows = [Text.assemble((f"{a[:10]:>10} → {b[:10]:<10}", "bold"),
+                              f" p50 {ms(h.percentile(50)):>8} p99 {ms(h.percentile(99)):>8}"
+                              f" n={h.total}")
+                for a, b, h in monitor.hop_series() if h.total]
+        compute = monitor.window("step_compute")
+        transfer = monitor.window("token_transfer")
+        rows.append(Text(f"step compute p50 {ms(compute.percentile(50))} · transfer per token "
+                         f"p50 {ms(transfer.percentile(50))}", style="dim"))
+        self.update(Text("\n").join(rows))
+
+
+class ThroughputPanel(Static):
+    def refresh_from(self, monitor) -> None:
+        now = monitor.throughput[-1][1] if monitor.throughput else 0.0
+        up = sum(1 for v in monitor.nodes.values() if v.state == "up")
+        self.update(Text.assemble(("tokens/s ", "dim"), (f"{now:6.1f}", "bold cyan"),
+                                  ("  total ", "dim"), (f"{monitor.tokens_total}", "bold"),
+                                  ("  nodes up ", "dim"), (f"{up}/{len(monitor.nodes)}", "bold")))
+
+
+class ThroughputSpark(Sparkline):
+    def refresh_from(self, monitor) -> None:
+        self.data = [v for _, v in monitor.throughput][-120:] or [0.0]
+
+
+class EventsPanel(RichLog):
+    """Discoveries, losses, plan changes, loads and errors, newest last."""
+
+    STYLES = {"up": "green", "down": "red", "suspect": "yellow", "error": "bold red",
+              "load": "cyan", "info": "white"}
+
+    def on_mount(self) -> None:
+        self._shown = 0
+
+    def refresh_from(self, monitor) -> None:
+        new = min(monitor.event_count - self._shown, len(monitor.events))
+        for event in list(monitor.events)[len(monitor.events) - new:] if new > 0 else []:
+            stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
+            self.write(Text.assemble((stamp + " ", "dim"),
+                                     (f"{event.kind:8}", self.STYLES.get(event.kind, "")),
+                                     event.text))
+        self._shown = monitor.event_count
