@@ -1,4 +1,5 @@
-"""Dependency direction: node never imports console; one-shot commands never load Textual."""
+"""Dependency direction: node never imports console; one-shot commands never load Textual
+(only console/tui/ may, and only the dashboard command imports it)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from tests.conftest import ROOT
 CHECK = """
 import json, sys
 import node.cli, node.service, node.pipeline, node.engine, node.models, node.plan
+import node.advertise, node.auth, node.faults, node.histogram, node.metrics, node.reference
 node_only = sorted(m for m in sys.modules if m == "console" or m.startswith("console."))
-import console.cli, console.local, console.client
+import console.cli, console.local, console.client, console.discovery, console.monitor
 print(json.dumps({"node_imports_console": node_only,
                   "ui": sorted(m for m in ("textual", "plotext") if m in sys.modules)}))
 """

@@ -68,7 +68,7 @@ class ClusterApp(App):
             yield LatencyPanel(id="latency")
             with Vertical(id="right"):
                 yield HopPanel(id="hops")
-                yield EventsPanel(id="events", wrap=True, markup=False)
+                yield EventsPanel(id="events")
         yield Footer()
 
     async def on_mount(self) -> None:

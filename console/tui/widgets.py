@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from rich.text import Text
-from textual.widgets import DataTable, RichLog, Sparkline, Static
+from textual.widgets import DataTable, Sparkline, Static
 from textual_plotext import PlotextPlot
 
 from node.histogram import Histogram
@@ -23,18 +23,18 @@ def colour_for(index: int) -> str:
     return COLOURS[index % len(COLOURS)]
 
 
-def memory_bar(used: int, budget: int, width: int = 10) -> Text:
+def memory_bar(used: int, budget: int, width: int = 6) -> Text:
     frac = min(1.0, used / budget) if budget else 0.0
     filled = round(frac * width)
     style = "green" if frac < 0.75 else "yellow" if frac < 0.95 else "red"
     bar = Text("█" * filled, style=style) + Text("░" * (width - filled), style="dim")
-    return bar + Text(f" {used / GIB:4.1f}/{budget / GIB:.1f}G")
+    return bar + Text(f" {used / GIB:.1f}/{budget / GIB:.0f}G")
 
 
 class NodesTable(DataTable):
     """One row per node, updated in place by row key (the node's address)."""
 
-    COLUMNS = ("node", "address", "state", "memory", "cpu %", "layers", "tok/s", "beat")
+    COLUMNS = ("node", "address", "state", "memory", "cpu%", "layers", "tok/s", "beat")
 
     def on_mount(self) -> None:
         self.cursor_type = "row"
@@ -60,10 +60,10 @@ class NodesTable(DataTable):
                 "address": address,
                 "state": Text(view.state, style=STATE_STYLE.get(view.state, "")),
                 "memory": memory_bar(used, budget),
-                "cpu %": f"{snap.cpu_percent:5.1f}" if snap else "—",
+                "cpu%": f"{snap.cpu_percent:.0f}" if snap else "—",
                 "layers": layers,
-                "tok/s": f"{view.tokens_per_s:6.1f}" if snap else "—",
-                "beat": f"{age:4.1f}s" if age != float("inf") else "—",
+                "tok/s": f"{view.tokens_per_s:.1f}" if snap else "—",
+                "beat": f"{age:.1f}s" if age != float("inf") else "—",
             }
             if address not in self.rows:
                 self.add_row(*cells.values(), key=address)
@@ -73,10 +73,27 @@ class NodesTable(DataTable):
                     self.update_cell(address, column, value, update_width=True)
 
 
-class PartitionBar(Static):
-    """All layers of the loaded model as one bar, each node's range in its colour."""
+class Rerendered(Static):
+    """A Static that renders again from the last monitor when its size changes."""
+
+    _monitor = None
 
     def refresh_from(self, monitor) -> None:
+        self._monitor = monitor
+        self.render_from(monitor)
+
+    def on_resize(self) -> None:
+        if self._monitor is not None:
+            self.render_from(self._monitor)
+
+    def render_from(self, monitor) -> None:
+        raise NotImplementedError
+
+
+class PartitionBar(Rerendered):
+    """All layers of the loaded model as one bar, each node's range in its colour."""
+
+    def render_from(self, monitor) -> None:
         plan = monitor.plan()
         if plan is None:
             self.border_title = "Partition"
@@ -98,9 +115,9 @@ class PartitionBar(Static):
             used = view.snapshot.mlx_active_bytes if view and view.snapshot else 0
             est = shard.param_bytes + shard.kv_bytes
             lines.append(Text.assemble(
-                ("■ ", colour_for(i)), (f"{(view.label if view else shard.address)[:12]:12}",),
-                f" {shard.start_layer:>3}-{shard.end_layer:<3} est {est / GIB:5.2f}G"
-                f" resident {used / GIB:5.2f}G"))
+                ("■ ", colour_for(i)), (f"{(view.label if view else shard.address)[:10]:10}",),
+                f" {shard.start_layer:>3}-{shard.end_layer:<3} est {est / GIB:.2f}G",
+                (f" res {used / GIB:.2f}G", "dim")))
         self.update(Text("\n").join(lines))
 
 
@@ -119,9 +136,14 @@ class LatencyPanel(PlotextPlot):
             plt.bar(xs, ys, color="cyan", label="inter-token")
             for q, colour in ((50, "green"), (90, "orange"), (99, "red")):
                 plt.vline(itl.percentile(q) * 1000, color=colour)
-        xs, ys = histogram_bars(ttft)
-        if xs:
-            plt.bar(xs, ys, color="magenta", label="TTFT")
+        xs2, ys2 = histogram_bars(ttft)
+        if xs2:
+            plt.bar(xs2, ys2, color="magenta", label="TTFT")
+        everything = xs + xs2
+        if everything:
+            lo, hi = min(everything), max(everything)
+            ticks = [lo + (hi - lo) * k / 4 for k in range(5)]
+            plt.xticks(ticks, [f"{t:.0f}" if t >= 10 else f"{t:.1f}" for t in ticks])
         plt.xlabel("ms")
         plt.title("")
         self.refresh()
@@ -152,9 +174,9 @@ class HopPanel(Static):
     """Per-hop (node pair) one-way latency and per-node compute."""
 
     def refresh_from(self, monitor) -> None:
-        rows = [Text.assemble((f"{a[:10]:>10} → {b[:10]:<10}", "bold"),
-                              f" p50 {ms(h.percentile(50)):>8} p99 {ms(h.percentile(99)):>8}"
-                              f" n={h.total}")
+        rows = [Text.assemble((f"{a[:9]}→{b[:9]}", "bold"),
+                              f" p50 {ms(h.percentile(50))} p99 {ms(h.percentile(99))}",
+                              (f" n={h.total}", "dim"))
                 for a, b, h in monitor.hop_series() if h.total]
         compute = monitor.window("step_compute")
         transfer = monitor.window("token_transfer")
@@ -177,20 +199,23 @@ class ThroughputSpark(Sparkline):
         self.data = [v for _, v in monitor.throughput][-120:] or [0.0]
 
 
-class EventsPanel(RichLog):
-    """Discoveries, losses, plan changes, loads and errors, newest last."""
+class EventsPanel(Rerendered):
+    """Discoveries, losses, plan changes, loads and errors: the newest that fit."""
 
     STYLES = {"up": "green", "down": "red", "suspect": "yellow", "error": "bold red",
               "load": "cyan", "info": "white"}
 
-    def on_mount(self) -> None:
-        self._shown = 0
-
-    def refresh_from(self, monitor) -> None:
-        new = min(monitor.event_count - self._shown, len(monitor.events))
-        for event in list(monitor.events)[len(monitor.events) - new:] if new > 0 else []:
+    def render_from(self, monitor) -> None:
+        rows = max(1, self.size.height or 10)
+        width = max(20, (self.size.width or 80) - 2)
+        lines: list[Text] = []
+        for event in reversed(monitor.events):
             stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
-            self.write(Text.assemble((stamp + " ", "dim"),
-                                     (f"{event.kind:8}", self.STYLES.get(event.kind, "")),
-                                     event.text))
-        self._shown = monitor.event_count
+            line = Text.assemble((stamp + " ", "dim"),
+                                 (f"{event.kind:7} ", self.STYLES.get(event.kind, "")),
+                                 event.text)
+            wrapped = line.wrap(self.app.console, width)
+            lines[:0] = list(wrapped)
+            if len(lines) >= rows:
+                break
+        self.update(Text("\n").join(lines[-rows:]))

@@ -1,0 +1,109 @@
+"""A seeded, frozen stand-in for ClusterMonitor, for widget and snapshot tests only."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from console.monitor import Event, NodeView
+from node.histogram import Histogram
+from protos import cluster_pb2 as pb
+
+GIB = 2**30
+T0 = 1_764_000_000.0  # a fixed wall-clock time for event stamps
+
+
+class FrozenNode(NodeView):
+    @property
+    def heartbeat_age(self) -> float:
+        return 0.3
+
+
+class FakeMonitor:
+    """Same attributes the widgets read; no network, no clock."""
+
+    def __init__(self, n: int = 3, loaded: bool = True) -> None:
+        rng = random.Random(42)
+        self.mdns, self.static = False, [f"127.0.0.1:5005{i}" for i in range(n)]
+        self.nodes = {}
+        self._plan = None
+        ranges = [(0, 9), (10, 19), (20, 29)][:n]
+        if loaded:
+            self._plan = pb.Plan(model="smollm2-135m", epoch=2, n_layers=30, strategy="memory",
+                                 context_length=8192)
+        for i, address in enumerate(self.static):
+            info = pb.NodeInfo(node_id=f"node{i:08x}", name=f"local-{i}", address=address)
+            info.capabilities.memory_budget = 20 * GIB
+            info.capabilities.mlx_device, info.capabilities.blas = "cpu", "openblas"
+            snap = pb.MetricsSnapshot(node_id=info.node_id, cpu_percent=[38.5, 22.0, 41.2][i % 3],
+                                      mlx_active_bytes=[260, 142, 260][i % 3] * 2**20,
+                                      memory_budget=20 * GIB, interval_s=0.25, state="serving")
+            if loaded:
+                start, end = ranges[i]
+                info.shard.CopyFrom(pb.ShardInfo(model="smollm2-135m", start_layer=start,
+                                                 end_layer=end, n_layers=30, epoch=2))
+                self._plan.shards.append(pb.PlanShard(
+                    node_id=info.node_id, address=address, name=info.name, start_layer=start,
+                    end_layer=end, param_bytes=[260, 142, 260][i % 3] * 2**20,
+                    kv_bytes=120 * 2**20))
+            view = FrozenNode(address, info.node_id, info.name, "up", info, snap, 1.0,
+                              [15.2, 0.0, 0.0][i % 3] if loaded else 0.0)
+            self.nodes[address] = view
+        if loaded:
+            for view in self.nodes.values():
+                view.info.plan.CopyFrom(self._plan)
+        self.hists = {name: Histogram() for name in ("token_latency", "ttft", "step_compute",
+                                                     "token_transfer")}
+        if loaded:
+            for _ in range(400):
+                self.hists["token_latency"].record(rng.lognormvariate(-2.8, 0.15))
+                self.hists["step_compute"].record(rng.lognormvariate(-3.9, 0.2))
+                self.hists["token_transfer"].record(rng.lognormvariate(-5.7, 0.2))
+            for _ in range(12):
+                self.hists["ttft"].record(rng.lognormvariate(-1.6, 0.1))
+        self.hops = []
+        if loaded:
+            names = [v.label for v in self.nodes.values()]
+            for a, b in zip(names, names[1:] + names[:1]):
+                h = Histogram()
+                for _ in range(300):
+                    h.record(rng.lognormvariate(-7.4, 0.3))
+                self.hops.append((a, b, h))
+        self.throughput = deque((T0 + i, 14 + 2 * rng.random()) for i in range(60)) \
+            if loaded else deque()
+        self.tokens_total = 812 if loaded else 0
+        texts = [("up", "local-0 (127.0.0.1:50050) is up via static"),
+                 ("up", "local-1 (127.0.0.1:50051) is up via static"),
+                 ("up", "local-2 (127.0.0.1:50052) is up via static"),
+                 ("load", "smollm2-135m loaded as epoch 2 on 3 nodes"),
+                 ("info", "generated 48 tokens · length · TTFT 212 ms · 15.1 tok/s")]
+        self.events = deque(Event(T0 + i, k, t) for i, (k, t) in enumerate(texts))
+        self.event_count = len(self.events)
+
+    def on_change(self, callback) -> None:
+        pass
+
+    def log(self, kind: str, text: str) -> None:
+        self.events.append(Event(T0 + len(self.events), kind, text))
+        self.event_count += 1
+
+    def plan(self):
+        return self._plan
+
+    def window(self, series: str) -> Histogram:
+        return self.hists.get(series, Histogram())
+
+    def hop_series(self):
+        return self.hops
+
+    def up_clients(self):
+        return []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def refresh_infos(self) -> None:
+        pass
