@@ -1,7 +1,8 @@
 """`mlx-cluster` with no arguments: a live dashboard of the cluster.
 
-Rendering is decoupled from data: the ClusterMonitor (console/monitor.py) collects, and a
-4 Hz timer repaints only when something changed. Network calls run in workers; results
+Rendering is decoupled from data: the ClusterMonitor (console/monitor.py) collects metrics
+at the nodes' rate, and a 2 Hz timer repaints only when something changed (16 nodes at
+10 Hz cost the console ~12% of a core: tests/bench/tui_load.py). Network calls run in workers; results
 come back to the UI thread as state changes and messages, so the UI never blocks.
 """
 
@@ -49,7 +50,7 @@ class ClusterApp(App):
         Binding("q", "quit", "Quit", id="quit"),
     ]
 
-    def __init__(self, monitor, start_monitor: bool = True, refresh_hz: float = 4.0) -> None:
+    def __init__(self, monitor, start_monitor: bool = True, refresh_hz: float = 2.0) -> None:
         super().__init__()
         self.monitor = monitor
         self.start_monitor = start_monitor

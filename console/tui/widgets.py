@@ -37,6 +37,7 @@ class NodesTable(DataTable):
     COLUMNS = ("node", "address", "state", "memory", "cpu%", "layers", "tok/s", "beat")
 
     def on_mount(self) -> None:
+        self._shown: dict[tuple[str, str], str] = {}  # (row, column) -> text on screen
         self.cursor_type = "row"
         self.zebra_stripes = True
         for column in self.COLUMNS:
@@ -63,14 +64,19 @@ class NodesTable(DataTable):
                 "cpu%": f"{snap.cpu_percent:.0f}" if snap else "—",
                 "layers": layers,
                 "tok/s": f"{view.tokens_per_s:.1f}" if snap else "—",
-                "beat": f"{age:.1f}s" if age != float("inf") else "—",
+                "beat": ("<1s" if age < 1 else f"{age:.0f}s") if age != float("inf") else "—",
             }
             if address not in self.rows:
                 self.add_row(*cells.values(), key=address)
                 self.sort("node", key=lambda cell: str(cell))
-            else:
-                for column, value in cells.items():
-                    self.update_cell(address, column, value, update_width=True)
+                self._shown.update({(address, c): str(v) for c, v in cells.items()})
+                continue
+            # touch only the cells whose text changed; re-measure only when it grew
+            for column, value in cells.items():
+                text, old = str(value), self._shown.get((address, column), "")
+                if text != old:
+                    self.update_cell(address, column, value, update_width=len(text) > len(old))
+                    self._shown[(address, column)] = text
 
 
 class Rerendered(Static):
@@ -124,10 +130,16 @@ class PartitionBar(Rerendered):
 class LatencyPanel(PlotextPlot):
     """Histograms of inter-token latency and TTFT over the window, p50/p90/p99 marked."""
 
+    _drawn: tuple = ()
+
     def refresh_from(self, monitor) -> None:
+        itl, ttft = monitor.window("token_latency"), monitor.window("ttft")
+        drawn = (itl.total, itl.sum_s, ttft.total, ttft.sum_s, self.size)
+        if drawn == self._drawn:
+            return  # plotting is the costliest paint: skip it when nothing changed
+        self._drawn = drawn
         plt = self.plt
         plt.clear_figure()
-        itl, ttft = monitor.window("token_latency"), monitor.window("ttft")
         self.border_title = (f"Latency · ITL p50 {ms(itl.percentile(50))} p90 "
                              f"{ms(itl.percentile(90))} p99 {ms(itl.percentile(99))} · TTFT p50 "
                              f"{ms(ttft.percentile(50))} · n={itl.total}")
