@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: bootstrap openblas test demo protos bench clean-venv
+.PHONY: bootstrap openblas test demo protos bench screenshots clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ demo: bootstrap
 
 protos: bootstrap
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. protos/cluster.proto
+
+screenshots: bootstrap
+	HF_HUB_OFFLINE=1 $(PY) -m console.tui.screenshots --out screenshots
 
 bench: bootstrap
 	HF_HUB_OFFLINE=1 $(PY) tests/bench/pipeline_overhead.py

@@ -343,7 +343,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start a 3-node local cluster, load the bundled model, stream an answer."""
+    """Start a 3-node local cluster, load the bundled model, stream answers, then open the
+    dashboard (in a terminal; without one, stop after the answers)."""
     from console import local
 
     cluster = local.read_cluster()
@@ -353,7 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     addresses = node_addresses(args)
 
     async def run(clients):
-        await load_plan(clients, "smollm2-135m", "", 0, "uniform")
+        await load_plan(clients, "smollm2-135m", "", 0, "memory")
         for question in DEMO_PROMPTS:
             print(f"\n> {question}\n", flush=True)
             request = pb.GenerateRequest(prompt=question, chat=True, max_tokens=48)
@@ -363,10 +364,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
                    f"{len(result['shards'])} nodes]")
 
     asyncio.run(with_clients(addresses, run))
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        eprint("\nopening the dashboard (q quits; the cluster keeps running) ...")
+        time.sleep(1.5)
+        from console.tui.app import run_dashboard
+
+        run_dashboard(addresses, False, CONNECTION)
     eprint("\nthe cluster is still running; try:\n"
+           "  .venv/bin/mlx-cluster                  # the dashboard\n"
            "  .venv/bin/mlx-cluster generate --chat --prompt 'Name three planets.'\n"
            "  .venv/bin/mlx-cluster status\n"
-           "  .venv/bin/mlx-cluster local down      # stop it")
+           "  .venv/bin/mlx-cluster local down       # stop it")
     return EXIT_OK
 
 

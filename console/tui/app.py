@@ -1,9 +1,10 @@
 """`mlx-cluster` with no arguments: a live dashboard of the cluster.
 
-Rendering is decoupled from data: the ClusterMonitor (console/monitor.py) collects metrics
-at the nodes' rate, and a 2 Hz timer repaints only when something changed (16 nodes at
-10 Hz cost the console ~12% of a core: tests/bench/tui_load.py). Network calls run in workers; results
-come back to the UI thread as state changes and messages, so the UI never blocks.
+Rendering is decoupled from data: the ClusterMonitor (console/monitor.py) collects
+metrics at the nodes' rate, and a 2 Hz timer repaints only when something changed (16
+nodes at 10 Hz cost the console ~12% of a core: tests/bench/tui_load.py). Network calls
+run in workers; results come back to the UI thread as state changes and messages, so
+the UI never blocks.
 """
 
 from __future__ import annotations

@@ -146,6 +146,12 @@ class GenerateScreen(ModalScreen[None]):
         self.monitor.log("info", f"generated {stats}")
 
 
+def readable(key: str, value) -> str:
+    if isinstance(value, int) and (key.startswith("memory") or key.endswith("bytes")):
+        return f"{value / GIB:.2f} GiB"
+    return str(value)
+
+
 class NodeDetailScreen(ModalScreen[None]):
     BINDINGS = [("escape", "dismiss(None)", "Close")]
 
@@ -160,11 +166,11 @@ class NodeDetailScreen(ModalScreen[None]):
         if view.info is not None:
             caps = to_dict(view.info.capabilities)
             lines += ["| capability | value |", "|---|---|"]
-            lines += [f"| {k} | {v} |" for k, v in caps.items()]
+            lines += [f"| {k} | {readable(k, v)} |" for k, v in caps.items()]
             if view.info.HasField("shard"):
                 shard = to_dict(view.info.shard)
                 lines += ["", "| shard | value |", "|---|---|"]
-                lines += [f"| {k} | {v} |" for k, v in shard.items()]
+                lines += [f"| {k} | {readable(k, v)} |" for k, v in shard.items()]
         if view.cpu:
             recent = list(view.cpu)[-20:]
             lines += ["", f"CPU % (last {len(recent)} snapshots): "
