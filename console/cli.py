@@ -470,6 +470,30 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("node", nargs="*", help="node names, ids or host:port")
     stop.add_argument("--all", action="store_true", help="stop every node")
 
+    bench = sub.add_parser(
+        "bench", parents=[common, nodes], help="benchmark the cluster; results to JSON",
+        epilog="example: mlx-cluster bench --local --nodes-sweep 1,2,3 --model smollm2-135m "
+               "--prompt-tokens 64 --gen-tokens 32 --concurrency 1,4 --out r.json")
+    bench.add_argument("--model", default="smollm2-135m")
+    bench.add_argument("--prompt-tokens", type=int, default=64, help="exact prompt length")
+    bench.add_argument("--gen-tokens", type=int, default=32, help="tokens per request (EOS "
+                                                                   "banned)")
+    bench.add_argument("--requests", type=int, default=8, help="requests per run")
+    bench.add_argument("--concurrency", default="1", help="sweep, e.g. 1,2,4,8")
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--repeats", type=int, default=1)
+    bench.add_argument("--strategy", default="memory")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--nodes-sweep", help="node counts, e.g. 1,2,3 (first N nodes, or "
+                                             "local clusters with --local)")
+    bench.add_argument("--local", action="store_true",
+                       help="start and stop local clusters for each node count")
+    bench.add_argument("--out", type=Path, default=Path("bench-results.json"))
+    rep = sub.add_parser("report", parents=[common],
+                         help="write a Markdown comparison report from bench results")
+    rep.add_argument("results", nargs="+", type=Path)
+    rep.add_argument("-o", "--output", type=Path, default=Path("report.md"))
+
     dash = sub.add_parser("dashboard", parents=[nodes],
                           help="the live dashboard (also what a bare `mlx-cluster` opens)")
     dash.add_argument("--mdns", action="store_true",
@@ -573,6 +597,47 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return EXIT_OK if found else EXIT_FAIL
 
 
+def int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ClusterError(f"{what} must be integers separated by commas, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise ClusterError(f"{what} must be positive integers")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from console.bench import Workload, run_bench
+
+    work = Workload(model=args.model, prompt_tokens=args.prompt_tokens,
+                    gen_tokens=args.gen_tokens, requests=args.requests,
+                    concurrency=int_list(args.concurrency, "--concurrency"),
+                    warmup=args.warmup, repeats=args.repeats, strategy=args.strategy,
+                    seed=args.seed)
+    sweep = int_list(args.nodes_sweep, "--nodes-sweep") if args.nodes_sweep else None
+    addresses = None if (args.local and sweep) else node_addresses(args)
+    doc = run_bench(work, addresses, sweep, args.local, CONNECTION)
+    args.out.write_text(json.dumps(doc, indent=1))
+    rows = [f"{c['nodes']} node(s) c={r['concurrency']}: {r['aggregate_tokens_per_s']:.1f} "
+            f"tok/s aggregate, {r['single_stream_tokens_per_s']:.1f} single-stream, TTFT p50 "
+            f"{r['ttft_s']['p50'] * 1000:.0f} ms, success {r['success_rate']:.1%}"
+            for c in doc["configurations"] for r in c["runs"]]
+    emit(args, doc, "\n".join(rows) + f"\nresults: {args.out}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from console.report import load_results, write_report
+
+    docs = load_results(args.results)
+    written = write_report(docs, args.output)
+    emit(args, {"report": str(args.output), "files": [str(p) for p in written]},
+         f"report: {args.output}" + (f" (+ {len(written) - 1} chart(s))"
+                                     if len(written) > 1 else ""))
+    return EXIT_OK
+
+
 def dashboard_sources(args: argparse.Namespace) -> tuple[list[str], bool]:
     """Static addresses and whether to browse zeroconf, for the dashboard."""
     from console.discovery import read_peers_file
@@ -596,6 +661,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"local": cmd_local, "discover": cmd_discover, "dashboard": cmd_dashboard,
+            "bench": cmd_bench, "report": cmd_report,
             "status": cmd_status, "plan": cmd_plan, "load": cmd_load, "unload": cmd_unload,
             "generate": cmd_generate, "inject": cmd_inject,
             "heal": cmd_heal, "shutdown": cmd_shutdown, "demo": cmd_demo}

@@ -1,0 +1,307 @@
+"""`mlx-cluster report`: a Markdown comparison report from benchmark result files.
+
+The shape follows a serving analysis: executive summary with the winner per metric,
+throughput per node configuration, latency percentiles, memory, communication overhead,
+scaling with efficiency per node count, reliability under load, fault recovery, and
+recommendations derived from the numbers. Every figure comes from the result files; a
+section without data says so instead of inventing one. PNG charts (latency CDF,
+throughput vs concurrency, scaling) are drawn with matplotlib when the `report` extra is
+installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from console.bench import SCHEMA, validate_results
+from console.client import ClusterError
+
+GIB = 2**30
+
+
+def load_results(paths: list[Path]) -> list[dict]:
+    docs = []
+    for path in paths:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ClusterError(f"cannot read results {path}: {e}") from e
+        if doc.get("schema") != SCHEMA:
+            raise ClusterError(f"{path} is not a {SCHEMA} result file "
+                               f"(schema: {doc.get('schema')!r})")
+        problems = validate_results(doc)
+        if problems:
+            raise ClusterError(f"{path} is incomplete: " + "; ".join(problems[:5]))
+        doc["_source"] = str(path)
+        docs.append(doc)
+    return docs
+
+
+def rows(docs: list[dict]) -> list[dict]:
+    """One flat row per (result file, node configuration, concurrency, repeat)."""
+    out = []
+    for doc in docs:
+        for config in doc["configurations"]:
+            for run in config["runs"]:
+                out.append({"label": f"{doc.get('backend', 'pipeline')} · {config['nodes']} "
+                                     f"node(s)",
+                            "backend": doc.get("backend", "pipeline"), "nodes": config["nodes"],
+                            "config": config, "run": run, "doc": doc})
+    return out
+
+
+def f1(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.1f}"
+
+
+def table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def winner(candidates: list[dict], key, best=max) -> dict | None:
+    scored = [c for c in candidates if key(c) is not None]
+    return best(scored, key=key) if scored else None
+
+
+def summary_section(rs: list[dict]) -> str:
+    metrics = [
+        ("Aggregate output tokens/s", lambda r: r["run"]["aggregate_tokens_per_s"], max,
+         lambda v: f"{v:.1f} tok/s"),
+        ("Single-stream tokens/s", lambda r: r["run"]["single_stream_tokens_per_s"], max,
+         lambda v: f"{v:.1f} tok/s"),
+        ("Lowest TTFT p50", lambda r: r["run"]["ttft_s"]["p50"] or None, min,
+         lambda v: f"{v * 1000:.1f} ms"),
+        ("Lowest inter-token p99", lambda r: r["run"]["itl_s"]["p99"] or None, min,
+         lambda v: f"{v * 1000:.1f} ms"),
+        ("Success rate", lambda r: r["run"]["success_rate"], max, lambda v: f"{v:.1%}"),
+    ]
+    body = []
+    for name, key, best, fmt in metrics:
+        w = winner(rs, key, best)
+        if w is not None:
+            body.append([name, f"{w['label']}, concurrency {w['run']['concurrency']}",
+                         fmt(key(w))])
+    return "## Executive summary\n\n" + table(["metric", "winner", "value"], body)
+
+
+def throughput_section(rs: list[dict]) -> str:
+    body = [[r["label"], str(r["run"]["concurrency"]), f1(r["run"]["single_stream_tokens_per_s"]),
+             f1(r["run"]["aggregate_tokens_per_s"]), str(r["run"]["output_tokens"]),
+             f"{r['run']['wall_s']:.2f}"] for r in rs]
+    return "## Throughput per node configuration\n\n" + table(
+        ["configuration", "concurrency", "single-stream tok/s", "aggregate tok/s",
+         "output tokens", "wall s"], body)
+
+
+def latency_section(rs: list[dict]) -> str:
+    body = []
+    for r in rs:
+        for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            p = r["run"][metric]
+            body.append([r["label"], str(r["run"]["concurrency"]), metric[:-2].upper(),
+                         ms(p["p50"]), ms(p["p90"]), ms(p["p95"]), ms(p["p99"])])
+    return "## Latency percentiles (ms)\n\n" + table(
+        ["configuration", "concurrency", "metric", "p50", "p90", "p95", "p99"], body)
+
+
+def memory_section(docs: list[dict]) -> str:
+    body = []
+    for doc in docs:
+        for config in doc["configurations"]:
+            for m in config["memory"]:
+                body.append([f"{doc.get('backend', 'pipeline')} · {config['nodes']} node(s)",
+                             m.get("name") or m["address"], f"{m['after_load_bytes'] / GIB:.3f}",
+                             f"{m['peak_bytes'] / GIB:.3f}", f"{m['steady_bytes'] / GIB:.3f}"])
+    return "## Memory per node (GiB held by MLX)\n\n" + table(
+        ["configuration", "node", "after load", "peak", "steady"], body)
+
+
+def communication_section(rs: list[dict]) -> str:
+    body = []
+    for r in rs:
+        c = r["run"]["communication"]
+        body.append([r["label"], str(r["run"]["concurrency"]), str(c["hops_per_token"]),
+                     f"{c['bytes_per_token_per_hop']:.0f}", ms(c["hop_p50_s"]),
+                     ms(c["compute_s_per_token"]), ms(c["transfer_s_per_token"])])
+    return ("## Communication overhead\n\nPer generated token: hops crossed, bytes sent per "
+            "hop, one-way hop latency (p50), and the split of a token's time into compute "
+            "(sum of per-shard step p50) and transfer (hops x hop p50).\n\n" + table(
+                ["configuration", "concurrency", "hops/token", "bytes/token/hop",
+                 "hop p50 ms", "compute ms/token", "transfer ms/token"], body))
+
+
+def scaling_rows(rs: list[dict]) -> list[dict]:
+    """Per (backend, concurrency): throughput by node count, speed-up and efficiency."""
+    out = []
+    keys = sorted({(r["backend"], r["run"]["concurrency"]) for r in rs})
+    for backend, conc in keys:
+        series = sorted((r for r in rs if r["backend"] == backend
+                         and r["run"]["concurrency"] == conc), key=lambda r: r["nodes"])
+        base = series[0]
+        for r in series:
+            speedup = (r["run"]["aggregate_tokens_per_s"] / base["run"]["aggregate_tokens_per_s"]
+                       if base["run"]["aggregate_tokens_per_s"] else 0.0)
+            scale = r["nodes"] / base["nodes"]
+            out.append({"backend": backend, "concurrency": conc, "nodes": r["nodes"],
+                        "aggregate": r["run"]["aggregate_tokens_per_s"],
+                        "speedup": speedup, "efficiency": speedup / scale if scale else 0.0,
+                        "base_nodes": base["nodes"]})
+    return out
+
+
+def scaling_section(rs: list[dict]) -> str:
+    srows = scaling_rows(rs)
+    if len({r["nodes"] for r in srows}) < 2:
+        return "## Scaling\n\nOnly one node count was measured (use `--nodes-sweep 1,2,3`)."
+    body = [[r["backend"], str(r["concurrency"]), str(r["nodes"]), f1(r["aggregate"]),
+             f"{r['speedup']:.2f}x", f"{r['efficiency']:.0%}"] for r in srows]
+    return ("## Scaling\n\nSpeed-up is aggregate tokens/s relative to the smallest node count "
+            "measured; efficiency is speed-up divided by the growth in nodes.\n\n" + table(
+                ["backend", "concurrency", "nodes", "aggregate tok/s", "speed-up",
+                 "efficiency"], body))
+
+
+def reliability_section(rs: list[dict]) -> str:
+    body = [[r["label"], str(r["run"]["concurrency"]), str(r["run"]["requests"]),
+             str(r["run"]["succeeded"]), f"{r['run']['success_rate']:.1%}",
+             ", ".join(f"{k}: {v}" for k, v in sorted(r["run"]["failures"].items())) or "none"]
+            for r in rs]
+    return "## Reliability under load\n\n" + table(
+        ["configuration", "concurrency", "requests", "succeeded", "success rate",
+         "failures by kind"], body)
+
+
+def fault_section(docs: list[dict]) -> str:
+    scenarios = [s for d in docs for s in d.get("scenarios", [])]
+    if not scenarios:
+        return ("## Fault recovery\n\nNo fault scenarios in these results (run "
+                "`mlx-cluster bench --scenario kill` to measure recovery).")
+    body = [[s["fault"], f"{s['success_rate']:.1%}", ms(s.get("detect_s", 0.0)),
+             ms(s.get("recover_s", 0.0)), str(s.get("outputs_correct", ""))] for s in scenarios]
+    return "## Fault recovery\n\n" + table(
+        ["fault", "success rate", "detect ms", "recover ms", "outputs correct"], body)
+
+
+def recommendations(rs: list[dict]) -> str:
+    tips = []
+    singles = [r for r in rs if r["run"]["concurrency"] == 1]
+    if len({r["nodes"] for r in singles}) > 1:
+        best = max(singles, key=lambda r: r["run"]["single_stream_tokens_per_s"])
+        worst = min(singles, key=lambda r: r["run"]["single_stream_tokens_per_s"])
+        if best["run"]["single_stream_tokens_per_s"]:
+            cost = 1 - worst["run"]["single_stream_tokens_per_s"] / best["run"][
+                "single_stream_tokens_per_s"]
+            tips.append(f"For one user at a time, {best['label']} is fastest "
+                        f"({best['run']['single_stream_tokens_per_s']:.1f} tok/s); "
+                        f"{worst['label']} is {cost:.0%} slower per stream. Split a model "
+                        f"across nodes when it does not fit one, not for single-stream speed.")
+    for label in sorted({r["label"] for r in rs}):
+        levels = sorted((r for r in rs if r["label"] == label),
+                        key=lambda r: r["run"]["concurrency"])
+        if len(levels) > 1 and levels[0]["run"]["aggregate_tokens_per_s"]:
+            gain = levels[-1]["run"]["aggregate_tokens_per_s"] / levels[0]["run"][
+                "aggregate_tokens_per_s"]
+            tips.append(f"{label}: concurrency {levels[-1]['run']['concurrency']} gives "
+                        f"{gain:.2f}x the aggregate throughput of concurrency "
+                        f"{levels[0]['run']['concurrency']}" + (
+                            "; serve several users at once to use the pipeline's stages."
+                            if gain > 1.1 else "; requests mostly queue here."))
+    failing = [r for r in rs if r["run"]["success_rate"] < 1]
+    if failing:
+        tips.append("Some runs lost requests (" + ", ".join(
+            f"{r['label']} c={r['run']['concurrency']}" for r in failing) +
+            "): see reliability above before trusting their latency figures.")
+    comm = [r for r in rs if r["run"]["communication"]["compute_s_per_token"]]
+    if comm:
+        r = max(comm, key=lambda r: r["nodes"])
+        c = r["run"]["communication"]
+        share = c["transfer_s_per_token"] / (c["transfer_s_per_token"] + c["compute_s_per_token"])
+        tips.append(f"On {r['label']}, moving activations is {share:.0%} of a token's time "
+                    f"({ms(c['transfer_s_per_token'])} ms of transfer vs "
+                    f"{ms(c['compute_s_per_token'])} ms of compute).")
+    return "## Recommendations\n\n" + "\n".join(f"- {t}" for t in tips or ["Not enough runs "
+                                                                          "to compare."])
+
+
+def environment_section(docs: list[dict]) -> str:
+    lines = []
+    for doc in docs:
+        w = doc["workload"]
+        lines.append(f"- `{doc['_source']}`: {doc.get('backend', 'pipeline')}, model "
+                     f"`{w['model']}`, {w['prompt_tokens']}-token prompts, {w['gen_tokens']} "
+                     f"generated tokens (EOS banned), {w['requests']} requests per run, "
+                     f"concurrency {w['concurrency']}, warm-up {w['warmup']}, strategy "
+                     f"{w['strategy']}")
+        env = doc["configurations"][-1]["environment"] if doc["configurations"] else []
+        for e in env[:4]:
+            lines.append(f"  - {e.get('name')}: {e.get('chip')}, {e.get('cpu_count')} CPUs, "
+                         f"{e.get('memory_total', 0) / GIB:.1f} GiB, MLX {e.get('mlx_version')}"
+                         f" on {e.get('mlx_device')}, BLAS {e.get('blas')}")
+    return "## Setup\n\n" + "\n".join(lines)
+
+
+def charts(rs: list[dict], out_dir: Path, stem: str) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label in sorted({r["label"] for r in rs}):
+        pts = sorted((r["run"]["concurrency"], r["run"]["aggregate_tokens_per_s"])
+                     for r in rs if r["label"] == label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set(xlabel="concurrency", ylabel="aggregate output tokens/s",
+           title="Throughput vs concurrency")
+    ax.legend()
+    path = out_dir / f"{stem}-throughput.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+    srows = scaling_rows(rs)
+    if len({r["nodes"] for r in srows}) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for conc in sorted({r["concurrency"] for r in srows}):
+            pts = [(r["nodes"], r["aggregate"]) for r in srows if r["concurrency"] == conc]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"concurrency {conc}")
+        ax.set(xlabel="nodes", ylabel="aggregate output tokens/s", title="Scaling")
+        ax.legend()
+        path = out_dir / f"{stem}-scaling.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
+    rs = rows(docs)
+    if not rs:
+        raise ClusterError("the result files hold no runs")
+    parts = ["# Cluster benchmark report",
+             "Every number below was measured by `mlx-cluster bench` on the machines named in "
+             "the setup section; rerun it to check them.",
+             summary_section(rs), environment_section(docs), throughput_section(rs),
+             latency_section(rs), memory_section(docs), communication_section(rs),
+             scaling_section(rs), reliability_section(rs), fault_section(docs),
+             recommendations(rs)]
+    if chart_names:
+        parts.append("## Charts\n\n" + "\n\n".join(f"![{n}]({n})" for n in chart_names))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(docs: list[dict], output: Path) -> list[Path]:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    pngs = charts(rows(docs), output.parent, output.stem)
+    output.write_text(render(docs, [p.name for p in pngs]))
+    return [output, *pngs]

@@ -1,0 +1,76 @@
+"""`mlx-cluster bench` on real local clusters, and the report built from its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from console.bench import percentiles, validate_results
+from tests.test_cli import mlx_cluster
+
+pytestmark = pytest.mark.cluster
+
+
+def test_percentiles_nearest_rank():
+    p = percentiles([float(x) for x in range(1, 101)])
+    assert (p["p50"], p["p90"], p["p95"], p["p99"], p["max"], p["n"]) == (50, 90, 95, 99, 100,
+                                                                           100)
+    assert percentiles([])["p99"] == 0.0
+
+
+def test_bench_sweep_then_report_numbers_match_the_json(tmp_path):
+    env = dict(os.environ, MLX_CLUSTER=str(tmp_path / "cluster.json"))
+    out, report = tmp_path / "r.json", tmp_path / "rep" / "report.md"
+    res = mlx_cluster("bench", "--local", "--nodes-sweep", "1,2", "--model", "synthetic:tiny",
+                      "--prompt-tokens", "24", "--gen-tokens", "8", "--requests", "4",
+                      "--concurrency", "1,2", "--out", str(out), env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert validate_results(doc) == []
+    configs = doc["configurations"]
+    assert [c["nodes"] for c in configs] == [1, 2]
+    for config in configs:
+        assert [r["concurrency"] for r in config["runs"]] == [1, 2]
+        assert [(s["start_layer"], s["end_layer"]) for s in config["plan"]["shards"]][-1][1] == 7
+        for run in config["runs"]:
+            assert run["success_rate"] == 1.0 and run["output_tokens"] == 4 * 8
+            assert all(len(o) == 8 for o in run["outputs"])
+            assert 0 < run["ttft_s"]["p50"] <= run["ttft_s"]["p99"]
+        # greedy outputs do not depend on concurrency
+        assert config["runs"][0]["outputs"] == config["runs"][1]["outputs"]
+    assert configs[0]["runs"][0]["outputs"] == configs[1]["runs"][0]["outputs"]
+    assert configs[1]["runs"][0]["communication"]["bytes_per_token_per_hop"] > 64 * 4
+
+    res = mlx_cluster("report", str(out), "-o", str(report), env=env)
+    assert res.returncode == 0, res.stderr
+    text = report.read_text()
+    for section in ("Executive summary", "Throughput per node configuration",
+                    "Latency percentiles", "Memory per node", "Communication overhead",
+                    "Scaling", "Reliability under load", "Fault recovery", "Recommendations"):
+        assert f"## {section}" in text
+    for config in configs:
+        for run in config["runs"]:
+            label = f"pipeline · {config['nodes']} node(s)"
+            row = (f"| {label} | {run['concurrency']} | "
+                   f"{run['single_stream_tokens_per_s']:.1f} | "
+                   f"{run['aggregate_tokens_per_s']:.1f} | {run['output_tokens']} |")
+            assert row in text
+            ttft = run["ttft_s"]
+            assert (f"| {label} | {run['concurrency']} | TTFT | {ttft['p50'] * 1000:.1f} | "
+                    f"{ttft['p90'] * 1000:.1f} | {ttft['p95'] * 1000:.1f} | "
+                    f"{ttft['p99'] * 1000:.1f} |") in text
+    best = max((r for c in configs for r in c["runs"]),
+               key=lambda r: r["aggregate_tokens_per_s"])
+    assert re.search(rf"Aggregate output tokens/s \| .* \| {best['aggregate_tokens_per_s']:.1f} "
+                     r"tok/s \|", text)
+
+
+def test_report_refuses_files_that_are_not_results(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"schema": "something-else"}))
+    res = mlx_cluster("report", str(bad), "-o", str(tmp_path / "r.md"),
+                      env=dict(os.environ))
+    assert res.returncode == 1 and "is not a mlx-cluster-bench/1" in res.stderr
