@@ -131,7 +131,7 @@ def communication_section(rs: list[dict]) -> str:
                      f"{c['bytes_per_token_per_hop']:.0f}", ms(c["hop_p50_s"]),
                      ms(c["compute_s_per_token"]), ms(c["transfer_s_per_token"])])
     return ("## Communication overhead\n\nPer generated token: hops crossed, bytes sent per "
-            "hop, one-way hop latency (p50), and the split of a token's time into compute "
+            "hop (prompt activations included), one-way hop latency (p50), and the split of a token's time into compute "
             "(sum of per-shard step p50) and transfer (hops x hop p50).\n\n" + table(
                 ["configuration", "concurrency", "hops/token", "bytes/token/hop",
                  "hop p50 ms", "compute ms/token", "transfer ms/token"], body))
@@ -181,8 +181,7 @@ def reliability_section(rs: list[dict]) -> str:
 def fault_section(docs: list[dict]) -> str:
     scenarios = [s for d in docs for s in d.get("scenarios", [])]
     if not scenarios:
-        return ("## Fault recovery\n\nNo fault scenarios in these results (run "
-                "`mlx-cluster bench --scenario kill` to measure recovery).")
+        return "## Fault recovery\n\nNo fault scenarios in these results."
     body = [[s["fault"], f"{s['success_rate']:.1%}", ms(s.get("detect_s", 0.0)),
              ms(s.get("recover_s", 0.0)), str(s.get("outputs_correct", ""))] for s in scenarios]
     return "## Fault recovery\n\n" + table(
