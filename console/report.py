@@ -131,8 +131,9 @@ def communication_section(rs: list[dict]) -> str:
                      f"{c['bytes_per_token_per_hop']:.0f}", ms(c["hop_p50_s"]),
                      ms(c["compute_s_per_token"]), ms(c["transfer_s_per_token"])])
     return ("## Communication overhead\n\nPer generated token: hops crossed, bytes sent per "
-            "hop (prompt activations included), one-way hop latency (p50), and the split of a token's time into compute "
-            "(sum of per-shard step p50) and transfer (hops x hop p50).\n\n" + table(
+            "hop (prompt activations included), one-way hop latency (p50), and the split of "
+            "a token's time into compute (sum of per-shard step p50) and transfer (hops x "
+            "hop p50).\n\n" + table(
                 ["configuration", "concurrency", "hops/token", "bytes/token/hop",
                  "hop p50 ms", "compute ms/token", "transfer ms/token"], body))
 

@@ -265,8 +265,15 @@ class Pipeline:
 
     # ------------------------------------------------------------ requests (first shard)
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
-        """Run one request round the ring, yielding a GenerateEvent per token, then done."""
+    async def generate(self, request: pb.GenerateRequest, already: list[int] = (),
+                       emitted_chars: int = 0) -> AsyncIterator[pb.GenerateEvent]:
+        """Run one request round the ring, yielding a GenerateEvent per token, then done.
+
+        `already` are tokens a client received before a fail-over: they are replayed (the
+        prompt is prefilled exactly as before, then each token is fed one step at a time
+        without sampling, the same computation as the first time, so greedy output is
+        unchanged) and generation continues after them; `emitted_chars` of their text is
+        not sent again."""
         shard = self.engine.shard
         tokenizer = shard.tokenizer
         assert tokenizer is not None
@@ -287,6 +294,7 @@ class Pipeline:
         if len(ids) >= context:
             raise ContextOverflow(f"prompt is {len(ids)} tokens; the model's context is {context}")
         max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(ids))
+        already = list(already)[:max_tokens]
         timeout = min(request.timeout_s or self.request_timeout_s, MAX_TIMEOUT_S)
         sampling = request.sampling
         request_id = uuid.uuid4().hex
@@ -294,6 +302,9 @@ class Pipeline:
         self._pending[request_id] = queue
         self.metrics.inc("requests_started")
         detok = tokenizer.detokenizer()
+        for token in already:
+            detok.add_token(token)
+        carry = detok.last_segment[emitted_chars:]  # held-back text the client lacks
         reason = "error"
         step: asyncio.Future | None = None
         t_start = time.perf_counter()
@@ -303,10 +314,17 @@ class Pipeline:
                 chunk = prefix[i:i + PREFILL_STEP]
                 await self._advance(request_id, pos, chunk, None, queue)
                 pos += len(chunk)
-            generated, t_prev, t_first, finish = 0, t_start, t_start, "length"
+            feed = [ids[-1], *already]
+            for token in feed[:-1]:  # replay: one decode step each, no sampling
+                await self._advance(request_id, pos, [token], None, queue)
+                pos += 1
+            generated, t_prev, t_first, finish = len(already), t_start, t_start, "length"
+            if generated >= max_tokens:
+                raise BadFrame("nothing left to generate after the replayed tokens")
             # the next step starts before this token is written to the client, so the
             # client write overlaps the ring's work instead of adding to every token
-            step = asyncio.ensure_future(self._advance(request_id, pos, [ids[-1]], sampling, queue))
+            step = asyncio.ensure_future(self._advance(request_id, pos, [feed[-1]], sampling,
+                                                       queue))
             pos += 1
             while step is not None:
                 await step
@@ -315,7 +333,7 @@ class Pipeline:
                 now = time.perf_counter()
                 latency, t_prev = now - t_prev, now
                 generated += 1
-                if generated == 1:
+                if generated == len(already) + 1:
                     t_first = now
                     self.metrics.observe("ttft", latency)
                 else:
@@ -333,12 +351,13 @@ class Pipeline:
                 else:
                     detok.finalize()
                 self.metrics.inc("tokens_generated")
+                text, carry = carry + detok.last_segment, ""
                 yield pb.GenerateEvent(request_id=request_id, token=pb.TokenEvent(
-                    token_id=token, text=detok.last_segment, index=generated - 1,
+                    token_id=token, text=text, index=generated - 1,
                     latency_s=latency, compute_s=compute_s))
             if finish == "stop":
                 detok.finalize()
-            decode_n = generated - 1
+            decode_n = generated - len(already) - 1
             decode_s = t_prev - t_first
             reason = "done"
             self.metrics.inc("requests_completed")
@@ -346,8 +365,10 @@ class Pipeline:
                 finish_reason=finish, prompt_tokens=len(ids),
                 completion_tokens=generated - (finish == "stop"),  # EOS is not streamed
                 ttft_s=t_first - t_start, total_s=time.perf_counter() - t_start,
+                # completion_tokens counts the replayed ones too: the client has them all
                 decode_tokens_per_s=decode_n / decode_s if decode_n > 0 and decode_s > 0 else 0.0,
-                epoch=self.epoch, tail_text=detok.last_segment if finish == "stop" else ""))
+                epoch=self.epoch,
+                tail_text=carry + detok.last_segment if finish == "stop" else ""))
         finally:
             if step is not None:
                 if not step.done():

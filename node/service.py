@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from node import __version__
 from node.auth import TokenInterceptor, token_metadata
 from node.capabilities import capabilities, default_memory_budget
+from node.coordinator import Coordinator
 from node.engine import Engine
 from node.errors import ModelError, NodeError, NotLoaded, OverBudget, StaleEpoch
 from node.faults import FaultBook, exit_now
@@ -34,6 +35,8 @@ from protos import cluster_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "mlxcluster.NodeService"
+MAX_RETRIES = 3  # fail-overs one request may go through
+FAILOVER_WAIT_S = 60.0  # how long a request waits for the survivors to reload
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -55,6 +58,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.tls = tls
         self.faults = FaultBook(allow_faults)
         self.stop = asyncio.Event()  # set by Shutdown (and by signals in node.cli)
+        self.coordinator: Coordinator | None = None
+        self.recoveries: list[pb.Recovery] = []
+        self._epoch_changed = asyncio.Condition()
+        self._recovery_error: str = ""
         self.name = name
         self.address = ""
         # fixed at start: available memory minus a margin unless the operator set one
@@ -101,7 +108,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                            rss_bytes=self._process.memory_info().rss,
                            faults_allowed=self.faults.allowed, advertising=self.advertising,
                            auth_required=self.token is not None, tls=self.tls,
-                           faults=self._active_faults())
+                           faults=self._active_faults(), recoveries=self.recoveries)
         shard = self._shard_info()
         if shard is not None and self.pipeline is not None:
             info.shard.CopyFrom(shard)
@@ -203,6 +210,15 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.pipeline = Pipeline(self.node_id, plan, Engine(self.shard, self.executor),
                                  self.metrics, self.request_timeout_s,
                                  token_metadata(self.token), self.faults, self.peer_ca)
+        if self.coordinator is not None:
+            await self.coordinator.stop()
+            self.coordinator = None
+        if self.pipeline.is_first and len(plan.shards) > 1:
+            self.coordinator = Coordinator(self, plan, options)
+            self.coordinator.start()
+        self._recovery_error = ""
+        async with self._epoch_changed:
+            self._epoch_changed.notify_all()
         log.info("loaded %s layers %d-%d (epoch %d) in %.1f s", plan.model, ours.start_layer,
                  ours.end_layer, plan.epoch, self.shard.load_seconds)
 
@@ -217,6 +233,38 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 f"({params / gib:.2f} GiB weights + {kv / gib:.2f} GiB KV cache) but this node's "
                 f"memory budget is {budget / gib:.2f} GiB; plan with --strategy memory or "
                 f"start the node with a larger --memory-budget")
+
+    async def load_local(self, plan: pb.Plan, options: pb.ModelOptions) -> None:
+        """Load a plan on this node (the coordinator's own share of a re-plan)."""
+        async with self._load_lock:
+            await self._load(plan, options)
+
+    def recovered(self, record: pb.Recovery) -> None:
+        self.recoveries.append(record)
+        self.metrics.inc("recoveries")
+
+    def recovery_failed(self, record: pb.Recovery) -> None:
+        self.recoveries.append(record)
+        self._recovery_error = record.error
+        self.metrics.inc("recoveries_failed")
+        asyncio.get_running_loop().create_task(self._notify_epoch())
+
+    async def _notify_epoch(self) -> None:
+        async with self._epoch_changed:
+            self._epoch_changed.notify_all()
+
+    async def _wait_for_epoch_after(self, epoch: int, timeout_s: float) -> bool:
+        """True once a plan newer than `epoch` is loaded here; False on failure/timeout."""
+        def ready() -> bool:
+            return bool(self._recovery_error) or (
+                self.pipeline is not None and self.pipeline.epoch > epoch)
+
+        try:
+            async with self._epoch_changed:
+                await asyncio.wait_for(self._epoch_changed.wait_for(ready), timeout_s)
+        except TimeoutError:
+            return False
+        return not self._recovery_error
 
     async def UnloadShard(self, request: pb.UnloadShardRequest, context) -> pb.UnloadShardReply:
         async with self._load_lock:
@@ -279,17 +327,49 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context) -> AsyncIterator[pb.GenerateEvent]:
         await self.faults.wait_if_hung()
-        pipeline = self.pipeline
-        try:
-            if pipeline is None:
-                raise NotLoaded("no model is loaded; run: mlx-cluster load --model SPEC")
-            if not pipeline.is_first:
-                raise NotLoaded(f"this node holds layers {self.shard.start}-{self.shard.end}; "
-                                f"send Generate to the first shard at {pipeline.entry_address}")
-            async for event in pipeline.generate(request):
-                yield event
-        except Exception as e:
-            await _abort(context, e)
+        already: list[int] = []  # tokens the client has, replayed after a fail-over
+        emitted = 0  # characters of text the client has
+        retries = 0
+        while True:
+            pipeline = self.pipeline
+            try:
+                if pipeline is None:
+                    raise NotLoaded("no model is loaded; run: mlx-cluster load --model SPEC")
+                if not pipeline.is_first:
+                    raise NotLoaded(f"this node holds layers {self.shard.start}-"
+                                    f"{self.shard.end}; send Generate to the first shard at "
+                                    f"{pipeline.entry_address}")
+                resumed_at = time.monotonic() if retries else 0.0
+                async for event in pipeline.generate(request, already, emitted):
+                    if event.HasField("token"):
+                        already.append(event.token.token_id)
+                        emitted += len(event.token.text)
+                        if resumed_at:
+                            self._note_resumed(time.monotonic() - resumed_at)
+                            resumed_at = 0.0
+                    yield event
+                return
+            except NodeError as e:
+                retryable = e.code in ("UNAVAILABLE", "FAILED_PRECONDITION") and (
+                    self.coordinator is not None or self._load_lock.locked()
+                    or (pipeline is not None and self.pipeline is not pipeline))
+                if not retryable or retries >= MAX_RETRIES:
+                    await _abort(context, e)
+                retries += 1
+                self.metrics.inc("requests_retried")
+                log.warning("request fails over after: %s", e)
+                if not await self._wait_for_epoch_after(pipeline.epoch if pipeline else 0,
+                                                        FAILOVER_WAIT_S):
+                    await _abort(context, NodeError(
+                        f"{e}; no recovery: {self._recovery_error or 'timed out waiting'}"))
+            except Exception as e:
+                await _abort(context, e)
+
+    def _note_resumed(self, seconds: float) -> None:
+        if self.recoveries and not self.recoveries[-1].first_token_s:
+            self.recoveries[-1].first_token_s = seconds
+        if self.recoveries:
+            self.recoveries[-1].resumed_requests += 1
 
     # ------------------------------------------------------------ faults, shutdown
 
@@ -340,6 +420,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 log.exception("idle request reaper")
 
     async def close(self) -> None:
+        if self.coordinator is not None:
+            await self.coordinator.stop()
         if self.pipeline is not None:
             await self.pipeline.close("the node is shutting down")
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -61,7 +61,7 @@ class ShardInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[str] = ..., form: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests", "mlx_active_bytes", "rss_bytes", "mlx_peak_bytes", "advertising", "faults_allowed", "auth_required", "faults", "tls")
+    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests", "mlx_active_bytes", "rss_bytes", "mlx_peak_bytes", "advertising", "faults_allowed", "auth_required", "faults", "tls", "recoveries")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class NodeInfo(_message.Message):
     AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     FAULTS_FIELD_NUMBER: _ClassVar[int]
     TLS_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -98,7 +99,32 @@ class NodeInfo(_message.Message):
     auth_required: bool
     faults: _containers.RepeatedCompositeFieldContainer[ActiveFault]
     tls: bool
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ..., faults: _Optional[_Iterable[_Union[ActiveFault, _Mapping]]] = ..., tls: _Optional[bool] = ...) -> None: ...
+    recoveries: _containers.RepeatedCompositeFieldContainer[Recovery]
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ..., faults: _Optional[_Iterable[_Union[ActiveFault, _Mapping]]] = ..., tls: _Optional[bool] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ...) -> None: ...
+
+class Recovery(_message.Message):
+    __slots__ = ("from_epoch", "to_epoch", "lost", "detect_s", "replan_s", "reload_s", "first_token_s", "error", "at_unix", "resumed_requests")
+    FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TO_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    DETECT_S_FIELD_NUMBER: _ClassVar[int]
+    REPLAN_S_FIELD_NUMBER: _ClassVar[int]
+    RELOAD_S_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    from_epoch: int
+    to_epoch: int
+    lost: _containers.RepeatedScalarFieldContainer[str]
+    detect_s: float
+    replan_s: float
+    reload_s: float
+    first_token_s: float
+    error: str
+    at_unix: float
+    resumed_requests: int
+    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., lost: _Optional[_Iterable[str]] = ..., detect_s: _Optional[float] = ..., replan_s: _Optional[float] = ..., reload_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., error: _Optional[str] = ..., at_unix: _Optional[float] = ..., resumed_requests: _Optional[int] = ...) -> None: ...
 
 class PlanShard(_message.Message):
     __slots__ = ("node_id", "address", "start_layer", "end_layer", "param_bytes", "kv_bytes", "name")

@@ -1,0 +1,168 @@
+"""Membership and recovery: the node holding layer 0 watches its peers and re-plans.
+
+The first shard of a plan owns it. It health-checks every peer each `interval_s`; a
+peer that misses `misses` checks in a row is declared down (defaults: 0.2 s x 3, so a
+dead peer is noticed within ~0.8 s on a LAN). It then plans the same model with the same
+strategy onto the survivors (a manual plan falls back to `memory`), pushes the new epoch
+to every survivor (itself included) and records how long each phase took. Requests in
+flight fail over to the new epoch in the service's Generate (replaying their tokens, so
+the client's stream continues with no gap and no duplicate). A node that comes back is
+not re-admitted automatically: the operator loads again (`mlx-cluster load`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from node.auth import open_channel
+from node.plan import NodeSpec, PlanError, make_plan
+from protos import cluster_pb2 as pb
+from protos import cluster_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, servicer, plan: pb.Plan, options: pb.ModelOptions,
+                 interval_s: float = 0.2, misses: int = 3) -> None:
+        self.servicer = servicer
+        self.plan = plan
+        self.options = options
+        self.interval_s = interval_s
+        self.misses = misses
+        self._task: asyncio.Task | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._recovering = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        """Stop watching. A recovery in progress finishes (it is what replaced the plan)."""
+        if self._recovering:
+            return
+        if self._task is not None:
+            self._task.cancel()
+        await self._close_channels()
+
+    async def _close_channels(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            from node.pipeline import CHANNEL_OPTIONS
+
+            self._channels[address] = open_channel(address, CHANNEL_OPTIONS,
+                                                   self.servicer.peer_ca)
+        return self._channels[address]
+
+    async def _healthy(self, address: str) -> bool:
+        stub = health_pb2_grpc.HealthStub(self._channel(address))
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""),
+                                     timeout=max(0.1, self.interval_s * 1.5))
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def _watch(self) -> None:
+        peers = [s for s in self.plan.shards if s.node_id != self.servicer.node_id]
+        missed = {p.node_id: 0 for p in peers}
+        last_ok = {p.node_id: time.monotonic() for p in peers}
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                results = await asyncio.gather(*(self._healthy(p.address) for p in peers))
+                now = time.monotonic()
+                for peer, ok in zip(peers, results):
+                    if ok:
+                        missed[peer.node_id], last_ok[peer.node_id] = 0, now
+                    else:
+                        missed[peer.node_id] += 1
+                        if missed[peer.node_id] == 1:
+                            log.warning("peer %s (%s) missed a heartbeat", peer.name or
+                                        peer.node_id, peer.address)
+                dead = [p for p in peers if missed[p.node_id] >= self.misses]
+                if dead:
+                    detect_s = max(now - last_ok[p.node_id] for p in dead)
+                    self._recovering = True
+                    try:
+                        await self._recover(dead, now, detect_s)
+                    finally:
+                        self._recovering = False
+                        await self._close_channels()
+                    return  # the new plan's coordinator takes over
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("coordinator stopped")
+
+    async def _recover(self, dead: list[pb.PlanShard], t_down: float, detect_s: float) -> None:
+        from node.models import resolve, shape_of
+
+        record = pb.Recovery(from_epoch=self.plan.epoch, lost=[p.node_id for p in dead],
+                             detect_s=detect_s, at_unix=time.time())
+        names = ", ".join(p.name or p.address for p in dead)
+        log.warning("declaring %s down; re-planning onto the survivors", names)
+        survivors = [s for s in self.plan.shards if s.node_id not in set(record.lost)]
+        loop = asyncio.get_running_loop()
+        try:
+            budgets = await asyncio.gather(*(self._budget(s) for s in survivors))
+            source = await loop.run_in_executor(self.servicer.executor, resolve,
+                                                self.plan.model, self.options.dtype,
+                                                self.options.layers)
+            strategy = self.plan.strategy
+            if not strategy or strategy.startswith("manual:"):
+                strategy = "memory"
+            specs = [NodeSpec(s.node_id, b, s.name, s.address) for s, b in zip(survivors, budgets)]
+            new = make_plan(strategy, shape_of(source), specs,
+                            context=self.plan.context_length or None, model=self.plan.model)
+        except (PlanError, Exception) as e:  # noqa: B014 - PlanError named for the reader
+            record.error = f"cannot re-plan {self.plan.model} onto the survivors: {e}"
+            log.error("%s", record.error)
+            self.servicer.recovery_failed(record)
+            return
+        proto = pb.Plan(model=self.plan.model, epoch=self.plan.epoch + 1,
+                        n_layers=new.n_layers, strategy=strategy, context_length=new.context,
+                        shards=[pb.PlanShard(node_id=s.node.node_id, address=s.node.address,
+                                             name=s.node.name, start_layer=s.start,
+                                             end_layer=s.end, param_bytes=s.param_bytes,
+                                             kv_bytes=s.kv_bytes) for s in new.shards])
+        t_planned = time.monotonic()
+        record.to_epoch, record.replan_s = proto.epoch, t_planned - t_down
+        others = [s for s in proto.shards if s.node_id != self.servicer.node_id]
+        results = await asyncio.gather(
+            self.servicer.load_local(proto, self.options),
+            *(self._load_remote(s.address, proto) for s in others), return_exceptions=True)
+        failed = [str(r) for r in results if isinstance(r, BaseException)]
+        record.reload_s = time.monotonic() - t_planned
+        if failed:
+            record.error = "reload failed: " + "; ".join(failed)
+            log.error("%s", record.error)
+            self.servicer.recovery_failed(record)
+            return
+        log.warning("recovered: epoch %d -> %d without %s (detect %.2f s, re-plan %.2f s, "
+                    "reload %.2f s)", record.from_epoch, record.to_epoch, names,
+                    record.detect_s, record.replan_s, record.reload_s)
+        self.servicer.recovered(record)
+
+    async def _budget(self, shard: pb.PlanShard) -> int:
+        if shard.node_id == self.servicer.node_id:
+            return self.servicer.memory_budget
+        stub = pb_grpc.NodeServiceStub(self._channel(shard.address))
+        info = await stub.GetInfo(pb.InfoRequest(), timeout=2.0)
+        return info.capabilities.memory_budget
+
+    async def _load_remote(self, address: str, plan: pb.Plan) -> None:
+        from node.auth import token_metadata
+
+        stub = pb_grpc.NodeServiceStub(self._channel(address))
+        await stub.LoadShard(pb.LoadShardRequest(plan=plan, options=self.options),
+                             timeout=300.0, metadata=token_metadata(self.servicer.token))

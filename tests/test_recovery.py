@@ -1,0 +1,58 @@
+"""Automatic recovery: a peer dies mid-stream, the plan moves to the survivors, and the
+client's stream goes on with exactly the tokens it would have had."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from console.cli import generate, load_plan
+from console.client import NodeClient
+from protos import cluster_pb2 as pb
+from tests.test_cluster import addresses
+
+pytestmark = pytest.mark.cluster
+
+
+async def test_killing_a_peer_mid_stream_fails_over_with_identical_tokens(small_cluster):
+    cluster = await asyncio.to_thread(small_cluster, 3, node_args=["--no-advertise"])
+    clients = [NodeClient(a) for a in addresses(cluster)]
+    plan, _ = await load_plan(clients, "smollm2-135m", "", 0, "memory",
+                              progress=lambda m: None)
+    request = pb.GenerateRequest(prompt="Tell me about the history of Paris.", chat=True,
+                                 max_tokens=40, ignore_eos=True)
+    reference = await generate(clients, request)
+    assert len(reference["token_ids"]) == 40
+
+    got, text, stamps, killed_at = [], "", [], None
+    async for event in clients[0].generate(request):
+        if event.HasField("token"):
+            got.append(event.token.token_id)
+            text += event.token.text
+            stamps.append(time.monotonic())
+            if len(got) == 12:
+                os.kill(cluster["nodes"][2]["pid"], signal.SIGKILL)
+                killed_at = time.monotonic()
+        else:
+            text += event.done.tail_text
+    assert got == reference["token_ids"]  # no gap, no duplicate, same greedy tokens
+    assert text == reference["text"]
+    resumed = min(t for t in stamps if t > killed_at) - killed_at
+    assert resumed < 10  # the benchmark scripts measure it; this only bounds it
+
+    info = await clients[0].info()
+    assert info.plan.epoch == plan.epoch + 1
+    assert [(s.start_layer, s.end_layer) for s in info.plan.shards] == [(0, 14), (15, 29)]
+    (recovery,) = info.recoveries
+    assert list(recovery.lost) == [cluster["nodes"][2]["node_id"]]
+    assert 0 < recovery.detect_s < 3 and recovery.reload_s > 0 and recovery.first_token_s > 0
+    assert not recovery.error
+    # and the survivors serve new requests on the new plan
+    again = await generate(clients[:2], request)
+    assert again["token_ids"] == reference["token_ids"]
+    for c in clients:
+        await c.close()
