@@ -43,24 +43,24 @@ def emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def node_addresses(args: argparse.Namespace) -> list[str]:
-    """Nodes from --nodes, else --peers FILE, else the cluster file, else zeroconf."""
+    """Nodes from --nodes, else --peers-file FILE, else the cluster file, else zeroconf."""
     from console.discovery import discover, read_peers_file
     from console.local import cluster_file, read_cluster
 
     if getattr(args, "nodes", None):
         return [a.strip() for a in args.nodes.split(",") if a.strip()]
-    if getattr(args, "peers", None):
-        return read_peers_file(args.peers)
+    if getattr(args, "peers_file", None):
+        return read_peers_file(args.peers_file)
     cluster = read_cluster()
     if cluster and cluster.get("nodes"):
         return [n["address"] for n in cluster["nodes"]]
-    eprint(f"no --nodes, --peers or cluster file ({cluster_file()}); browsing zeroconf "
+    eprint(f"no --nodes, --peers-file or cluster file ({cluster_file()}); browsing zeroconf "
            f"for {DISCOVER_S:.0f} s ...")
     found = asyncio.run(discover(DISCOVER_S, client_options=CONNECTION))
     if not found:
         raise ClusterError("no nodes found: start some (`mlx-cluster local up -n 3`, or "
                            "`mlx-node serve` on each machine) or name them with --nodes "
-                           "host:port,... or --peers FILE")
+                           "host:port,... or --peers-file FILE")
     return [i.address for i in found]
 
 
@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     nodes = argparse.ArgumentParser(add_help=False)
     nodes.add_argument("--nodes", help="comma-separated host:port list (default: the cluster file)")
-    nodes.add_argument("--peers", type=Path,
+    nodes.add_argument("--peers-file", type=Path, dest="peers_file",
                        help='TOML peers file: one [[node]] table per node, address = "host:port"')
     nodes.add_argument("--token", help="cluster token (default: env MLX_CLUSTER_TOKEN)")
     nodes.add_argument("--token-file", type=Path, help="read the cluster token from a file")
@@ -411,12 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     lsub.add_parser("status", parents=[common], help="list the local nodes and whether they run")
 
     disc = sub.add_parser("discover", parents=[common, nodes],
-                          help="find nodes with zeroconf (plus --nodes/--peers) and list them")
+                          help="find nodes with zeroconf (plus --nodes/--peers-file) and list them")
     disc.add_argument("--timeout", type=float, default=DISCOVER_S,
                       help=f"seconds to browse (default {DISCOVER_S:.0f})")
     disc.add_argument("--interface", action="append", default=[], metavar="IP",
                       help="browse on this interface address only (repeatable)")
-    disc.add_argument("--no-mdns", action="store_true", help="only --nodes / --peers")
+    disc.add_argument("--no-mdns", action="store_true", help="only --nodes / --peers-file")
     sub.add_parser("status", parents=[common, nodes],
                    help="health, capabilities and loaded shard of every node")
 
@@ -453,13 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     inj = sub.add_parser("inject", parents=[common, nodes],
                          help="inject a fault into a node started with --allow-faults",
                          epilog="faults: kill, hang, latency --ms M [--jitter J], loss --p P, "
-                                "slow-compute --factor F; each with --duration S and --seed N")
+                                "slow-compute --factor F, bandwidth --kbps K, partition --peers "
+                                "A,B [--direction to|from|both], memory-pressure --gib G; each "
+                                "with --duration S and --seed N")
     inj.add_argument("node", help="node name, id or host:port")
-    inj.add_argument("fault", choices=["kill", "hang", "latency", "loss", "slow-compute"])
+    inj.add_argument("fault", choices=["kill", "hang", "latency", "loss", "slow-compute",
+                                       "bandwidth", "partition", "memory-pressure"])
     inj.add_argument("--ms", type=float, default=0.0, help="latency: delay per frame (ms)")
     inj.add_argument("--jitter", type=float, default=0.0, help="latency: +- jitter (ms)")
     inj.add_argument("--p", type=float, default=0.0, help="loss: drop probability")
     inj.add_argument("--factor", type=float, default=0.0, help="slow-compute: slow-down factor")
+    inj.add_argument("--kbps", type=float, default=0.0, help="bandwidth: kbit/s")
+    inj.add_argument("--peers", default="", help="partition: node names, ids or addresses")
+    inj.add_argument("--direction", default="both", choices=["both", "to", "from"])
+    inj.add_argument("--gib", type=float, default=0.0, help="memory-pressure: GiB to hold")
     inj.add_argument("--duration", type=float, default=0.0, help="seconds until it heals (0 = "
                                                                     "until `heal`)")
     inj.add_argument("--seed", type=int, default=None)
@@ -531,12 +538,17 @@ def fault_rows(active) -> list[dict]:
 
 def cmd_inject(args: argparse.Namespace) -> int:
     spec = pb.FaultSpec(kind=args.fault, ms=args.ms, jitter_ms=args.jitter, p=args.p,
-                        factor=args.factor, duration_s=args.duration)
+                        factor=args.factor, duration_s=args.duration, kbps=args.kbps,
+                        direction=args.direction, gib=args.gib)
     if args.seed is not None:
         spec.seed = args.seed
 
     async def run(clients):
         (client,) = await pick_nodes(clients, [args.node])
+        if args.peers:  # partitions match node ids and addresses: name both
+            for peer in await pick_nodes(clients, args.peers.split(",")):
+                info = await peer.info()
+                spec.peers.extend([info.node_id, peer.address])
         return client.address, await client.inject(spec)
 
     address, reply = asyncio.run(with_clients(node_addresses(args), run))
@@ -582,8 +594,8 @@ def cmd_discover(args: argparse.Namespace) -> int:
     from console.discovery import discover, read_peers_file
 
     static = [a.strip() for a in (args.nodes or "").split(",") if a.strip()]
-    if args.peers:
-        static += read_peers_file(args.peers)
+    if args.peers_file:
+        static += read_peers_file(args.peers_file)
     found = asyncio.run(discover(args.timeout, static, not args.no_mdns,
                                  args.interface or None, CONNECTION))
     gib = 2**30
@@ -645,8 +657,8 @@ def dashboard_sources(args: argparse.Namespace) -> tuple[list[str], bool]:
 
     if args.nodes:
         return [a.strip() for a in args.nodes.split(",") if a.strip()], args.mdns
-    if args.peers:
-        return read_peers_file(args.peers), args.mdns
+    if args.peers_file:
+        return read_peers_file(args.peers_file), args.mdns
     cluster = read_cluster()
     if cluster and cluster.get("nodes"):
         return [n["address"] for n in cluster["nodes"]], args.mdns

@@ -1,6 +1,6 @@
 """Membership and recovery: the node holding layer 0 watches its peers and re-plans.
 
-The first shard of a plan owns it. It health-checks every peer each `interval_s`; a
+The first shard of a plan owns it. It sends every peer a Heartbeat each `interval_s`; a
 peer that misses `misses` checks in a row is declared down (defaults: 0.2 s x 3, so a
 dead peer is noticed within ~0.8 s on a LAN). It then plans the same model with the same
 strategy onto the survivors (a manual plan falls back to `memory`), pushes the new epoch
@@ -17,7 +17,6 @@ import logging
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node.auth import open_channel
 from node.plan import NodeSpec, PlanError, make_plan
@@ -63,14 +62,20 @@ class Coordinator:
                                                    self.servicer.peer_ca)
         return self._channels[address]
 
+    @property
+    def recovering(self) -> bool:
+        return self._recovering
+
     async def _healthy(self, address: str) -> bool:
-        stub = health_pb2_grpc.HealthStub(self._channel(address))
+        """A Heartbeat answered by the peer's own event loop (a hung or partitioned peer
+        does not answer; gRPC's health service would, from the same process)."""
+        stub = pb_grpc.NodeServiceStub(self._channel(address))
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""),
-                                     timeout=max(0.1, self.interval_s * 1.5))
+            await stub.Heartbeat(pb.HeartbeatRequest(sender=self.servicer.node_id),
+                                 timeout=max(0.1, self.interval_s * 1.5))
         except grpc.aio.AioRpcError:
             return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+        return True
 
     async def _watch(self) -> None:
         peers = [s for s in self.plan.shards if s.node_id != self.servicer.node_id]

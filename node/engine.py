@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from node.errors import BadFrame, ContextOverflow
+from node.errors import BadFrame, ContextOverflow, FrameGap
 from node.models import Shard
 
 # wire dtype name -> numpy dtype of the raw bytes (bfloat16 travels as its uint16 bits)
@@ -139,12 +139,16 @@ class Engine:
         state = self._requests.get(request_id)
         if state is None:
             if position != 0:
-                raise BadFrame(
+                raise FrameGap(
                     f"request {request_id} is unknown here and the frame starts at position "
                     f"{position}; a new request must start at 0 (was it freed after a timeout?)"
                 )
             state = RequestState(self.shard.model.make_cache())
             self._requests[request_id] = state
+        elif state.caches[0].offset < position:
+            raise FrameGap(
+                f"request {request_id}: frame at position {position} but this shard's cache "
+                f"holds {state.caches[0].offset} positions: frames were lost on the way")
         elif state.caches[0].offset != position:
             raise BadFrame(
                 f"request {request_id}: frame at position {position} but this shard's cache "

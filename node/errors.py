@@ -25,6 +25,18 @@ class BadFrame(NodeError):
     code = "INVALID_ARGUMENT"
 
 
+class FrameGap(NodeError):
+    """A frame arrived after positions this shard never saw: frames were lost."""
+
+    code = "DATA_LOSS"
+
+
+class EpochNotLoaded(NodeError):
+    """A frame for a newer plan than this node holds: it is still loading; retry soon."""
+
+    code = "ABORTED"
+
+
 class StaleEpoch(NodeError):
     """A message for a plan epoch other than the one this node holds."""
 

@@ -8,6 +8,10 @@ a seed for its random parts. Effects:
 - latency --ms M --jitter J: every Forward frame is delayed M +- J ms before it is used.
 - loss --p P: each Forward frame is dropped with probability P.
 - slow-compute --factor F: each shard step takes F times as long.
+- bandwidth --kbps K: incoming Forward frames are paced to K kbit/s.
+- partition --peers A,B [--direction to|from|both]: frames and heartbeats from those
+  peers are dropped ("from"), frames to them are dropped ("to"), or both.
+- memory-pressure --gib G: the node holds G GiB of memory until healed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from dataclasses import dataclass
 
 from node.errors import NodeError
 
-KINDS = ("kill", "hang", "latency", "loss", "slow-compute")
+KINDS = ("kill", "hang", "latency", "loss", "slow-compute", "bandwidth", "partition",
+         "memory-pressure")
+DIRECTIONS = ("both", "to", "from")
 
 
 class FaultsNotAllowed(NodeError):
@@ -44,9 +50,18 @@ class Fault:
     duration_s: float = 0.0
     seed: int | None = None
     started: float = 0.0
+    kbps: float = 0.0
+    peers: tuple[str, ...] = ()
+    direction: str = "both"
+    gib: float = 0.0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        self.ballast: bytearray | None = None
+
+    def cuts(self, peer: str, direction: str) -> bool:
+        return self.kind == "partition" and peer in self.peers and self.direction in (
+            "both", direction)
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.started + self.duration_s - now) if self.duration_s else 0.0
@@ -56,7 +71,8 @@ class Fault:
 
 
 def validate(kind: str, ms: float, jitter_ms: float, p: float, factor: float,
-             duration_s: float) -> None:
+             duration_s: float, kbps: float = 0.0, peers: tuple[str, ...] = (),
+             direction: str = "both", gib: float = 0.0) -> None:
     if kind not in KINDS:
         raise BadFault(f"unknown fault {kind!r}; this node supports {', '.join(KINDS)}")
     if duration_s < 0 or ms < 0 or jitter_ms < 0:
@@ -67,6 +83,12 @@ def validate(kind: str, ms: float, jitter_ms: float, p: float, factor: float,
         raise BadFault("loss needs 0 < --p <= 1")
     if kind == "slow-compute" and factor <= 1:
         raise BadFault("slow-compute needs --factor > 1")
+    if kind == "bandwidth" and kbps <= 0:
+        raise BadFault("bandwidth needs --kbps > 0")
+    if kind == "partition" and (not peers or direction not in DIRECTIONS):
+        raise BadFault("partition needs --peers A,B and --direction to|from|both")
+    if kind == "memory-pressure" and not 0 < gib <= 1024:
+        raise BadFault("memory-pressure needs 0 < --gib <= 1024")
 
 
 class FaultBook:
@@ -78,13 +100,20 @@ class FaultBook:
         self.hang_released = asyncio.Event()
 
     def inject(self, kind: str, ms: float = 0.0, jitter_ms: float = 0.0, p: float = 0.0,
-               factor: float = 1.0, duration_s: float = 0.0, seed: int | None = None) -> Fault:
+               factor: float = 1.0, duration_s: float = 0.0, seed: int | None = None,
+               kbps: float = 0.0, peers: tuple[str, ...] = (), direction: str = "both",
+               gib: float = 0.0) -> Fault:
         if not self.allowed:
             raise FaultsNotAllowed("this node refuses fault injection: start it with "
                                    "`mlx-node serve --allow-faults` to allow it")
-        validate(kind, ms, jitter_ms, p, factor, duration_s)
+        direction = direction or "both"
+        validate(kind, ms, jitter_ms, p, factor, duration_s, kbps, tuple(peers), direction, gib)
         fault = Fault(uuid.uuid4().hex[:8], kind, ms, jitter_ms, p, factor, duration_s, seed,
-                      time.monotonic())
+                      time.monotonic(), kbps, tuple(peers), direction, gib)
+        if kind == "memory-pressure":
+            fault.ballast = bytearray(int(gib * 1024**3))
+            for i in range(0, len(fault.ballast), 4096):  # touch every page: really resident
+                fault.ballast[i] = 1
         self._faults[fault.id] = fault
         if kind == "hang":
             self.hang_released.clear()
@@ -121,12 +150,21 @@ class FaultBook:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.hang_released.wait(), 0.2)
 
-    async def before_frame(self) -> bool:
-        """Apply latency/loss/hang to an incoming frame; False = drop it."""
+    def cut_off(self, peer_ids: tuple[str, ...], direction: str) -> bool:
+        """True when a partition fault drops traffic with any of these peer names."""
+        return any(f.cuts(p, direction) for f in self._of("partition") for p in peer_ids if p)
+
+    async def before_frame(self, sender: str = "", size: int = 0) -> bool:
+        """Apply hang/partition/loss/bandwidth/latency to an incoming frame; False = drop."""
         await self.wait_if_hung()
+        if self.cut_off((sender,), "from"):
+            return False
         for fault in self._of("loss"):
             if fault.rng.random() < fault.p:
                 return False
+        pace = sum(size * 8 / (f.kbps * 1000) for f in self._of("bandwidth"))
+        if pace:
+            await asyncio.sleep(pace)
         delay = sum(max(0.0, f.ms + f.rng.uniform(-f.jitter_ms, f.jitter_ms))
                     for f in self._of("latency"))
         if delay:

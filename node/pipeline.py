@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from node.engine import Engine, Sampling, StepResult
 from node.errors import (
     BadFrame,
     ContextOverflow,
+    EpochNotLoaded,
     NodeError,
     PeerUnavailable,
     RequestTimeout,
@@ -43,7 +46,9 @@ from protos import cluster_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 PREFILL_STEP = 2048
-MAX_TIMEOUT_S = 3600.0  # as mlx_lm.generate_step's prefill_step_size
+MAX_TIMEOUT_S = 3600.0
+MIN_TOKEN_TIMEOUT_S = 2.0
+MIN_FIRST_TOKEN_TIMEOUT_S = 10.0  # as mlx_lm.generate_step's prefill_step_size
 DEFAULT_MAX_TOKENS = 128
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = [
@@ -146,8 +151,10 @@ class Pipeline:
         self.is_first = self.index == 0
         self.is_last = self.index == len(plan.shards) - 1
         self.link: PeerLink | None = None
+        self.next_id = ""
         if len(plan.shards) > 1:
             nxt = plan.shards[(self.index + 1) % len(plan.shards)]
+            self.next_id = nxt.node_id
             self.link = PeerLink(nxt.address, self._on_reply, self._on_broken, metadata, peer_ca)
         self._pending: dict[str, asyncio.Queue] = {}  # first shard: requests it owns
         self._routes: dict[str, asyncio.Queue] = {}  # where to send errors back for a request
@@ -193,6 +200,9 @@ class Pipeline:
                 self.metrics.observe(f"hop:{frame.sender}", hop)
         if not frame.request_id:
             raise BadFrame("frame without request_id")
+        if frame.epoch > self.epoch:
+            raise EpochNotLoaded(f"frame for plan epoch {frame.epoch}, but this node still "
+                                 f"holds epoch {self.epoch} (loading?)")
         if frame.epoch != self.epoch:
             raise StaleEpoch(f"frame for plan epoch {frame.epoch}, but this node holds epoch "
                              f"{self.epoch}; reload the plan (mlx-cluster load)")
@@ -250,6 +260,8 @@ class Pipeline:
             frame.sampling.CopyFrom(sampling)
         else:
             return  # last shard, prefill chunk: nothing to send
+        if self.faults.cut_off((self.next_id, self.link.address), "to"):
+            return  # a partition fault swallows it
         self.metrics.inc("frames_out")
         self.metrics.inc("bytes_out", frame.ByteSize())
         self.link.send(frame)
@@ -319,6 +331,7 @@ class Pipeline:
                 await self._advance(request_id, pos, [token], None, queue)
                 pos += 1
             generated, t_prev, t_first, finish = len(already), t_start, t_start, "length"
+            recent: deque[float] = deque(maxlen=16)  # this request's latest token latencies
             if generated >= max_tokens:
                 raise BadFrame("nothing left to generate after the replayed tokens")
             # the next step starts before this token is written to the client, so the
@@ -329,9 +342,11 @@ class Pipeline:
             while step is not None:
                 await step
                 step = None
-                token, compute_s = await self._next_token(queue, timeout)
+                token, compute_s = await self._next_token(queue, token_timeout(
+                    timeout, recent, generated > len(already), self.metrics))
                 now = time.perf_counter()
                 latency, t_prev = now - t_prev, now
+                recent.append(latency)
                 generated += 1
                 if generated == len(already) + 1:
                     t_first = now
@@ -409,6 +424,19 @@ class Pipeline:
         if isinstance(item, Exception):
             raise item
         return item
+
+
+def token_timeout(limit: float, recent: deque, decoding: bool, metrics: NodeMetrics) -> float:
+    """How long to wait for the next token, so a frame lost on the way is noticed in
+    seconds and the request replayed, not after minutes: 10x this request's median token
+    latency once it has a few (at least 2 s); for a first token, 10x the node's p99 time
+    to first token (at least 10 s) once it has served some; else the request's limit."""
+    if decoding and len(recent) >= 3:
+        return min(limit, max(MIN_TOKEN_TIMEOUT_S, 10 * statistics.median(recent)))
+    ttft = metrics.histograms.get("ttft")
+    if ttft is not None and ttft.total >= 3:
+        return min(limit, max(MIN_FIRST_TOKEN_TIMEOUT_S, 10 * ttft.percentile(99)))
+    return limit
 
 
 def _sampling(params: pb.SamplingParams) -> Sampling:

@@ -92,7 +92,16 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                             form=s.source.form or s.dtype, weight_bytes=s.weight_bytes,
                             context_length=s.source.context_length, load_seconds=s.load_seconds)
 
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
+        await self.faults.wait_if_hung()
+        if self.faults.cut_off((request.sender,), "from"):
+            await asyncio.sleep(30)  # partitioned: the caller's deadline passes first
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "partitioned")
+        return pb.HeartbeatReply(node_id=self.node_id,
+                                 epoch=self.pipeline.epoch if self.pipeline else 0)
+
     async def GetInfo(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
+        await self.faults.wait_if_hung()
         caps = await asyncio.get_running_loop().run_in_executor(None, capabilities,
                                                                 self.memory_budget)
         import mlx.core as mx
@@ -311,8 +320,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def _frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
         try:
-            if not await self.faults.before_frame():
-                return  # dropped by a loss fault
+            if not await self.faults.before_frame(frame.sender, frame.ByteSize()):
+                return  # dropped by a loss or partition fault
             if self.pipeline is None:
                 raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
             await self.pipeline.handle_frame(frame, replies)
@@ -327,6 +336,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context) -> AsyncIterator[pb.GenerateEvent]:
         await self.faults.wait_if_hung()
+        started = time.monotonic()
         already: list[int] = []  # tokens the client has, replayed after a fail-over
         emitted = 0  # characters of text the client has
         retries = 0
@@ -350,14 +360,26 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                     yield event
                 return
             except NodeError as e:
-                retryable = e.code in ("UNAVAILABLE", "FAILED_PRECONDITION") and (
-                    self.coordinator is not None or self._load_lock.locked()
-                    or (pipeline is not None and self.pipeline is not pipeline))
+                recovering = (self.coordinator is not None and self.coordinator.recovering
+                              ) or self._load_lock.locked() or (
+                    pipeline is not None and self.pipeline is not pipeline)
+                lost = e.code in ("DEADLINE_EXCEEDED", "DATA_LOSS")  # frames went missing
+                behind = e.code == "ABORTED"  # a peer is still loading the new epoch
+                retryable = lost or behind or (
+                    e.code in ("UNAVAILABLE", "FAILED_PRECONDITION") and (
+                        recovering or self.coordinator is not None))
+                if behind and time.monotonic() - started < FAILOVER_WAIT_S:
+                    retries = min(retries, MAX_RETRIES - 1)  # waiting on a load is not a fault
                 if not retryable or retries >= MAX_RETRIES:
                     await _abort(context, e)
                 retries += 1
                 self.metrics.inc("requests_retried")
-                log.warning("request fails over after: %s", e)
+                log.warning("request retried after: %s", e)
+                if behind:
+                    await asyncio.sleep(0.2)
+                    continue
+                if lost and not recovering:
+                    continue  # replay on the same plan
                 if not await self._wait_for_epoch_after(pipeline.epoch if pipeline else 0,
                                                         FAILOVER_WAIT_S):
                     await _abort(context, NodeError(
@@ -377,14 +399,16 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         now = time.monotonic()
         return [pb.ActiveFault(id=f.id, remaining_s=f.remaining(now), spec=pb.FaultSpec(
             kind=f.kind, ms=f.ms, jitter_ms=f.jitter_ms, p=f.p, factor=f.factor,
-            duration_s=f.duration_s, seed=f.seed)) for f in self.faults.active()]
+            duration_s=f.duration_s, seed=f.seed, kbps=f.kbps, peers=f.peers,
+            direction=f.direction, gib=f.gib)) for f in self.faults.active()]
 
     async def InjectFault(self, request: pb.FaultRequest, context) -> pb.FaultReply:
         spec = request.fault
         try:
             fault = self.faults.inject(spec.kind, spec.ms, spec.jitter_ms, spec.p,
                                        spec.factor or 1.0, spec.duration_s,
-                                       spec.seed if spec.HasField("seed") else None)
+                                       spec.seed if spec.HasField("seed") else None,
+                                       spec.kbps, tuple(spec.peers), spec.direction, spec.gib)
         except Exception as e:
             await _abort(context, e)
         log.warning("fault injected: %s %s", fault.kind, fault.id)

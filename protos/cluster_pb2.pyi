@@ -6,6 +6,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("sender",)
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    def __init__(self, sender: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("node_id", "epoch")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    epoch: int
+    def __init__(self, node_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -436,7 +450,7 @@ class Metrics(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., requests_started: _Optional[int] = ..., requests_completed: _Optional[int] = ..., requests_failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[LatencySummary, _Mapping]]] = ..., active_requests: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class FaultSpec(_message.Message):
-    __slots__ = ("kind", "ms", "jitter_ms", "p", "factor", "duration_s", "seed")
+    __slots__ = ("kind", "ms", "jitter_ms", "p", "factor", "duration_s", "seed", "kbps", "peers", "direction", "gib")
     KIND_FIELD_NUMBER: _ClassVar[int]
     MS_FIELD_NUMBER: _ClassVar[int]
     JITTER_MS_FIELD_NUMBER: _ClassVar[int]
@@ -444,6 +458,10 @@ class FaultSpec(_message.Message):
     FACTOR_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    KBPS_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    GIB_FIELD_NUMBER: _ClassVar[int]
     kind: str
     ms: float
     jitter_ms: float
@@ -451,7 +469,11 @@ class FaultSpec(_message.Message):
     factor: float
     duration_s: float
     seed: int
-    def __init__(self, kind: _Optional[str] = ..., ms: _Optional[float] = ..., jitter_ms: _Optional[float] = ..., p: _Optional[float] = ..., factor: _Optional[float] = ..., duration_s: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    kbps: float
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    direction: str
+    gib: float
+    def __init__(self, kind: _Optional[str] = ..., ms: _Optional[float] = ..., jitter_ms: _Optional[float] = ..., p: _Optional[float] = ..., factor: _Optional[float] = ..., duration_s: _Optional[float] = ..., seed: _Optional[int] = ..., kbps: _Optional[float] = ..., peers: _Optional[_Iterable[str]] = ..., direction: _Optional[str] = ..., gib: _Optional[float] = ...) -> None: ...
 
 class ActiveFault(_message.Message):
     __slots__ = ("id", "spec", "remaining_s")

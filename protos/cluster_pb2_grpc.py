@@ -84,6 +84,11 @@ class NodeServiceStub:
                 request_serializer=protos_dot_cluster__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=protos_dot_cluster__pb2.ShutdownReply.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/mlxcluster.NodeService/Heartbeat',
+                request_serializer=protos_dot_cluster__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=protos_dot_cluster__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -162,6 +167,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Liveness as the data plane sees it: answered by the node's own event loop (a hung
+        or partitioned node does not answer), cheap enough for 5 Hz per peer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -214,6 +227,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=protos_dot_cluster__pb2.ShutdownRequest.FromString,
                     response_serializer=protos_dot_cluster__pb2.ShutdownReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=protos_dot_cluster__pb2.HeartbeatRequest.FromString,
+                    response_serializer=protos_dot_cluster__pb2.HeartbeatReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +504,33 @@ class NodeService:
             '/mlxcluster.NodeService/Shutdown',
             protos_dot_cluster__pb2.ShutdownRequest.SerializeToString,
             protos_dot_cluster__pb2.ShutdownReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxcluster.NodeService/Heartbeat',
+            protos_dot_cluster__pb2.HeartbeatRequest.SerializeToString,
+            protos_dot_cluster__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,7 +59,8 @@ async def test_malformed_forward_frames_are_rejected_then_generation_is_correct(
         activation(epoch, [1, 1, 63]),                              # wrong hidden size
         activation(epoch, [1, 1, 64], dtype="float16"),             # wrong dtype
         activation(epoch, [1, 1, 64], dtype="int8"),                # unsupported dtype
-        activation(epoch + 7, [1, 1, 64]),                          # stale epoch
+        activation(epoch - 1, [1, 1, 64]),                          # stale epoch
+        activation(epoch + 7, [1, 1, 64]),                          # epoch not loaded yet
         activation(epoch, [1, 1, 64], data=b"\x13\x37" * 5),        # garbage: too few bytes
         activation(epoch, [1, 1, 64], data=b"\xff" * 256),          # garbage: NaN floats
         activation(epoch, [1, 1, 64], position=5),                  # unknown request mid-way
@@ -69,13 +70,14 @@ async def test_malformed_forward_frames_are_rejected_then_generation_is_correct(
     replies = await forward_replies(middle, frames)
     codes = [r.code for r in replies]
     assert codes == ["INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
-                     "FAILED_PRECONDITION", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
-                     "INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+                     "FAILED_PRECONDITION", "ABORTED", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
+                     "DATA_LOSS", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
     assert "expected [1, L, 64]" in replies[0].error
     assert "float32" in replies[1].error
-    assert "epoch" in replies[3].error
-    assert "bytes" in replies[4].error
-    assert "NaN" in replies[5].error
+    assert "epoch" in replies[3].error and "still holds" in replies[4].error
+    assert "bytes" in replies[5].error
+    assert "NaN" in replies[6].error
+    assert "must start at 0" in replies[7].error
     assert all(r.request_id == "evil" for r in replies)
 
     # bytes that are not a protobuf message at all: the stream fails, the node does not

@@ -68,7 +68,7 @@ async def test_static_nodes_and_peers_file_with_advertising_off(small_cluster, t
     assert read_peers_file(peers) == addrs
     env = dict(os.environ, MLX_CLUSTER=str(tmp_path / "unused.json"))
 
-    for source in (["--nodes", ",".join(addrs)], ["--peers", str(peers)]):
+    for source in (["--nodes", ",".join(addrs)], ["--peers-file", str(peers)]):
         res = await asyncio.to_thread(mlx_cluster, "discover", "--json", "--no-mdns",
                                       "--timeout", "1.5", *source, env=env)
         assert res.returncode == 0, res.stderr

@@ -11,7 +11,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from node.engine import Engine, Sampling, decode_tensor, encode_tensor
-from node.errors import BadFrame, ModelError
+from node.errors import BadFrame, FrameGap, ModelError
 from node.models import ByteTokenizer, load_shard, resolve, synthetic_full_model
 
 
@@ -68,9 +68,9 @@ def test_engine_checks_positions_and_frees_caches():
         r = await engine.step("a", 0, tokens=ids, sample=Sampling())
         assert r.token is not None and r.hidden is None and r.compute_s > 0
         assert engine.cache_offset("a") == len(ids)
-        with pytest.raises(BadFrame, match="cache holds 3 positions"):
+        with pytest.raises(FrameGap, match="cache holds 3 positions: frames were lost"):
             await engine.step("a", 7, tokens=[1], sample=Sampling())
-        with pytest.raises(BadFrame, match="must start at 0"):
+        with pytest.raises(FrameGap, match="must start at 0"):
             await engine.step("b", 4, tokens=[1], sample=Sampling())
         with pytest.raises(BadFrame, match="out of range"):
             await engine.step("c", 0, tokens=[9999], sample=Sampling())
