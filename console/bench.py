@@ -257,12 +257,35 @@ def progress_bar(label: str, done: int, total: int) -> None:
 
 
 def run_bench(work: Workload, addresses: list[str] | None, nodes_sweep: list[int] | None,
-              local: bool, client_options: dict | None = None) -> dict:
+              local: bool, client_options: dict | None = None, scenario: str = "",
+              fault_at: float = 0.3) -> dict:
     """The whole benchmark document (schema mlx-cluster-bench/1)."""
     from console import local as local_cluster
 
-    configs = []
-    if nodes_sweep:
+    configs, scenarios = [], []
+    if scenario:
+        n = (nodes_sweep or [3])[-1]
+        concurrency = work.concurrency[-1]
+        if local:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "cluster.json"
+                print(f"starting a {n}-node local cluster (faults allowed) ...",
+                      file=sys.stderr)
+                cluster = local_cluster.up(n, path=path,
+                                           node_args=["--no-advertise", "--allow-faults"])
+                try:
+                    addrs = [x["address"] for x in cluster["nodes"]]
+                    scenarios.append(asyncio.run(run_scenario(
+                        addrs, work, scenario, concurrency, fault_at, progress_bar,
+                        client_options)))
+                finally:
+                    local_cluster.down(path)
+        else:
+            if not addresses:
+                raise ClusterError("no nodes to benchmark")
+            scenarios.append(asyncio.run(run_scenario(addresses, work, scenario, concurrency,
+                                                      fault_at, progress_bar, client_options)))
+    elif nodes_sweep:
         if not local and addresses and max(nodes_sweep) > len(addresses):
             raise ClusterError(f"--nodes-sweep asks for {max(nodes_sweep)} nodes but only "
                                f"{len(addresses)} are named; add --local to start them")
@@ -289,7 +312,8 @@ def run_bench(work: Workload, addresses: list[str] | None, nodes_sweep: list[int
     from node import __version__
 
     return {"schema": SCHEMA, "created_unix": time.time(), "tool_version": __version__,
-            "backend": "pipeline", "workload": asdict(work), "configurations": configs}
+            "backend": "pipeline", "workload": asdict(work), "configurations": configs,
+            "scenarios": scenarios}
 
 
 RUN_KEYS = {"concurrency": int, "requests": int, "succeeded": int, "success_rate": float,
@@ -323,3 +347,96 @@ def validate_results(doc: dict) -> list[str]:
                     if not isinstance(run.get(metric, {}).get(f"p{q}"), int | float):
                         problems.append(f"configurations[{i}].runs[{j}].{metric}.p{q} missing")
     return problems
+
+
+# ------------------------------------------------------------------ fault scenarios
+
+SCENARIOS = {
+    "kill": pb.FaultSpec(kind="kill"),
+    "partition": pb.FaultSpec(kind="partition", direction="both"),
+    "latency": pb.FaultSpec(kind="latency", ms=50, jitter_ms=10, seed=1),
+    "loss": pb.FaultSpec(kind="loss", p=0.05, seed=1),
+    "memory": pb.FaultSpec(kind="memory-pressure", gib=0.5),
+}
+UNIQUE_PROMPTS = 8  # requests cycle over these, so a fault-free reference stays cheap
+
+
+async def run_scenario(addresses: list[str], work: Workload, fault: str, concurrency: int,
+                       fault_at: float = 0.3, progress=None,
+                       client_options: dict | None = None) -> dict:
+    """Run `work.requests` requests at `concurrency`, inject `fault` into a non-entry node
+    once `fault_at` of them are done, and compare every output with a fault-free run."""
+    from console.cli import load_plan
+    from node.models import prompt_tokenizer, resolve
+
+    progress = progress or (lambda *a: None)
+    clients = [NodeClient(a, **(client_options or {})) for a in addresses]
+    try:
+        plan, _ = await load_plan(clients, work.model, "", 0, work.strategy,
+                                  progress=lambda m: None)
+        entry = next(c for c in clients if c.address == plan.shards[0].address)
+        victim_shard = plan.shards[-1]
+        victim = next(c for c in clients if c.address == victim_shard.address)
+        source = resolve(work.model)
+        avoid = set(prompt_tokenizer(source).eos_ids)
+        pool = [prompt_ids(int(source.config["vocab_size"]), work.prompt_tokens,
+                           work.seed + i, avoid) for i in range(UNIQUE_PROMPTS)]
+        reference = [(await one_request(entry, p, work.gen_tokens, work.timeout_s)).token_ids
+                     for p in pool]
+        before = list((await entry.info()).recoveries)
+
+        spec = pb.FaultSpec()
+        spec.CopyFrom(SCENARIOS[fault])
+        if fault == "partition":
+            spec.peers.extend([plan.shards[0].node_id, plan.shards[0].address])
+        arrivals: list[float] = []
+        gate = asyncio.Semaphore(concurrency)
+        done = 0
+        injected_at: list[float] = []
+
+        async def guarded(i: int) -> RequestResult:
+            nonlocal done
+            async with gate:
+                r = await one_request(entry, pool[i % len(pool)], work.gen_tokens,
+                                      work.timeout_s)
+            arrivals.append(time.monotonic())
+            done += 1
+            progress(f"{fault} c={concurrency}", done, work.requests)
+            if not injected_at and done >= fault_at * work.requests:
+                injected_at.append(time.monotonic())
+                try:
+                    await victim.inject(spec)
+                except ClusterError:
+                    if fault != "kill":  # a kill may take the answer down with it
+                        raise
+            return r
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(guarded(i) for i in range(work.requests)))
+        wall = time.perf_counter() - t0
+        if fault != "kill":
+            await victim.heal()
+        after = list((await entry.info()).recoveries)
+        new = after[len(before):]
+        correct = [r.ok and r.token_ids == reference[i % len(pool)]
+                   for i, r in enumerate(results)]
+        t_fault = injected_at[0] if injected_at else 0.0
+        later = sorted(t for t in arrivals if t > t_fault)
+        gaps = [b - a for a, b in zip([t_fault, *later], later)]
+        summary = summarise(list(results), wall, concurrency)
+        return {
+            "fault": fault, "node": victim_shard.name or victim_shard.address,
+            "requests": work.requests, "concurrency": concurrency,
+            "success_rate": summary["success_rate"], "failures": summary["failures"],
+            "outputs_correct": all(c for c, r in zip(correct, results) if r.ok),
+            "correct_outputs": sum(correct),
+            "stall_s": max(gaps) if gaps else 0.0,
+            "recoveries": [to_dict(r) for r in new],
+            "detect_s": new[0].detect_s if new else 0.0,
+            "recover_s": (new[0].detect_s + new[0].replan_s + new[0].reload_s) if new else 0.0,
+            "first_token_s": new[0].first_token_s if new else 0.0,
+            "aggregate_tokens_per_s": summary["aggregate_tokens_per_s"],
+            "errors": [r.error for r in results if not r.ok][:10],
+        }
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))

@@ -495,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "local clusters with --local)")
     bench.add_argument("--local", action="store_true",
                        help="start and stop local clusters for each node count")
+    bench.add_argument("--scenario", choices=["kill", "partition", "latency", "loss", "memory"],
+                       help="inject this fault into a non-entry node mid-run and record "
+                            "success, recovery times and output correctness")
+    bench.add_argument("--fault-at", type=float, default=0.3,
+                       help="inject once this fraction of the requests is done")
     bench.add_argument("--out", type=Path, default=Path("bench-results.json"))
     rep = sub.add_parser("report", parents=[common],
                          help="write a Markdown comparison report from bench results")
@@ -628,13 +633,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     warmup=args.warmup, repeats=args.repeats, strategy=args.strategy,
                     seed=args.seed)
     sweep = int_list(args.nodes_sweep, "--nodes-sweep") if args.nodes_sweep else None
-    addresses = None if (args.local and sweep) else node_addresses(args)
-    doc = run_bench(work, addresses, sweep, args.local, CONNECTION)
+    addresses = None if args.local else node_addresses(args)
+    doc = run_bench(work, addresses, sweep, args.local, CONNECTION, args.scenario or "",
+                    args.fault_at)
     args.out.write_text(json.dumps(doc, indent=1))
     rows = [f"{c['nodes']} node(s) c={r['concurrency']}: {r['aggregate_tokens_per_s']:.1f} "
             f"tok/s aggregate, {r['single_stream_tokens_per_s']:.1f} single-stream, TTFT p50 "
             f"{r['ttft_s']['p50'] * 1000:.0f} ms, success {r['success_rate']:.1%}"
             for c in doc["configurations"] for r in c["runs"]]
+    rows += [f"{s['fault']} on {s['node']}: success {s['success_rate']:.2%}, outputs correct "
+             f"{s['outputs_correct']}, detect {s['detect_s']:.2f} s, recovered "
+             f"{s['recover_s']:.2f} s, longest stall {s['stall_s']:.2f} s"
+             for s in doc["scenarios"]]
     emit(args, doc, "\n".join(rows) + f"\nresults: {args.out}")
     return EXIT_OK
 

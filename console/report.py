@@ -183,10 +183,17 @@ def fault_section(docs: list[dict]) -> str:
     scenarios = [s for d in docs for s in d.get("scenarios", [])]
     if not scenarios:
         return "## Fault recovery\n\nNo fault scenarios in these results."
-    body = [[s["fault"], f"{s['success_rate']:.1%}", ms(s.get("detect_s", 0.0)),
-             ms(s.get("recover_s", 0.0)), str(s.get("outputs_correct", ""))] for s in scenarios]
-    return "## Fault recovery\n\n" + table(
-        ["fault", "success rate", "detect ms", "recover ms", "outputs correct"], body)
+    body = [[s["fault"], s["node"], f"{s['requests']} @ c={s['concurrency']}",
+             f"{s['success_rate']:.2%}", ms(s["detect_s"]), ms(s["recover_s"]),
+             ms(s["first_token_s"]), ms(s["stall_s"]),
+             "yes" if s["outputs_correct"] else "NO"] for s in scenarios]
+    return ("## Fault recovery\n\nDetect: last good heartbeat to declared down. Recover: "
+            "detect + re-plan + reload of the survivors. First token: survivors loaded to "
+            "the first token of a resumed request. Longest stall: the longest time without "
+            "a finished request after the fault. Outputs are compared token for token with "
+            "a fault-free run.\n\n" + table(
+                ["fault", "node", "load", "success", "detect ms", "recover ms",
+                 "first token ms", "longest stall ms", "outputs correct"], body))
 
 
 def recommendations(rs: list[dict]) -> str:
@@ -240,6 +247,8 @@ def environment_section(docs: list[dict]) -> str:
                      f"concurrency {w['concurrency']}, warm-up {w['warmup']}, strategy "
                      f"{w['strategy']}")
         env = doc["configurations"][-1]["environment"] if doc["configurations"] else []
+        for s in doc.get("scenarios", []):
+            lines.append(f"  - scenario `{s['fault']}` on {s['node']}")
         for e in env[:4]:
             lines.append(f"  - {e.get('name')}: {e.get('chip')}, {e.get('cpu_count')} CPUs, "
                          f"{e.get('memory_total', 0) / GIB:.1f} GiB, MLX {e.get('mlx_version')}"
@@ -286,8 +295,11 @@ def charts(rs: list[dict], out_dir: Path, stem: str) -> list[Path]:
 
 def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
     rs = rows(docs)
-    if not rs:
+    if not rs and not any(d.get("scenarios") for d in docs):
         raise ClusterError("the result files hold no runs")
+    if not rs:  # fault scenarios only
+        return "\n\n".join(["# Cluster fault report", environment_section(docs),
+                             fault_section(docs)]) + "\n"
     parts = ["# Cluster benchmark report",
              "Every number below was measured by `mlx-cluster bench` on the machines named in "
              "the setup section; rerun it to check them.",

@@ -74,3 +74,25 @@ def test_report_refuses_files_that_are_not_results(tmp_path):
     res = mlx_cluster("report", str(bad), "-o", str(tmp_path / "r.md"),
                       env=dict(os.environ))
     assert res.returncode == 1 and "is not a mlx-cluster-bench/1" in res.stderr
+
+
+def test_kill_scenario_under_load_keeps_outputs_and_reports_recovery(tmp_path):
+    env = dict(os.environ, MLX_CLUSTER=str(tmp_path / "cluster.json"))
+    out, report = tmp_path / "kill.json", tmp_path / "kill.md"
+    res = mlx_cluster("bench", "--local", "--scenario", "kill", "--model", "synthetic:tiny",
+                      "--prompt-tokens", "16", "--gen-tokens", "8", "--requests", "200",
+                      "--concurrency", "4", "--out", str(out), env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (scenario,) = json.loads(out.read_text())["scenarios"]
+    assert scenario["requests"] == 200 and scenario["success_rate"] >= 0.995
+    assert scenario["outputs_correct"] is True
+    assert scenario["correct_outputs"] >= 199
+    (recovery,) = scenario["recoveries"]
+    assert recovery["to_epoch"] == recovery["from_epoch"] + 1 and not recovery["error"]
+    assert 0 < scenario["detect_s"] < 3 and scenario["recover_s"] >= scenario["detect_s"]
+    res = mlx_cluster("report", str(out), "-o", str(report), env=env)
+    assert res.returncode == 0, res.stderr
+    text = report.read_text()
+    assert "## Fault recovery" in text
+    assert (f"| kill | {scenario['node']} | 200 @ c=4 | {scenario['success_rate']:.2%} | "
+            f"{scenario['detect_s'] * 1000:.1f} | {scenario['recover_s'] * 1000:.1f} |") in text
