@@ -52,6 +52,7 @@ class RequestResult:
     e2e_s: float = 0.0
     tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # monotonic arrival of each token
     failure: str = ""  # timeout | network | memory | other
     error: str = ""
 
@@ -101,6 +102,7 @@ async def one_request(client: NodeClient, ids: list[int], gen: int,
             async for event in client.generate(request):
                 if event.HasField("token"):
                     result.token_ids.append(event.token.token_id)
+                    result.token_times.append(time.monotonic())
                     if len(result.token_ids) == 1:
                         result.ttft_s = time.perf_counter() - t0
                     else:
@@ -389,7 +391,6 @@ async def run_scenario(addresses: list[str], work: Workload, fault: str, concurr
         spec.CopyFrom(SCENARIOS[fault])
         if fault == "partition":
             spec.peers.extend([plan.shards[0].node_id, plan.shards[0].address])
-        arrivals: list[float] = []
         gate = asyncio.Semaphore(concurrency)
         done = 0
         injected_at: list[float] = []
@@ -399,7 +400,6 @@ async def run_scenario(addresses: list[str], work: Workload, fault: str, concurr
             async with gate:
                 r = await one_request(entry, pool[i % len(pool)], work.gen_tokens,
                                       work.timeout_s)
-            arrivals.append(time.monotonic())
             done += 1
             progress(f"{fault} c={concurrency}", done, work.requests)
             if not injected_at and done >= fault_at * work.requests:
@@ -421,7 +421,7 @@ async def run_scenario(addresses: list[str], work: Workload, fault: str, concurr
         correct = [r.ok and r.token_ids == reference[i % len(pool)]
                    for i, r in enumerate(results)]
         t_fault = injected_at[0] if injected_at else 0.0
-        later = sorted(t for t in arrivals if t > t_fault)
+        later = sorted(t for r in results for t in r.token_times if t > t_fault)
         gaps = [b - a for a, b in zip([t_fault, *later], later)]
         summary = summarise(list(results), wall, concurrency)
         return {

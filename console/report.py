@@ -189,9 +189,9 @@ def fault_section(docs: list[dict]) -> str:
              "yes" if s["outputs_correct"] else "NO"] for s in scenarios]
     return ("## Fault recovery\n\nDetect: last good heartbeat to declared down. Recover: "
             "detect + re-plan + reload of the survivors. First token: survivors loaded to "
-            "the first token of a resumed request. Longest stall: the longest time without "
-            "a finished request after the fault. Outputs are compared token for token with "
-            "a fault-free run.\n\n" + table(
+            "the first token of a resumed request. Longest stall: the longest time in which "
+            "no request received a token, after the fault. Outputs are compared token for "
+            "token with a fault-free run.\n\n" + table(
                 ["fault", "node", "load", "success", "detect ms", "recover ms",
                  "first token ms", "longest stall ms", "outputs correct"], body))
 
