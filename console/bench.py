@@ -91,6 +91,16 @@ def prompt_ids(vocab: int, n: int, seed: int, avoid: set[int]) -> list[int]:
     return out
 
 
+def workload_prompts(model: str, count: int, tokens: int, seed: int) -> list[list[int]]:
+    """`count` seeded prompts of exactly `tokens` ids from the model's vocabulary."""
+    from node.models import prompt_tokenizer, resolve
+
+    source = resolve(model)
+    avoid = set(prompt_tokenizer(source).eos_ids)
+    vocab = int(source.config["vocab_size"])
+    return [prompt_ids(vocab, tokens, seed + i, avoid) for i in range(count)]
+
+
 async def one_request(client: NodeClient, ids: list[int], gen: int,
                       timeout_s: float) -> RequestResult:
     request = pb.GenerateRequest(prompt_ids=ids, max_tokens=gen, ignore_eos=True,
@@ -202,7 +212,6 @@ async def bench_cluster(addresses: list[str], work: Workload, progress=None,
                         client_options: dict | None = None) -> dict:
     """Load the model on these nodes and run the workload; one entry per concurrency."""
     from console.cli import load_plan
-    from node.models import prompt_tokenizer, resolve
 
     progress = progress or (lambda *a: None)
     clients = [NodeClient(a, **(client_options or {})) for a in addresses]
@@ -211,11 +220,7 @@ async def bench_cluster(addresses: list[str], work: Workload, progress=None,
                                        progress=lambda m: None)
         after_load = await node_state(clients)
         entry = next(c for c in clients if c.address == plan.shards[0].address)
-        source = resolve(work.model)
-        vocab = int(source.config["vocab_size"])
-        avoid = set(prompt_tokenizer(source).eos_ids)
-        prompts = [prompt_ids(vocab, work.prompt_tokens, work.seed + i, avoid)
-                   for i in range(work.requests)]
+        prompts = workload_prompts(work.model, work.requests, work.prompt_tokens, work.seed)
         for i in range(work.warmup):
             await one_request(entry, prompts[i % len(prompts)], work.gen_tokens, work.timeout_s)
         runs = []
@@ -369,7 +374,6 @@ async def run_scenario(addresses: list[str], work: Workload, fault: str, concurr
     """Run `work.requests` requests at `concurrency`, inject `fault` into a non-entry node
     once `fault_at` of them are done, and compare every output with a fault-free run."""
     from console.cli import load_plan
-    from node.models import prompt_tokenizer, resolve
 
     progress = progress or (lambda *a: None)
     clients = [NodeClient(a, **(client_options or {})) for a in addresses]
@@ -379,10 +383,7 @@ async def run_scenario(addresses: list[str], work: Workload, fault: str, concurr
         entry = next(c for c in clients if c.address == plan.shards[0].address)
         victim_shard = plan.shards[-1]
         victim = next(c for c in clients if c.address == victim_shard.address)
-        source = resolve(work.model)
-        avoid = set(prompt_tokenizer(source).eos_ids)
-        pool = [prompt_ids(int(source.config["vocab_size"]), work.prompt_tokens,
-                           work.seed + i, avoid) for i in range(UNIQUE_PROMPTS)]
+        pool = workload_prompts(work.model, UNIQUE_PROMPTS, work.prompt_tokens, work.seed)
         reference = [(await one_request(entry, p, work.gen_tokens, work.timeout_s)).token_ids
                      for p in pool]
         before = list((await entry.info()).recoveries)

@@ -49,6 +49,12 @@ class NodeView:
         return self.name or self.address
 
 
+def address_idle(monitor: ClusterMonitor, address: str) -> bool:
+    """No info refresh for this node is in flight."""
+    task = monitor._tasks.get(f"info:{address}")
+    return task is None or task.done()
+
+
 @dataclass
 class Event:
     at: float
@@ -77,6 +83,7 @@ class ClusterMonitor:
         self._discovery: Discovery | None = None
         self._listeners: list[Callable[[], None]] = []
         self._tokens_by_node: dict[str, tuple[int, float]] = {}
+        self._recoveries_seen: dict[str, int] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,9 +152,13 @@ class ClusterMonitor:
         info = event.info
         if view is None:
             view = self.nodes[event.address] = NodeView(event.address)
+        if info is not None:
+            self._note_recoveries(view, info)
         was = view.state
         if info is not None:
-            view.node_id, view.name, view.info = info.node_id, info.name, info
+            view.node_id, view.name = info.node_id, info.name
+            view.info = pb.NodeInfo()
+            view.info.CopyFrom(info)  # our copy: snapshots update it, discovery keeps its own
         if event.kind == "up" and was != "up":
             view.state = "up"
             view.last_seen = time.monotonic()
@@ -200,6 +211,9 @@ class ClusterMonitor:
         self.tokens_total += max(0, tokens - prev)
         self._tokens_by_node[view.address] = (tokens, now)
         if view.info is not None and snap.HasField("shard"):
+            if snap.shard.epoch != view.info.plan.epoch and address_idle(self, view.address):
+                self._tasks[f"info:{view.address}"] = asyncio.get_running_loop().create_task(
+                    self._refresh_one(view))  # a new plan: fetch it now, not at the recheck
             view.info.shard.CopyFrom(snap.shard)
         for h in snap.deltas:
             hist = Histogram.from_pairs(zip(h.buckets, h.counts), h.sum_s, h.max_s)
@@ -225,6 +239,22 @@ class ClusterMonitor:
                     changed = True
             if changed:
                 self._changed()
+
+    def _note_recoveries(self, view: NodeView, info: pb.NodeInfo) -> None:
+        """Log each recovery a coordinating node reports, once."""
+        seen = self._recoveries_seen.get(view.address, None)
+        self._recoveries_seen[view.address] = len(info.recoveries)
+        if seen is None:
+            return  # recoveries from before we started watching are history
+        labels = {v.node_id: v.label for v in self.nodes.values()}
+        for r in info.recoveries[seen:]:
+            lost = ", ".join(labels.get(n, n[:8]) for n in r.lost)
+            if r.error:
+                self.log("error", f"recovery from the loss of {lost} failed: {r.error}")
+            else:
+                self.log("recovery", f"epoch {r.from_epoch}->{r.to_epoch} without {lost}: "
+                                     f"detected in {r.detect_s:.2f} s, re-planned in "
+                                     f"{r.replan_s:.2f} s, reloaded in {r.reload_s:.2f} s")
 
     # ------------------------------------------------------------ derived state
 
@@ -261,10 +291,17 @@ class ClusterMonitor:
                       if v.state in ("up", "suspect"))
         return [self._client(a) for _, a in live]
 
+    async def _refresh_one(self, view: NodeView) -> None:
+        with contextlib.suppress(ClusterError):
+            view.info = await self._client(view.address).info()
+            self._note_recoveries(view, view.info)
+            self._changed()
+
     async def refresh_infos(self) -> None:
         for address, view in self.nodes.items():
             if view.state == "down":
                 continue
             with contextlib.suppress(ClusterError):
                 view.info = await self._client(address).info()
+                self._note_recoveries(view, view.info)
         self._changed()

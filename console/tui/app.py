@@ -18,6 +18,7 @@ from textual.widgets import DataTable, Footer, Header
 from console.client import ClusterError
 from console.tui.commands import ClusterCommands
 from console.tui.screens import (
+    FaultScreen,
     GenerateScreen,
     HelpScreen,
     LoadScreen,
@@ -35,6 +36,8 @@ from console.tui.widgets import (
 )
 
 NARROW = 100
+BENCH_REQUESTS = 12
+BENCH_CONCURRENCY = 3
 
 
 class ClusterApp(App):
@@ -47,6 +50,9 @@ class ClusterApp(App):
         Binding("u", "unload", "Unload", id="unload"),
         Binding("d", "detail", "Details", id="detail"),
         Binding("s", "source", "Source", id="source"),
+        Binding("b", "bench", "Bench", id="bench", tooltip="a short benchmark on the plan"),
+        Binding("f", "fault", "Fault", id="fault", tooltip="inject a fault into the node"),
+        Binding("h", "heal", "Heal", id="heal", tooltip="heal the selected node's faults"),
         Binding("question_mark", "help", "Help", id="help"),
         Binding("q", "quit", "Quit", id="quit"),
     ]
@@ -152,14 +158,89 @@ class ClusterApp(App):
                          "unload failed: " + "; ".join(failed) if failed
                          else f"unloaded {sum(bool(r) for r in results)} shard(s)")
 
-    def action_detail(self) -> None:
+    def selected(self):
         table = self.query_one("#nodes", DataTable)
         if not table.row_count:
-            return
+            return None
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        view = self.monitor.nodes.get(key)
+        return self.monitor.nodes.get(key)
+
+    def action_detail(self) -> None:
+        view = self.selected()
         if view is not None:
             self.push_screen(NodeDetailScreen(view))
+
+    def action_fault(self) -> None:
+        view = self.selected()
+        if view is None:
+            return
+
+        def chosen(spec) -> None:
+            if spec is not None:
+                self.inject(view.address, view.label, spec)
+
+        self.push_screen(FaultScreen(view.label), chosen)
+
+    @work(group="faults")
+    async def inject(self, address: str, label: str, spec) -> None:
+        client = next((c for c in self.monitor.up_clients() if c.address == address), None)
+        try:
+            if client is None:
+                raise ClusterError(f"{label} is not up")
+            await client.inject(spec)
+        except ClusterError as e:
+            if spec.kind != "kill":  # a killed node may not live to answer
+                self.monitor.log("error", f"inject {spec.kind} on {label}: {e}")
+                self.notify(str(e), severity="error", timeout=8)
+                return
+        self.monitor.log("fault", f"{spec.kind} injected on {label}")
+
+    @work(group="faults")
+    async def action_heal(self) -> None:
+        view = self.selected()
+        if view is None:
+            return
+        client = next((c for c in self.monitor.up_clients() if c.address == view.address), None)
+        try:
+            if client is None:
+                raise ClusterError(f"{view.label} is not up")
+            await client.heal()
+        except ClusterError as e:
+            self.monitor.log("error", f"heal {view.label}: {e}")
+            return
+        self.monitor.log("fault", f"{view.label} healed")
+
+    @work(exclusive=True, group="bench")
+    async def action_bench(self) -> None:
+        """A short benchmark on the loaded plan: the latency panels fill as it runs."""
+        import asyncio
+
+        from console.bench import run_level, summarise, workload_prompts
+        from console.client import entry_node, gather_infos
+
+        clients = self.monitor.up_clients()
+        infos = [i for i in await gather_infos(clients) if not isinstance(i, ClusterError)]
+        try:
+            entry = entry_node(infos)
+        except ClusterError as e:
+            self.notify(str(e), severity="error")
+            return
+        client = next(c for c in clients if c.address == entry.address)
+        prompts = await asyncio.to_thread(workload_prompts, entry.plan.model, BENCH_REQUESTS,
+                                          32, 0)
+        self.monitor.log("bench", f"benchmark: {BENCH_REQUESTS} requests x 32 tokens, "
+                                  f"concurrency {BENCH_CONCURRENCY} ...")
+
+        def progress(done: int, total: int) -> None:
+            self.sub_title = f"benchmark {done}/{total}"
+
+        results, wall = await run_level(client, prompts, 32, BENCH_CONCURRENCY, 120.0, progress)
+        s = summarise(results, wall, BENCH_CONCURRENCY)
+        self.sub_title = ""
+        self.monitor.log("bench", f"benchmark: {s['aggregate_tokens_per_s']:.1f} tok/s, TTFT "
+                                  f"p50 {s['ttft_s']['p50'] * 1000:.0f} ms, ITL p99 "
+                                  f"{s['itl_s']['p99'] * 1000:.0f} ms, success "
+                                  f"{s['success_rate']:.0%}")
 
     @on(DataTable.RowSelected, "#nodes")
     def row_selected(self) -> None:

@@ -12,6 +12,9 @@ ACTIONS = [
     ("Unload", "unload", "drop the model from every node"),
     ("Node details", "detail", "capabilities, shard and metrics of the selected node"),
     ("Switch discovery source", "source", "zeroconf or a list of host:port"),
+    ("Run a short benchmark", "bench", "requests at concurrency 3 on the loaded plan"),
+    ("Inject a fault", "fault", "into the selected node (kill, hang, latency, ...)"),
+    ("Heal", "heal", "remove the selected node's faults"),
     ("Help", "help", "keys and what the panels show"),
     ("Quit", "quit", "leave the dashboard (the nodes keep running)"),
 ]

@@ -184,6 +184,52 @@ class NodeDetailScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
+FAULTS = ["kill", "hang", "latency", "loss", "slow-compute", "bandwidth", "memory-pressure"]
+
+
+class FaultScreen(ModalScreen):
+    """Pick a fault and its parameters for the selected node (needs --allow-faults)."""
+
+    BINDINGS = [("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(f"Inject a fault into {self.label}", classes="title")
+            yield Select([(f, f) for f in FAULTS], value="latency", allow_blank=False,
+                         id="kind")
+            yield Input("ms=50 duration=30", id="params",
+                        placeholder="ms=50 jitter=5 p=0.1 factor=3 kbps=100 gib=1 duration=30")
+            with Horizontal(classes="buttons"):
+                yield Button("Inject", id="inject", variant="error")
+                yield Button("Cancel", id="cancel")
+
+    @on(Button.Pressed, "#cancel")
+    def cancel(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#inject")
+    @on(Input.Submitted, "#params")
+    def inject(self) -> None:
+        from protos import cluster_pb2 as pb
+
+        spec = pb.FaultSpec(kind=str(self.query_one("#kind", Select).value))
+        names = {"ms": "ms", "jitter": "jitter_ms", "p": "p", "factor": "factor",
+                 "kbps": "kbps", "gib": "gib", "duration": "duration_s"}
+        for part in self.query_one("#params", Input).value.split():
+            key, _, value = part.partition("=")
+            if key in names:
+                try:
+                    setattr(spec, names[key], float(value))
+                except ValueError:
+                    self.notify(f"{part}: not a number", severity="error")
+                    return
+        self.dismiss(spec)
+
+
 class SourceScreen(ModalScreen[str | None]):
     """Switch discovery: 'zeroconf', or a comma-separated list of host:port."""
 
@@ -221,6 +267,8 @@ HELP = """\
 | `u` | unload the model from every node |
 | `enter` / `d` | details of the selected node |
 | `s` | switch the discovery source |
+| `b` | a short benchmark on the loaded plan (latency panels fill as it runs) |
+| `f` / `h` | inject a fault into / heal the selected node (`--allow-faults` nodes) |
 | `ctrl+p` | command palette: every action by name |
 | `?` | this help |
 | `q` | quit |

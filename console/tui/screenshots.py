@@ -3,7 +3,8 @@
 Starts a 3-node loopback cluster, opens the dashboard headless, loads the bundled model
 through the load modal (saving the plan preview), runs generations, and saves SVGs (and
 PNGs when cairosvg is available) into screenshots/: the main view during generation, the
-plan preview modal and the node detail screen. Look at them before committing.
+plan preview modal, the node detail screen, and the recovery after a node is killed
+from the dashboard mid-generation. Look at them before committing.
 
     .venv/bin/python -m console.tui.screenshots [--out screenshots]
 """
@@ -69,6 +70,18 @@ async def capture(addresses: list[str], out: Path) -> list[Path]:
         await pilot.pause(0.5)
         shot("node-detail")
         await pilot.press("escape")
+        # kill the last node from the dashboard while a request streams: the recovery
+        streaming = asyncio.ensure_future(generate(monitor.up_clients(), request))
+        await pilot.pause(1.5)
+        table = app.query_one("#nodes")
+        table.move_cursor(row=table.row_count - 1)
+        await pilot.press("f")
+        app.screen.query_one("#kind").value = "kill"
+        await pilot.click("#inject")
+        await until(lambda: any(e.kind == "recovery" for e in monitor.events), 30)
+        await pilot.pause(2.0)
+        shot("recovery")
+        await streaming
     return saved
 
 
@@ -94,7 +107,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cluster.json"
-        cluster = local.up(3, path=path, node_args=["--no-advertise"])
+        cluster = local.up(3, path=path, node_args=["--no-advertise", "--allow-faults"])
         try:
             svgs = asyncio.run(capture([n["address"] for n in cluster["nodes"]], args.out))
         finally:

@@ -215,16 +215,18 @@ class EventsPanel(Rerendered):
     """Discoveries, losses, plan changes, loads and errors: the newest that fit."""
 
     STYLES = {"up": "green", "down": "red", "suspect": "yellow", "error": "bold red",
-              "load": "cyan", "info": "white"}
+              "load": "cyan", "info": "white", "recovery": "bold magenta",
+              "fault": "bold yellow", "bench": "cyan"}
 
     def render_from(self, monitor) -> None:
-        rows = max(1, self.size.height or 10)
-        width = max(20, (self.size.width or 80) - 2)
+        region = self.content_region  # inside the border: what can show
+        rows = max(1, region.height or 10)
+        width = max(20, region.width or 78)
         lines: list[Text] = []
         for event in reversed(monitor.events):
             stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
             line = Text.assemble((stamp + " ", "dim"),
-                                 (f"{event.kind:7} ", self.STYLES.get(event.kind, "")),
+                                 (f"{event.kind:8} ", self.STYLES.get(event.kind, "")),
                                  event.text)
             wrapped = line.wrap(self.app.console, width)
             lines[:0] = list(wrapped)
