@@ -271,6 +271,29 @@ def cmd_load(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    from node.models import SYNTHETIC_PREFIX
+
+    async def run(clients):
+        infos = await gather_infos(clients)
+        live = [(c, i) for c, i in zip(clients, infos) if not isinstance(i, ClusterError)]
+        if not live:
+            raise ClusterError("no node is up")
+        loaded = [i for _, i in live if i.HasField("plan")]
+        if not loaded:
+            raise ClusterError("nothing is loaded; use mlx-cluster load --model SPEC")
+        plan = max((i.plan for i in loaded), key=lambda p: p.epoch)
+        layers = plan.n_layers if plan.model.startswith(SYNTHETIC_PREFIX) else 0
+        strategy = plan.strategy or "memory"
+        return await load_plan([c for c, _ in live], plan.model, "", layers, strategy)
+
+    plan, shards = asyncio.run(with_clients(node_addresses(args), run))
+    emit(args, {"plan": to_dict(plan)},
+         f"{plan.model} epoch {plan.epoch} over {len(plan.shards)} node(s): " + ", ".join(
+             f"{s.name or s.address} {s.start_layer}-{s.end_layer}" for s in plan.shards))
+    return EXIT_OK
+
+
 def cmd_unload(args: argparse.Namespace) -> int:
     async def run(clients):
         return await asyncio.gather(*(c.unload() for c in clients))
@@ -440,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split a model across the nodes (replaces the loaded plan)")
 
     sub.add_parser("unload", parents=[common, nodes], help="drop the loaded shards")
+    sub.add_parser("rebalance", parents=[common, nodes],
+                   help="re-plan the loaded model over every node up now (re-admits nodes "
+                        "that came back after a recovery)")
 
     gen = sub.add_parser("generate", parents=[common, nodes], help="stream tokens for a prompt")
     gen.add_argument("--prompt", required=True)
@@ -685,6 +711,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 COMMANDS = {"local": cmd_local, "discover": cmd_discover, "dashboard": cmd_dashboard,
             "bench": cmd_bench, "report": cmd_report,
             "status": cmd_status, "plan": cmd_plan, "load": cmd_load, "unload": cmd_unload,
+            "rebalance": cmd_rebalance,
             "generate": cmd_generate, "inject": cmd_inject,
             "heal": cmd_heal, "shutdown": cmd_shutdown, "demo": cmd_demo}
 

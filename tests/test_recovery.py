@@ -56,3 +56,37 @@ async def test_killing_a_peer_mid_stream_fails_over_with_identical_tokens(small_
     assert again["token_ids"] == reference["token_ids"]
     for c in clients:
         await c.close()
+
+
+async def test_rebalance_readmits_a_node_after_a_recovery(small_cluster, tmp_path):
+    import json
+
+    from tests.conftest import spawn_node
+    from tests.test_cli import mlx_cluster
+
+    cluster = await asyncio.to_thread(small_cluster, 3, node_args=["--no-advertise"])
+    addrs = addresses(cluster)
+    clients = [NodeClient(a) for a in addrs]
+    await load_plan(clients, "synthetic:tiny", "", 0, "memory", progress=lambda m: None)
+    request = pb.GenerateRequest(prompt_ids=[256, 1, 2, 3], max_tokens=12, ignore_eos=True)
+    reference = (await generate(clients, request))["token_ids"]
+    os.kill(cluster["nodes"][2]["pid"], signal.SIGKILL)
+    for _ in range(50):
+        if len((await clients[0].info()).plan.shards) == 2:
+            break
+        await asyncio.sleep(0.2)
+    proc, ready = await asyncio.to_thread(spawn_node, tmp_path / "new.json", "--no-advertise",
+                                          "--state-dir", str(tmp_path / "new"))
+    try:
+        nodes = ",".join([*addrs[:2], ready["address"]])
+        res = await asyncio.to_thread(mlx_cluster, "rebalance", "--nodes", nodes, "--json",
+                                      env=dict(os.environ))
+        assert res.returncode == 0, res.stderr
+        plan = json.loads(res.stdout)["plan"]
+        assert len(plan["shards"]) == 3 and plan["shards"][2]["address"] == ready["address"]
+        assert (await generate(clients[:2], request))["token_ids"] == reference
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        for c in clients:
+            await c.close()
