@@ -167,6 +167,7 @@ def summarise(results: list[RequestResult], wall_s: float, concurrency: int) -> 
         "ttft_s": percentiles([r.ttft_s for r in ok]),
         "tpot_s": percentiles(tpot),
         "itl_s": percentiles([x for r in ok for x in r.itl_s]),
+        "itl_samples": [round(x, 6) for r in ok for x in r.itl_s][:20000],  # for CDFs
         "e2e_s": percentiles([r.e2e_s for r in ok]),
     }
 

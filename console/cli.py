@@ -141,8 +141,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             lines.append(f"{r['address']:22} DOWN  {r['error']}")
             continue
         caps, shard = r["capabilities"], r.get("shard") or {}
-        mem = (f"mlx {r['mlx_active_bytes'] / gib:5.2f} GiB / budget "
-               f"{caps['memory_budget'] / gib:5.2f} GiB")
+        mem = (f"mlx {r['mlx_active_bytes'] / gib:5.2f} GiB (rss {r['rss_bytes'] / gib:.2f}) / "
+               f"budget {caps['memory_budget'] / gib:5.2f} GiB")
         layers = (f"{shard['model']} {shard['start_layer']}-{shard['end_layer']} "
                   f"(epoch {shard['epoch']})") if shard else "no shard"
         faults = ", ".join(f"{f['spec']['kind']} ({f['id']})" for f in r.get("faults", []))

@@ -266,6 +266,20 @@ def charts(rs: list[dict], out_dir: Path, stem: str) -> list[Path]:
         return []
     written = []
     fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rs:
+        samples = sorted(r["run"].get("itl_samples", []))
+        if samples:
+            ax.plot([s * 1000 for s in samples],
+                    [(i + 1) / len(samples) for i in range(len(samples))],
+                    label=f"{r['label']} c={r['run']['concurrency']}")
+    ax.set(xlabel="inter-token latency (ms)", ylabel="fraction of tokens",
+           title="Inter-token latency CDF")
+    ax.legend(fontsize=7)
+    path = out_dir / f"{stem}-latency-cdf.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+    fig, ax = plt.subplots(figsize=(7, 4))
     for label in sorted({r["label"] for r in rs}):
         pts = sorted((r["run"]["concurrency"], r["run"]["aggregate_tokens_per_s"])
                      for r in rs if r["label"] == label)

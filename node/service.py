@@ -134,7 +134,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             frames_rejected=c["frames_rejected"],
             latencies=[pb.LatencySummary(**s) for s in self.metrics.summaries()],
             active_requests=self.pipeline.engine.active_requests if self.pipeline else 0,
-            cpu_percent=self._process.cpu_percent(), rss_bytes=self._process.memory_info().rss)
+            cpu_percent=self._process.cpu_percent(), rss_bytes=self._process.memory_info().rss,
+            requests_retried=c["requests_retried"], recoveries=c["recoveries"])
 
     def _state(self) -> str:
         if self._load_lock.locked():

@@ -418,7 +418,7 @@ class MetricsSnapshot(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., time_unix: _Optional[float] = ..., interval_s: _Optional[float] = ..., state: _Optional[str] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., memory_budget: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., active_requests: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., deltas: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("node_id", "requests_started", "requests_completed", "requests_failed", "tokens_generated", "frames_in", "frames_out", "bytes_in", "bytes_out", "frames_rejected", "latencies", "active_requests", "cpu_percent", "rss_bytes")
+    __slots__ = ("node_id", "requests_started", "requests_completed", "requests_failed", "tokens_generated", "frames_in", "frames_out", "bytes_in", "bytes_out", "frames_rejected", "latencies", "active_requests", "cpu_percent", "rss_bytes", "requests_retried", "recoveries")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_STARTED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
@@ -433,6 +433,8 @@ class Metrics(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_RETRIED_FIELD_NUMBER: _ClassVar[int]
+    RECOVERIES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     requests_started: int
     requests_completed: int
@@ -447,7 +449,9 @@ class Metrics(_message.Message):
     active_requests: int
     cpu_percent: float
     rss_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., requests_started: _Optional[int] = ..., requests_completed: _Optional[int] = ..., requests_failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[LatencySummary, _Mapping]]] = ..., active_requests: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
+    requests_retried: int
+    recoveries: int
+    def __init__(self, node_id: _Optional[str] = ..., requests_started: _Optional[int] = ..., requests_completed: _Optional[int] = ..., requests_failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[LatencySummary, _Mapping]]] = ..., active_requests: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., requests_retried: _Optional[int] = ..., recoveries: _Optional[int] = ...) -> None: ...
 
 class FaultSpec(_message.Message):
     __slots__ = ("kind", "ms", "jitter_ms", "p", "factor", "duration_s", "seed", "kbps", "peers", "direction", "gib")

@@ -44,7 +44,7 @@ async def test_loss_is_retried_and_bandwidth_slows_then_heals(small_cluster):
     ids, _ = await run(cl[0], 24)
     assert ids == reference  # lost frames were noticed and the request replayed
     metrics = await cl[0].metrics()
-    assert metrics.requests_completed >= 2
+    assert metrics.requests_retried >= 1  # the loss cost at least one replay
     await cl[1].heal()
     await cl[2].inject(pb.FaultSpec(kind="bandwidth", kbps=50))
     ids, slowed = await run(cl[0])
