@@ -103,6 +103,8 @@ async def test_latency_fault_slows_tokens_and_heals(small_cluster):
     await cl[1].inject(pb.FaultSpec(kind="latency", ms=50))
     slowed = await duration()
     assert slowed > base + 8 * 0.05 * 0.8  # each of 8 tokens crosses node 1 once
+    hops = {s.name: s for s in (await cl[1].metrics()).latencies}
+    assert hops["hop"].p99_s >= 0.045  # the delay shows in node 1's hop histogram
     await cl[1].heal()
     with pytest.raises(ClusterError, match="needs --ms"):
         await cl[1].inject(pb.FaultSpec(kind="latency"))
