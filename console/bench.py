@@ -424,7 +424,7 @@ async def run_scenario(addresses: list[str], work: Workload, fault: str, concurr
                    for i, r in enumerate(results)]
         t_fault = injected_at[0] if injected_at else 0.0
         later = sorted(t for r in results for t in r.token_times if t > t_fault)
-        gaps = [b - a for a, b in zip([t_fault, *later], later)]
+        gaps = [b - a for a, b in zip([t_fault, *later], later)] if injected_at else []
         summary = summarise(list(results), wall, concurrency)
         return {
             "fault": fault, "node": victim_shard.name or victim_shard.address,
@@ -432,11 +432,15 @@ async def run_scenario(addresses: list[str], work: Workload, fault: str, concurr
             "success_rate": summary["success_rate"], "failures": summary["failures"],
             "outputs_correct": all(c for c, r in zip(correct, results) if r.ok),
             "correct_outputs": sum(correct),
-            "stall_s": max(gaps) if gaps else 0.0,
+            "stall_s": max(gaps) if gaps else None,
+            "injected": bool(injected_at),
             "recoveries": [to_dict(r) for r in new],
-            "detect_s": new[0].detect_s if new else 0.0,
-            "recover_s": (new[0].detect_s + new[0].replan_s + new[0].reload_s) if new else 0.0,
-            "first_token_s": new[0].first_token_s if new else 0.0,
+            # None where nothing was measured (no recovery happened, or it failed)
+            "detect_s": new[0].detect_s if new and not new[0].error else None,
+            "recover_s": (new[0].detect_s + new[0].replan_s + new[0].reload_s)
+            if new and not new[0].error else None,
+            "first_token_s": new[0].first_token_s if new and not new[0].error else None,
+            "recovery_error": new[0].error if new else "",
             "aggregate_tokens_per_s": summary["aggregate_tokens_per_s"],
             "errors": [r.error for r in results if not r.ok][:10],
         }

@@ -653,6 +653,8 @@ def int_list(text: str, what: str) -> list[int]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from console.bench import Workload, run_bench
 
+    if not 0 < args.fault_at < 1:
+        raise ClusterError("--fault-at is a fraction of the requests, between 0 and 1")
     work = Workload(model=args.model, prompt_tokens=args.prompt_tokens,
                     gen_tokens=args.gen_tokens, requests=args.requests,
                     concurrency=int_list(args.concurrency, "--concurrency"),

@@ -183,17 +183,23 @@ def fault_section(docs: list[dict]) -> str:
     scenarios = [s for d in docs for s in d.get("scenarios", [])]
     if not scenarios:
         return "## Fault recovery\n\nNo fault scenarios in these results."
-    body = [[s["fault"], s["node"], f"{s['requests']} @ c={s['concurrency']}",
-             f"{s['success_rate']:.2%}", ms(s["detect_s"]), ms(s["recover_s"]),
-             ms(s["first_token_s"]), ms(s["stall_s"]),
-             "yes" if s["outputs_correct"] else "NO"] for s in scenarios]
+    def opt(x) -> str:
+        return "—" if x is None else ms(x)
+
+    body = [[s["fault"] + ("" if s.get("injected", True) else " (not injected)"), s["node"],
+             f"{s['requests']} @ c={s['concurrency']}", f"{s['success_rate']:.2%}",
+             opt(s["detect_s"]), opt(s["recover_s"]), opt(s["first_token_s"]),
+             opt(s["stall_s"]), "yes" if s["outputs_correct"] else "NO"] for s in scenarios]
+    errors = [f"- {s['fault']}: recovery failed: {s['recovery_error']}" for s in scenarios
+              if s.get("recovery_error")]
     return ("## Fault recovery\n\nDetect: last good heartbeat to declared down. Recover: "
             "detect + re-plan + reload of the survivors. First token: survivors loaded to "
             "the first token of a resumed request. Longest stall: the longest time in which "
             "no request received a token, after the fault. Outputs are compared token for "
             "token with a fault-free run.\n\n" + table(
                 ["fault", "node", "load", "success", "detect ms", "recover ms",
-                 "first token ms", "longest stall ms", "outputs correct"], body))
+                 "first token ms", "longest stall ms", "outputs correct"], body)
+            + ("\n\n" + "\n".join(errors) if errors else ""))
 
 
 def recommendations(rs: list[dict]) -> str:

@@ -71,11 +71,12 @@ class Coordinator:
         does not answer; gRPC's health service would, from the same process)."""
         stub = pb_grpc.NodeServiceStub(self._channel(address))
         try:
-            await stub.Heartbeat(pb.HeartbeatRequest(sender=self.servicer.node_id),
-                                 timeout=max(0.1, self.interval_s * 1.5))
+            reply = await stub.Heartbeat(pb.HeartbeatRequest(sender=self.servicer.node_id),
+                                         timeout=max(0.1, self.interval_s * 1.5))
         except grpc.aio.AioRpcError:
             return False
-        return True
+        # a peer that restarted or unloaded answers, but no longer holds its shard
+        return reply.epoch >= self.plan.epoch
 
     async def _watch(self) -> None:
         peers = [s for s in self.plan.shards if s.node_id != self.servicer.node_id]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import time
@@ -75,6 +76,15 @@ def validate(kind: str, ms: float, jitter_ms: float, p: float, factor: float,
              direction: str = "both", gib: float = 0.0) -> None:
     if kind not in KINDS:
         raise BadFault(f"unknown fault {kind!r}; this node supports {', '.join(KINDS)}")
+    values = {"ms": ms, "jitter": jitter_ms, "p": p, "factor": factor, "duration": duration_s,
+              "kbps": kbps, "gib": gib}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise BadFault(f"{', '.join(bad)} must be finite numbers")
+    if ms > 60_000 or jitter_ms > 60_000 or factor > 100 or duration_s > 86_400:
+        raise BadFault("keep --ms/--jitter <= 60000, --factor <= 100, --duration <= 86400")
+    if kind == "bandwidth" and kbps < 1:
+        raise BadFault("bandwidth needs --kbps >= 1")
     if duration_s < 0 or ms < 0 or jitter_ms < 0:
         raise BadFault("durations and delays must be >= 0")
     if kind == "latency" and ms <= 0:
@@ -87,8 +97,13 @@ def validate(kind: str, ms: float, jitter_ms: float, p: float, factor: float,
         raise BadFault("bandwidth needs --kbps > 0")
     if kind == "partition" and (not peers or direction not in DIRECTIONS):
         raise BadFault("partition needs --peers A,B and --direction to|from|both")
-    if kind == "memory-pressure" and not 0 < gib <= 1024:
-        raise BadFault("memory-pressure needs 0 < --gib <= 1024")
+    if kind == "memory-pressure":
+        import psutil
+
+        room = (psutil.virtual_memory().available - 2**30) / 2**30
+        if not 0 < gib <= room:
+            raise BadFault(f"memory-pressure needs 0 < --gib <= {max(0.0, room):.1f} (what "
+                           "is available now, less 1 GiB)")
 
 
 class FaultBook:

@@ -314,9 +314,11 @@ class Pipeline:
         self._pending[request_id] = queue
         self.metrics.inc("requests_started")
         detok = tokenizer.detokenizer()
-        for token in already:
+        replayed = ""
+        for token in already:  # read after each token, exactly as the first run did
             detok.add_token(token)
-        carry = detok.last_segment[emitted_chars:]  # held-back text the client lacks
+            replayed += detok.last_segment
+        carry = replayed[emitted_chars:]  # held-back text the client lacks
         reason = "error"
         step: asyncio.Future | None = None
         t_start = time.perf_counter()

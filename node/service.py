@@ -25,7 +25,14 @@ from node.auth import TokenInterceptor, token_metadata
 from node.capabilities import capabilities, default_memory_budget
 from node.coordinator import Coordinator
 from node.engine import Engine
-from node.errors import ModelError, NodeError, NotLoaded, OverBudget, StaleEpoch
+from node.errors import (
+    EpochNotLoaded,
+    ModelError,
+    NodeError,
+    NotLoaded,
+    OverBudget,
+    StaleEpoch,
+)
 from node.faults import FaultBook, exit_now
 from node.metrics import NodeMetrics
 from node.models import Shard, check_range, load_shard, resolve, shape_of
@@ -324,6 +331,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             if not await self.faults.before_frame(frame.sender, frame.ByteSize()):
                 return  # dropped by a loss or partition fault
             if self.pipeline is None:
+                if self._load_lock.locked():  # mid-load: the sender should retry shortly
+                    raise EpochNotLoaded(f"this node is loading epoch {frame.epoch}")
                 raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
             await self.pipeline.handle_frame(frame, replies)
         except Exception as e:
@@ -337,7 +346,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context) -> AsyncIterator[pb.GenerateEvent]:
         await self.faults.wait_if_hung()
-        started = time.monotonic()
+        behind_since = 0.0  # start of the current run of "peer still loading" answers
+        failed_over = False  # the last retry waited for a new plan (a recovery)
         already: list[int] = []  # tokens the client has, replayed after a fail-over
         emitted = 0  # characters of text the client has
         retries = 0
@@ -350,9 +360,11 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                     raise NotLoaded(f"this node holds layers {self.shard.start}-"
                                     f"{self.shard.end}; send Generate to the first shard at "
                                     f"{pipeline.entry_address}")
-                resumed_at = time.monotonic() if retries else 0.0
+                resumed_at = time.monotonic() if failed_over else 0.0
+                failed_over = False
                 async for event in pipeline.generate(request, already, emitted):
                     if event.HasField("token"):
+                        behind_since = 0.0
                         already.append(event.token.token_id)
                         emitted += len(event.token.text)
                         if resumed_at:
@@ -369,8 +381,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 retryable = lost or behind or (
                     e.code in ("UNAVAILABLE", "FAILED_PRECONDITION") and (
                         recovering or self.coordinator is not None))
-                if behind and time.monotonic() - started < FAILOVER_WAIT_S:
-                    retries = min(retries, MAX_RETRIES - 1)  # waiting on a load is not a fault
+                if behind:
+                    behind_since = behind_since or time.monotonic()
+                    if time.monotonic() - behind_since < FAILOVER_WAIT_S:
+                        retries = min(retries, MAX_RETRIES - 1)  # a load, not a fault
                 if not retryable or retries >= MAX_RETRIES:
                     await _abort(context, e)
                 retries += 1
@@ -385,6 +399,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                                                         FAILOVER_WAIT_S):
                     await _abort(context, NodeError(
                         f"{e}; no recovery: {self._recovery_error or 'timed out waiting'}"))
+                failed_over = True
             except Exception as e:
                 await _abort(context, e)
 
