@@ -69,6 +69,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.recoveries: list[pb.Recovery] = []
         self._epoch_changed = asyncio.Condition()
         self._recovery_error: str = ""
+        self._loading_epoch = 0  # the epoch of the plan being loaded (heartbeats report it)
         self.name = name
         self.address = ""
         # fixed at start: available memory minus a margin unless the operator set one
@@ -104,8 +105,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if self.faults.cut_off((request.sender,), "from"):
             await asyncio.sleep(30)  # partitioned: the caller's deadline passes first
             await context.abort(grpc.StatusCode.UNAVAILABLE, "partitioned")
-        return pb.HeartbeatReply(node_id=self.node_id,
-                                 epoch=self.pipeline.epoch if self.pipeline else 0)
+        # while a plan loads, the node answers for the epoch it is loading
+        loading = self._loading_epoch if self._load_lock.locked() else 0
+        epoch = max(self.pipeline.epoch if self.pipeline else 0, loading)
+        return pb.HeartbeatReply(node_id=self.node_id, epoch=epoch)
 
     async def GetInfo(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
         await self.faults.wait_if_hung()
@@ -204,6 +207,11 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                              f"{self.pipeline.epoch}")
         _check_plan(plan)
         ours = mine[0]
+        self._loading_epoch = plan.epoch
+        if self.coordinator is not None and not self.coordinator.recovering:
+            # this plan replaces the one it watches; peers are reloading too
+            await self.coordinator.stop()
+            self.coordinator = None
         loop = asyncio.get_running_loop()
         source = await loop.run_in_executor(self.executor, resolve, plan.model, options.dtype,
                                             options.layers)
@@ -347,7 +355,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                        context) -> AsyncIterator[pb.GenerateEvent]:
         await self.faults.wait_if_hung()
         behind_since = 0.0  # start of the current run of "peer still loading" answers
-        failed_over = False  # the last retry waited for a new plan (a recovery)
+        resumed_at = 0.0  # when a fail-over to a new plan completed, until the next token
         already: list[int] = []  # tokens the client has, replayed after a fail-over
         emitted = 0  # characters of text the client has
         retries = 0
@@ -360,8 +368,6 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                     raise NotLoaded(f"this node holds layers {self.shard.start}-"
                                     f"{self.shard.end}; send Generate to the first shard at "
                                     f"{pipeline.entry_address}")
-                resumed_at = time.monotonic() if failed_over else 0.0
-                failed_over = False
                 async for event in pipeline.generate(request, already, emitted):
                     if event.HasField("token"):
                         behind_since = 0.0
@@ -399,7 +405,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                                                         FAILOVER_WAIT_S):
                     await _abort(context, NodeError(
                         f"{e}; no recovery: {self._recovery_error or 'timed out waiting'}"))
-                failed_over = True
+                resumed_at = time.monotonic()
             except Exception as e:
                 await _abort(context, e)
 
