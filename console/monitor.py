@@ -49,12 +49,6 @@ class NodeView:
         return self.name or self.address
 
 
-def address_idle(monitor: ClusterMonitor, address: str) -> bool:
-    """No info refresh for this node is in flight."""
-    task = monitor._tasks.get(f"info:{address}")
-    return task is None or task.done()
-
-
 @dataclass
 class Event:
     at: float
@@ -211,7 +205,7 @@ class ClusterMonitor:
         self.tokens_total += max(0, tokens - prev)
         self._tokens_by_node[view.address] = (tokens, now)
         if view.info is not None and snap.HasField("shard"):
-            if snap.shard.epoch != view.info.plan.epoch and address_idle(self, view.address):
+            if snap.shard.epoch != view.info.plan.epoch and self._idle(f"info:{view.address}"):
                 self._tasks[f"info:{view.address}"] = asyncio.get_running_loop().create_task(
                     self._refresh_one(view))  # a new plan: fetch it now, not at the recheck
             view.info.shard.CopyFrom(snap.shard)
@@ -290,6 +284,10 @@ class ClusterMonitor:
         live = sorted((v.label, a) for a, v in self.nodes.items()
                       if v.state in ("up", "suspect"))
         return [self._client(a) for _, a in live]
+
+    def _idle(self, task_name: str) -> bool:
+        task = self._tasks.get(task_name)
+        return task is None or task.done()
 
     async def _refresh_one(self, view: NodeView) -> None:
         with contextlib.suppress(ClusterError):
