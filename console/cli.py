@@ -169,45 +169,62 @@ def resolve_model(model: str, dtype: str, layers: int):
         raise ClusterError(f"cannot read model {model!r}: {e}") from e
 
 
-def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, strategy: str):
+def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, strategy: str,
+              backend: str = "pipeline"):
     """Plan `model` over the nodes (in their order): a checked PartitionPlan and the source."""
     from node.models import shape_of
-    from node.plan import NodeSpec, PlanError, make_plan
+    from node.plan import NodeSpec, PlanError, make_plan, make_tensor_plan, parse_backend
 
     source = resolve_model(model, dtype, layers)
     specs = [NodeSpec(i.node_id, i.capabilities.memory_budget, i.name, i.address,
                       i.capabilities.matmul_gflops) for i in infos]
     try:
+        name, parallel = parse_backend(backend)
+        if name == "mlx-ring" and parallel == "tensor":
+            return make_tensor_plan(shape_of(source), source.config, specs, model=model), source
         return make_plan(strategy, shape_of(source), specs, model=model), source
     except PlanError as e:
         raise ClusterError(str(e)) from e
 
 
-def proto_plan(plan, model: str, epoch: int) -> pb.Plan:
+def proto_plan(plan, model: str, epoch: int, backend: str = "pipeline",
+               infos: list[pb.NodeInfo] = (), auto_reform: bool = False) -> pb.Plan:
+    from node.plan import parse_backend
+
+    name, parallel = parse_backend(backend)
+    ports = {i.node_id: i.ring_port for i in infos}
     return pb.Plan(model=model, epoch=epoch, n_layers=plan.n_layers, strategy=plan.strategy,
-                   context_length=plan.context,
+                   context_length=plan.context, backend=name, parallel=parallel,
+                   auto_reform=auto_reform and name == "mlx-ring",
                    shards=[pb.PlanShard(node_id=s.node.node_id, address=s.node.address,
                                         name=s.node.name, start_layer=s.start, end_layer=s.end,
-                                        param_bytes=s.param_bytes, kv_bytes=s.kv_bytes)
+                                        param_bytes=s.param_bytes, kv_bytes=s.kv_bytes,
+                                        ring_port=ports.get(s.node.node_id, 0)
+                                        if name == "mlx-ring" else 0)
                            for s in plan.shards])
 
 
 async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: int,
-                    strategy: str, progress=eprint) -> tuple[pb.Plan, list[pb.ShardInfo]]:
-    """Plan `model` over the nodes and load every shard at once."""
+                    strategy: str, progress=eprint, backend: str = "pipeline",
+                    auto_reform: bool = False) -> tuple[pb.Plan, list[pb.ShardInfo]]:
+    """Plan `model` over the nodes and load every shard at once. For mlx-ring the node
+    services start one worker each and the loads return once the group has formed."""
     infos = await live_infos(clients)
-    plan, _ = partition(infos, model, dtype, layers, strategy)
+    plan, _ = partition(infos, model, dtype, layers, strategy, backend)
     epoch = max((i.shard.epoch for i in infos if i.HasField("shard")), default=0) + 1
-    proto = proto_plan(plan, model, epoch)
-    progress(f"loading {model} ({plan.n_layers} layers, {strategy}) on {len(clients)} "
-             f"node(s), epoch {epoch}")
+    proto = proto_plan(plan, model, epoch, backend, infos, auto_reform)
+    progress(f"loading {model} ({plan.n_layers} layers, {backend}, {plan.strategy}) on "
+             f"{len(clients)} node(s), epoch {epoch}")
     options = pb.ModelOptions(dtype=dtype, layers=layers)
     client_of = {i.node_id: c for c, i in zip(clients, infos)}
     t0 = time.perf_counter()
 
     async def one(shard: pb.PlanShard) -> pb.ShardInfo:
         reply = await client_of[shard.node_id].load(proto, options)
-        progress(f"  {shard.address}: layers {shard.start_layer}-{shard.end_layer} loaded "
+        part = (f"rank {reply.shard.ring.rank}/{reply.shard.ring.size} "
+                f"({reply.shard.ring.parallel})" if reply.shard.HasField("ring")
+                else f"layers {shard.start_layer}-{shard.end_layer}")
+        progress(f"  {shard.address}: {part} loaded "
                  f"({reply.shard.weight_bytes / 2**20:.0f} MiB, {reply.shard.form}) "
                  f"after {time.perf_counter() - t0:.1f} s")
         return reply.shard
@@ -246,8 +263,9 @@ def format_plan(plan: pb.Plan, budgets: dict[str, int], dtype: str) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     infos = asyncio.run(with_clients(node_addresses(args), live_infos))
-    plan, source = partition(infos, args.model, args.dtype, args.layers, args.strategy)
-    proto = proto_plan(plan, args.model, 0)
+    plan, source = partition(infos, args.model, args.dtype, args.layers, args.strategy,
+                             args.backend)
+    proto = proto_plan(plan, args.model, 0, args.backend, infos)
     budgets = {i.node_id: i.capabilities.memory_budget for i in infos}
     dtype = source.dtype or source.form
     emit(args, {"model": args.model, "strategy": plan.strategy, "n_layers": plan.n_layers,
@@ -260,7 +278,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_load(args: argparse.Namespace) -> int:
     async def run(clients):
         return await load_plan(clients, args.model, args.dtype, args.layers, args.strategy,
-                               progress=eprint)
+                               progress=eprint, backend=args.backend,
+                               auto_reform=args.auto_reform)
 
     plan, shards = asyncio.run(with_clients(node_addresses(args), run))
     data = {"plan": to_dict(plan), "shards": [to_dict(s) for s in shards]}
@@ -285,7 +304,11 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
         plan = max((i.plan for i in loaded), key=lambda p: p.epoch)
         layers = plan.n_layers if plan.model.startswith(SYNTHETIC_PREFIX) else 0
         strategy = plan.strategy or "memory"
-        return await load_plan([c for c, _ in live], plan.model, "", layers, strategy)
+        from node.plan import backend_label
+
+        return await load_plan([c for c, _ in live], plan.model, "", layers, strategy,
+                               backend=backend_label(plan.backend, plan.parallel),
+                               auto_reform=plan.auto_reform)
 
     plan, shards = asyncio.run(with_clients(node_addresses(args), run))
     emit(args, {"plan": to_dict(plan)},
@@ -314,10 +337,12 @@ async def generate(clients: list[NodeClient], request: pb.GenerateRequest,
     infos = await live_infos(clients)
     entry = entry_node(infos)
     client = next(c for c, i in zip(clients, infos) if i.node_id == entry.node_id)
-    ids, parts, done = [], [], None
+    ids, parts, logprobs, done = [], [], [], None
     async for event in client.generate(request):
         if event.HasField("token"):
             ids.append(event.token.token_id)
+            if event.token.HasField("logprob"):
+                logprobs.append(event.token.logprob)
             parts.append(event.token.text)
             on_text(event.token.text)
         else:
@@ -328,6 +353,7 @@ async def generate(clients: list[NodeClient], request: pb.GenerateRequest,
         raise ClusterError(f"the stream from {client.address} ended without a result")
     return {
         "text": "".join(parts), "token_ids": ids,
+        **({"logprobs": logprobs} if len(logprobs) == len(ids) and ids else {}),
         "tokens_per_s": done.decode_tokens_per_s, "ttft_s": done.ttft_s,
         "total_s": done.total_s, "finish_reason": done.finish_reason,
         "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
@@ -450,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="layer count override (synthetic models)")
     model_opts.add_argument("--dtype", default="", choices=["", "float32", "float16", "bfloat16"],
                             help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    model_opts.add_argument("--backend", default="pipeline",
+                            help="pipeline (gRPC, survives node loss; default) | "
+                                 "mlx-ring:tensor | mlx-ring:pipeline (MLX's own ring group, "
+                                 "started by the node services)")
     model_opts.add_argument("--strategy", default="memory",
                             help="memory (default) | ring-memory-weighted | speed | uniform | "
                                  "manual:A-B,C-D,...")
@@ -459,8 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "(node order)")
     sub.add_parser("plan", parents=[common, nodes, model_opts], epilog=strategies,
                    help="preview how a model would be split: layers and memory per node")
-    sub.add_parser("load", parents=[common, nodes, model_opts], epilog=strategies,
-                   help="split a model across the nodes (replaces the loaded plan)")
+    load = sub.add_parser("load", parents=[common, nodes, model_opts], epilog=strategies,
+                          help="split a model across the nodes (replaces the loaded plan)")
+    load.add_argument("--auto-reform", action="store_true",
+                      help="mlx-ring: when a rank's node dies, re-form the group on the "
+                           "survivors (if the model still fits and splits)")
 
     sub.add_parser("unload", parents=[common, nodes], help="drop the loaded shards")
     sub.add_parser("rebalance", parents=[common, nodes],

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: available memory minus a safety margin)")
     serve.add_argument("--request-timeout", type=float, default=120.0,
                        help="seconds to wait for a token to come back round the ring")
+    serve.add_argument("--ring-port", type=int, default=0,
+                       help="TCP port for this node's mlx-ring worker (default: a free port "
+                            "picked for each plan); open it between nodes for --backend mlx-ring")
     serve.add_argument("--ready-file", type=Path, default=None,
                        help="write {node_id, address, pid} as JSON here once serving")
     disc = serve.add_argument_group("discovery")
@@ -111,7 +114,7 @@ async def _serve(args: argparse.Namespace) -> None:
         credentials = server_credentials(args.tls_cert, args.tls_key)
     servicer = NodeServicer(node_id, args.name, args.memory_budget, args.request_timeout,
                             token=token, allow_faults=args.allow_faults, peer_ca=args.tls_ca,
-                            tls=credentials is not None)
+                            tls=credentials is not None, ring_port=args.ring_port)
     if args.calibrate:
         servicer.matmul_gflops = cached_calibration(state_dir)
         log.info("calibrated: %.1f GFLOP/s fp32 matmul", servicer.matmul_gflops)

@@ -8,6 +8,12 @@ to every survivor (itself included) and records how long each phase took. Reques
 flight fail over to the new epoch in the service's Generate (replaying their tokens, so
 the client's stream continues with no gap and no duplicate). A node that comes back is
 not re-admitted automatically: the operator loads again (`mlx-cluster load`).
+
+An mlx-ring plan (node/ring.py) is watched the same way, but MLX's groups cannot lose a
+rank: a dead peer (or rank 0's own worker exiting) takes the group down. The coordinator
+reports it at once and, when the plan asks for `auto_reform`, forms a new group on the
+survivors (same backend and parallelism, if the model still fits and splits); otherwise
+the operator loads again.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 import grpc
 
 from node.auth import open_channel
-from node.plan import NodeSpec, PlanError, make_plan
+from node.plan import NodeSpec, PlanError, backend_label, make_plan, make_tensor_plan
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 
@@ -37,6 +43,18 @@ class Coordinator:
         self._task: asyncio.Task | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._recovering = False
+        self._down_since: float | None = None  # rank 0's ring worker exited
+        self._down_reason = ""
+
+    @property
+    def ring(self) -> bool:
+        return self.plan.backend == "mlx-ring"
+
+    def group_down(self, reason: str) -> None:
+        """Rank 0's ring worker exited. Recovery starts once heartbeats have had the time to
+        tell which peers, if any, died with it."""
+        if self._down_since is None:
+            self._down_since, self._down_reason = time.monotonic(), reason
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._watch())
@@ -96,8 +114,12 @@ class Coordinator:
                             log.warning("peer %s (%s) missed a heartbeat", peer.name or
                                         peer.node_id, peer.address)
                 dead = [p for p in peers if missed[p.node_id] >= self.misses]
-                if dead:
-                    detect_s = max(now - last_ok[p.node_id] for p in dead)
+                # the group went down but every peer answers: re-form on the same nodes
+                alone = (not dead and self._down_since is not None and now - self._down_since
+                         >= self.interval_s * (self.misses + 1))
+                if dead or alone:
+                    detect_s = (max(now - last_ok[p.node_id] for p in dead) if dead
+                                else now - (self._down_since or now))
                     self._recovering = True
                     try:
                         await self._recover(dead, now, detect_s)
@@ -115,32 +137,60 @@ class Coordinator:
 
         record = pb.Recovery(from_epoch=self.plan.epoch, lost=[p.node_id for p in dead],
                              detect_s=detect_s, at_unix=time.time())
+        record.backend = backend_label(self.plan.backend, self.plan.parallel)
         names = ", ".join(p.name or p.address for p in dead)
-        log.warning("declaring %s down; re-planning onto the survivors", names)
+        if self.ring:
+            why = f"rank(s) {names} lost" if dead else (
+                f"rank 0's worker stopped: {self._down_reason}")
+            runner = self.servicer.runner
+            if runner is not None and hasattr(runner, "mark_down"):
+                runner.mark_down(f"the mlx-ring group is down: {why}")
+            if not self.plan.auto_reform:
+                record.error = (f"the mlx-ring group is down ({why}); MLX groups cannot lose "
+                                "a rank: run mlx-cluster load again, or load with "
+                                "--auto-reform to re-form on the survivors")
+                log.error("%s", record.error)
+                self.servicer.recovery_failed(record)
+                return
+            log.warning("mlx-ring group down (%s); re-forming on the survivors", why)
+        else:
+            log.warning("declaring %s down; re-planning onto the survivors", names)
         survivors = [s for s in self.plan.shards if s.node_id not in set(record.lost)]
         loop = asyncio.get_running_loop()
         try:
-            budgets = await asyncio.gather(*(self._budget(s) for s in survivors))
+            infos = await asyncio.gather(*(self._budget_and_port(s) for s in survivors))
             source = await loop.run_in_executor(self.servicer.executor, resolve,
                                                 self.plan.model, self.options.dtype,
                                                 self.options.layers)
             strategy = self.plan.strategy
             if not strategy or strategy.startswith("manual:"):
                 strategy = "memory"
-            specs = [NodeSpec(s.node_id, b, s.name, s.address) for s, b in zip(survivors, budgets)]
-            new = make_plan(strategy, shape_of(source), specs,
-                            context=self.plan.context_length or None, model=self.plan.model)
+            specs = [NodeSpec(s.node_id, b, s.name, s.address)
+                     for s, (b, _) in zip(survivors, infos)]
+            context = self.plan.context_length or None
+            if self.ring and (self.plan.parallel or "tensor") == "tensor":
+                new = make_tensor_plan(shape_of(source), source.config, specs, context,
+                                       self.plan.model)
+                strategy = new.strategy
+            else:
+                new = make_plan(strategy, shape_of(source), specs, context=context,
+                                model=self.plan.model)
         except (PlanError, Exception) as e:  # noqa: B014 - PlanError named for the reader
             record.error = f"cannot re-plan {self.plan.model} onto the survivors: {e}"
             log.error("%s", record.error)
             self.servicer.recovery_failed(record)
             return
+        ports = {s.node_id: port for s, (_, port) in zip(survivors, infos)}
         proto = pb.Plan(model=self.plan.model, epoch=self.plan.epoch + 1,
                         n_layers=new.n_layers, strategy=strategy, context_length=new.context,
+                        backend=self.plan.backend, parallel=self.plan.parallel,
+                        auto_reform=self.plan.auto_reform,
                         shards=[pb.PlanShard(node_id=s.node.node_id, address=s.node.address,
                                              name=s.node.name, start_layer=s.start,
                                              end_layer=s.end, param_bytes=s.param_bytes,
-                                             kv_bytes=s.kv_bytes) for s in new.shards])
+                                             kv_bytes=s.kv_bytes,
+                                             ring_port=ports[s.node.node_id] if self.ring else 0)
+                                for s in new.shards])
         t_planned = time.monotonic()
         record.to_epoch, record.replan_s = proto.epoch, t_planned - t_down
         others = [s for s in proto.shards if s.node_id != self.servicer.node_id]
@@ -159,12 +209,11 @@ class Coordinator:
                     record.detect_s, record.replan_s, record.reload_s)
         self.servicer.recovered(record)
 
-    async def _budget(self, shard: pb.PlanShard) -> int:
-        if shard.node_id == self.servicer.node_id:
-            return self.servicer.memory_budget
+    async def _budget_and_port(self, shard: pb.PlanShard) -> tuple[int, int]:
+        """A survivor's memory budget and the port its next ring worker may listen on."""
         stub = pb_grpc.NodeServiceStub(self._channel(shard.address))
         info = await stub.GetInfo(pb.InfoRequest(), timeout=2.0)
-        return info.capabilities.memory_budget
+        return info.capabilities.memory_budget, info.ring_port
 
     async def _load_remote(self, address: str, plan: pb.Plan) -> None:
         from node.auth import token_metadata

@@ -27,8 +27,9 @@ SYNTHETIC_SEED = 0
 
 # llama shapes; vocab 260 for tiny = 256 bytes + BOS/EOS/PAD (+1 spare)
 SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=8, intermediate_size=176,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=260,
+    # heads, KV heads and MLP columns divide by 2 and 3: tensor parallel on 2 or 3 nodes
+    "tiny": dict(hidden_size=96, num_hidden_layers=8, intermediate_size=192,
+                 num_attention_heads=6, num_key_value_heads=6, vocab_size=260,
                  max_position_embeddings=2048),
     "llama-7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
@@ -313,6 +314,31 @@ def load_shard(source: ModelSource, start: int, end: int) -> Shard:
     weight_bytes = sum(a.nbytes for _, a in tree_flatten(kept))
     dtype = str(model.model.layers[0].input_layernorm.weight.dtype).removeprefix("mlx.core.")
     return Shard(source, model, start, end, tokenizer, dtype, weight_bytes,
+                 time.perf_counter() - t0)
+
+
+def load_tensor_shard(source: ModelSource, group: Any) -> Shard:
+    """Every layer of `source`, split across an mx.distributed group by mlx-lm's own
+    `model.shard(group)` (tensor parallel). Weights stay lazy until they are sharded, so a
+    rank reads only its own slices from disk."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    t0 = time.perf_counter()
+    last = source.n_layers - 1
+    if source.kind == "synthetic":
+        model = _synthetic_model(source, 0, last)
+        tokenizer: PromptTokenizer | None = ByteTokenizer()
+    else:
+        model, tokenizer = _dir_model(source, 0, last)
+    if not hasattr(model, "shard"):
+        raise ModelError(f"{source.spec}: mlx-lm's {type(model).__module__} model has no "
+                         "shard(); use --backend mlx-ring:pipeline")
+    model.shard(group)
+    mx.eval(model.parameters())
+    weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+    dtype = str(model.model.layers[0].input_layernorm.weight.dtype).removeprefix("mlx.core.")
+    return Shard(source, model, 0, last, tokenizer, dtype, weight_bytes,
                  time.perf_counter() - t0)
 
 

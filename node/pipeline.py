@@ -159,6 +159,13 @@ class Pipeline:
         self._pending: dict[str, asyncio.Queue] = {}  # first shard: requests it owns
         self._routes: dict[str, asyncio.Queue] = {}  # where to send errors back for a request
 
+    @property
+    def active_requests(self) -> int:
+        return self.engine.active_requests
+
+    def free_idle(self, max_idle_s: float) -> list[str]:
+        return self.engine.free_idle(max_idle_s)
+
     async def close(self, reason: str = "the plan was replaced") -> None:
         for queue in self._pending.values():
             queue.put_nowait(StaleEpoch(f"request aborted: {reason}"))
@@ -289,39 +296,18 @@ class Pipeline:
         shard = self.engine.shard
         tokenizer = shard.tokenizer
         assert tokenizer is not None
-        context = shard.source.context_length
-        if len(request.prompt) > 16 * context:  # far beyond the context whatever the tokenizer
-            raise ContextOverflow(f"prompt is {len(request.prompt)} characters; the model's "
-                                  f"context is {context} tokens")
-        if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
-            raise BadFrame(f"timeout_s must be a positive number of seconds, not "
-                           f"{request.timeout_s}")
-        ids = list(request.prompt_ids) or await asyncio.get_running_loop().run_in_executor(
-            None, tokenizer.encode, request.prompt, request.chat)  # off the event loop
-        if not ids:
-            raise BadFrame("empty prompt: give a prompt text or prompt_ids")
-        vocab = int(shard.source.config["vocab_size"])
-        if max(ids) >= vocab:
-            raise BadFrame(f"prompt token id {max(ids)} is outside the vocabulary ({vocab})")
-        if len(ids) >= context:
-            raise ContextOverflow(f"prompt is {len(ids)} tokens; the model's context is {context}")
-        max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(ids))
+        ids, max_tokens, timeout = await check_request(request, tokenizer, shard.source,
+                                                       self.request_timeout_s)
         already = list(already)[:max_tokens]
-        timeout = min(request.timeout_s or self.request_timeout_s, MAX_TIMEOUT_S)
         sampling = request.sampling
-        request_id = uuid.uuid4().hex
+        stream = TokenStream(tokenizer, request, len(ids), max_tokens, already, emitted_chars,
+                             self.metrics)
+        request_id = stream.request_id
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[request_id] = queue
         self.metrics.inc("requests_started")
-        detok = tokenizer.detokenizer()
-        replayed = ""
-        for token in already:  # read after each token, exactly as the first run did
-            detok.add_token(token)
-            replayed += detok.last_segment
-        carry = replayed[emitted_chars:]  # held-back text the client lacks
         reason = "error"
         step: asyncio.Future | None = None
-        t_start = time.perf_counter()
         try:
             prefix, pos = ids[:-1], 0
             for i in range(0, len(prefix), PREFILL_STEP):
@@ -332,9 +318,7 @@ class Pipeline:
             for token in feed[:-1]:  # replay: one decode step each, no sampling
                 await self._advance(request_id, pos, [token], None, queue)
                 pos += 1
-            generated, t_prev, t_first, finish = len(already), t_start, t_start, "length"
-            recent: deque[float] = deque(maxlen=16)  # this request's latest token latencies
-            if generated >= max_tokens:
+            if not stream.more:
                 raise BadFrame("nothing left to generate after the replayed tokens")
             # the next step starts before this token is written to the client, so the
             # client write overlaps the ring's work instead of adding to every token
@@ -344,48 +328,17 @@ class Pipeline:
             while step is not None:
                 await step
                 step = None
-                token, compute_s = await self._next_token(queue, token_timeout(
-                    timeout, recent, generated > len(already), self.metrics))
-                now = time.perf_counter()
-                latency, t_prev = now - t_prev, now
-                recent.append(latency)
-                generated += 1
-                if generated == len(already) + 1:
-                    t_first = now
-                    self.metrics.observe("ttft", latency)
-                else:
-                    self.metrics.observe("token_latency", latency)
-                    self.metrics.observe("token_compute", compute_s)
-                    self.metrics.observe("token_transfer", max(0.0, latency - compute_s))
-                if token in tokenizer.eos_ids and not request.ignore_eos:
-                    finish = "stop"
-                    break
-                detok.add_token(token)
-                if generated < max_tokens:
+                token, compute_s = await self._next_token(queue, stream.timeout(timeout))
+                event = stream.accept(token, compute_s)
+                if event is None:
+                    break  # end of sequence
+                if stream.more:
                     step = asyncio.ensure_future(
                         self._advance(request_id, pos, [token], sampling, queue))
                     pos += 1
-                else:
-                    detok.finalize()
-                self.metrics.inc("tokens_generated")
-                text, carry = carry + detok.last_segment, ""
-                yield pb.GenerateEvent(request_id=request_id, token=pb.TokenEvent(
-                    token_id=token, text=text, index=generated - 1,
-                    latency_s=latency, compute_s=compute_s))
-            if finish == "stop":
-                detok.finalize()
-            decode_n = generated - len(already) - 1
-            decode_s = t_prev - t_first
+                yield event
             reason = "done"
-            self.metrics.inc("requests_completed")
-            yield pb.GenerateEvent(request_id=request_id, done=pb.GenerateDone(
-                finish_reason=finish, prompt_tokens=len(ids),
-                completion_tokens=generated - (finish == "stop"),  # EOS is not streamed
-                ttft_s=t_first - t_start, total_s=time.perf_counter() - t_start,
-                # completion_tokens counts the replayed ones too: the client has them all
-                decode_tokens_per_s=decode_n / decode_s if decode_n > 0 and decode_s > 0 else 0.0,
-                epoch=self.epoch,
-                tail_text=carry + detok.last_segment if finish == "stop" else ""))
+            yield stream.done(self.epoch)
         finally:
             if step is not None:
                 if not step.done():
@@ -426,6 +379,111 @@ class Pipeline:
         if isinstance(item, Exception):
             raise item
         return item
+
+
+async def check_request(request: pb.GenerateRequest, tokenizer, source,
+                        default_timeout_s: float) -> tuple[list[int], int, float]:
+    """Validate a Generate request: (prompt ids, max new tokens, timeout). Raises NodeError
+    for anything a client got wrong, before any work starts."""
+    context = source.context_length
+    if len(request.prompt) > 16 * context:  # far beyond the context whatever the tokenizer
+        raise ContextOverflow(f"prompt is {len(request.prompt)} characters; the model's "
+                              f"context is {context} tokens")
+    if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+        raise BadFrame(f"timeout_s must be a positive number of seconds, not "
+                       f"{request.timeout_s}")
+    ids = list(request.prompt_ids) or await asyncio.get_running_loop().run_in_executor(
+        None, tokenizer.encode, request.prompt, request.chat)  # off the event loop
+    if not ids:
+        raise BadFrame("empty prompt: give a prompt text or prompt_ids")
+    vocab = int(source.config["vocab_size"])
+    if max(ids) >= vocab:
+        raise BadFrame(f"prompt token id {max(ids)} is outside the vocabulary ({vocab})")
+    if len(ids) >= context:
+        raise ContextOverflow(f"prompt is {len(ids)} tokens; the model's context is {context}")
+    max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(ids))
+    timeout = min(request.timeout_s or default_timeout_s, MAX_TIMEOUT_S)
+    return ids, max_tokens, timeout
+
+
+class TokenStream:
+    """One request's tokens as the client sees them: text (held back mid-character), timing
+    and metrics per token, and the final GenerateDone. Shared by every backend.
+
+    `already` are tokens the client has from before a fail-over; their text is replayed
+    through the detokenizer token by token, as the first run read it, and the part of it
+    beyond `emitted_chars` (held back then) goes out with the next token."""
+
+    def __init__(self, tokenizer, request: pb.GenerateRequest, prompt_tokens: int,
+                 max_tokens: int, already: list[int], emitted_chars: int,
+                 metrics: NodeMetrics) -> None:
+        self.request_id = uuid.uuid4().hex
+        self._eos = set() if request.ignore_eos else set(tokenizer.eos_ids)
+        self._metrics = metrics
+        self._prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self._replayed = len(already)
+        self._detok = tokenizer.detokenizer()
+        replayed = ""
+        for token in already:
+            self._detok.add_token(token)
+            replayed += self._detok.last_segment
+        self._carry = replayed[emitted_chars:]
+        self.generated = len(already)
+        self.finish = "length"
+        self._recent: deque[float] = deque(maxlen=16)  # latest token latencies
+        self.t_start = self._t_prev = self._t_first = time.perf_counter()
+
+    @property
+    def more(self) -> bool:
+        return self.finish == "length" and self.generated < self.max_tokens
+
+    def timeout(self, limit: float) -> float:
+        return token_timeout(limit, self._recent, self.generated > self._replayed,
+                             self._metrics)
+
+    def accept(self, token: int, compute_s: float,
+               logprob: float | None = None) -> pb.GenerateEvent | None:
+        """The event for a sampled token; None for end-of-sequence (not streamed)."""
+        now = time.perf_counter()
+        latency, self._t_prev = now - self._t_prev, now
+        self._recent.append(latency)
+        self.generated += 1
+        if self.generated == self._replayed + 1:
+            self._t_first = now
+            self._metrics.observe("ttft", latency)
+        else:
+            self._metrics.observe("token_latency", latency)
+            self._metrics.observe("token_compute", compute_s)
+            self._metrics.observe("token_transfer", max(0.0, latency - compute_s))
+        if token in self._eos:
+            self.finish = "stop"
+            self._detok.finalize()
+            return None
+        self._detok.add_token(token)
+        if self.generated >= self.max_tokens:
+            self._detok.finalize()
+        self._metrics.inc("tokens_generated")
+        text, self._carry = self._carry + self._detok.last_segment, ""
+        event = pb.GenerateEvent(request_id=self.request_id, token=pb.TokenEvent(
+            token_id=token, text=text, index=self.generated - 1, latency_s=latency,
+            compute_s=compute_s))
+        if logprob is not None:
+            event.token.logprob = logprob
+        return event
+
+    def done(self, epoch: int) -> pb.GenerateEvent:
+        decode_n = self.generated - self._replayed - 1
+        decode_s = self._t_prev - self._t_first
+        stop = self.finish == "stop"
+        self._metrics.inc("requests_completed")
+        return pb.GenerateEvent(request_id=self.request_id, done=pb.GenerateDone(
+            finish_reason=self.finish, prompt_tokens=self._prompt_tokens,
+            # completion_tokens counts the replayed ones too: the client has them all
+            completion_tokens=self.generated - stop,  # EOS is not streamed
+            ttft_s=self._t_first - self.t_start, total_s=time.perf_counter() - self.t_start,
+            decode_tokens_per_s=decode_n / decode_s if decode_n > 0 and decode_s > 0 else 0.0,
+            epoch=epoch, tail_text=self._carry + self._detok.last_segment if stop else ""))
 
 
 def token_timeout(limit: float, recent: deque, decoding: bool, metrics: NodeMetrics) -> float:

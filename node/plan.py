@@ -11,6 +11,10 @@ Strategies:
 - `speed`: largest remainder over calibrated speed, within the same memory caps.
 - `uniform`: equal counts, within the memory caps.
 - `manual:0-9,10-19,20-29`: ranges in node order, checked.
+
+Backends: `pipeline` (gRPC, the ranges above), `mlx-ring:pipeline` (the same ranges, run
+by an mx.distributed ring group) and `mlx-ring:tensor` (every rank holds every layer,
+split by heads and MLP columns with mlx-lm's `model.shard`; the ranges are not used).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 GIB = 1024**3
 STRATEGIES = ("memory", "ring-memory-weighted", "speed", "uniform", "manual:A-B,C-D,...")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+BACKENDS = ("pipeline", "mlx-ring:tensor", "mlx-ring:pipeline")
 
 
 class PlanError(ValueError):
@@ -245,6 +250,64 @@ def _fits_or_explain(shape: ModelShape, nodes: list[NodeSpec], caps: list[int],
     if tiny:
         raise PlanError(f"node(s) {', '.join(tiny)} cannot hold even one layer "
                         f"({per_layer / GIB:.3f} GiB); leave them out with --nodes")
+
+
+def parse_backend(text: str) -> tuple[str, str]:
+    """'pipeline' | 'mlx-ring[:tensor|pipeline]' -> (backend, parallel)."""
+    name, _, parallel = (text or "pipeline").partition(":")
+    if name == "pipeline" and not parallel:
+        return "pipeline", ""
+    if name == "mlx-ring" and parallel in ("", "tensor", "pipeline"):
+        return "mlx-ring", parallel or "tensor"
+    raise PlanError(f"unknown backend {text!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def backend_label(backend: str, parallel: str) -> str:
+    return "pipeline" if backend in ("", "pipeline") else f"{backend}:{parallel}"
+
+
+def tensor_split_problem(config: dict, ways: int) -> str | None:
+    """Why a llama-family model cannot be split `ways` ways tensor-parallel (None: it can).
+
+    mlx-lm's `shard` gives every rank n_heads/N query heads, n_kv_heads/N KV heads and
+    intermediate/N MLP columns; each must divide exactly."""
+    if ways < 1:
+        return "a tensor-parallel group needs at least one rank"
+    parts = {"attention heads": int(config["num_attention_heads"]),
+             "KV heads": int(config.get("num_key_value_heads") or
+                             config["num_attention_heads"]),
+             "MLP columns (intermediate_size)": int(config["intermediate_size"])}
+    bad = [f"{n} {what}" for what, n in parts.items() if n % ways]
+    if not bad:
+        return None
+    fits = [k for k in range(2, 9) if all(n % k == 0 for n in parts.values())]
+    return (f"its {' and '.join(bad)} do not divide by {ways} ranks; tensor parallel "
+            f"works on {', '.join(map(str, fits)) or 'no'} node(s) for this model "
+            f"(or use --backend mlx-ring:pipeline)")
+
+
+def make_tensor_plan(shape: ModelShape, config: dict, nodes: list[NodeSpec],
+                     context: int | None = None, model: str = "") -> PartitionPlan:
+    """Every node holds every layer, 1/N of each: weights and KV cache split N ways,
+    embedding and head replicated (as mlx-lm's `shard` leaves them)."""
+    if not nodes:
+        raise PlanError("no nodes to plan over")
+    problem = tensor_split_problem(config, len(nodes))
+    if problem:
+        raise PlanError(f"{model or 'the model'} cannot be split tensor-parallel over "
+                        f"{len(nodes)} node(s): {problem}")
+    ctx = shape.context_length if context is None else context
+    n, last = len(nodes), shape.n_layers - 1
+    params = shape.n_layers * shape.layer_bytes // n + shape.embed_bytes + shape.head_bytes
+    kv = shape.n_layers * shape.kv_bytes_per_token * ctx // n
+    shards = [ShardPlan(node, 0, last, params, kv) for node in nodes]
+    over = [s for s in shards if s.total_bytes > s.node.budget]
+    if over:
+        s = over[0]
+        raise PlanError(f"a 1/{n} tensor-parallel share of {model or 'the model'} needs "
+                        f"{s.total_bytes / GIB:.2f} GiB but {s.node.label}'s budget is "
+                        f"{s.node.budget / GIB:.2f} GiB: add nodes or use a smaller --dtype")
+    return PartitionPlan("tensor", shape.n_layers, ctx, shards)
 
 
 def make_plan(strategy: str, shape: ModelShape, nodes: list[NodeSpec],

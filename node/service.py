@@ -35,8 +35,10 @@ from node.errors import (
 )
 from node.faults import FaultBook, exit_now
 from node.metrics import NodeMetrics
-from node.models import Shard, check_range, load_shard, resolve, shape_of
+from node.models import Shard, check_range, load_shard, prompt_tokenizer, resolve, shape_of
 from node.pipeline import CHANNEL_OPTIONS, Pipeline
+from node.plan import tensor_split_problem
+from node.ring import RingGroup, free_port
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 
@@ -58,7 +60,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     def __init__(self, node_id: str, name: str, memory_budget: int | None,
                  request_timeout_s: float = 120.0, idle_request_s: float = 300.0,
                  token: str | None = None, allow_faults: bool = False,
-                 peer_ca: Path | None = None, tls: bool = False) -> None:
+                 peer_ca: Path | None = None, tls: bool = False, ring_port: int = 0) -> None:
         self.node_id = node_id
         self.token = token
         self.peer_ca = peer_ca
@@ -83,8 +85,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.started = time.monotonic()
         # one thread for every MLX call: loads and forwards never run concurrently
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
-        self.shard: Shard | None = None
-        self.pipeline: Pipeline | None = None
+        self.shard: Shard | None = None  # gRPC pipeline: the weights this process holds
+        self.runner: Pipeline | RingGroup | None = None
+        self.ring_port = ring_port  # 0: a free port is picked for each plan
         self._load_lock = asyncio.Lock()
         self._process = psutil.Process()
         self._process.cpu_percent()
@@ -92,11 +95,13 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     # ------------------------------------------------------------ info
 
     def _shard_info(self) -> pb.ShardInfo | None:
-        if self.shard is None or self.pipeline is None:
+        if isinstance(self.runner, RingGroup):
+            return self.runner.shard_info()
+        if self.shard is None or self.runner is None:
             return None
         s = self.shard
         return pb.ShardInfo(model=s.source.spec, start_layer=s.start, end_layer=s.end,
-                            n_layers=s.n_layers, epoch=self.pipeline.epoch, dtype=s.dtype,
+                            n_layers=s.n_layers, epoch=self.runner.epoch, dtype=s.dtype,
                             form=s.source.form or s.dtype, weight_bytes=s.weight_bytes,
                             context_length=s.source.context_length, load_seconds=s.load_seconds)
 
@@ -107,7 +112,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "partitioned")
         # while a plan loads, the node answers for the epoch it is loading
         loading = self._loading_epoch if self._load_lock.locked() else 0
-        epoch = max(self.pipeline.epoch if self.pipeline else 0, loading)
+        epoch = max(self.runner.epoch if self.runner else 0, loading)
         return pb.HeartbeatReply(node_id=self.node_id, epoch=epoch)
 
     async def GetInfo(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
@@ -120,18 +125,20 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         info = pb.NodeInfo(node_id=self.node_id, name=self.name, version=__version__,
                            address=self.address, capabilities=pb.Capabilities(**caps),
                            pid=os.getpid(), uptime_s=time.monotonic() - self.started,
-                           active_requests=self.pipeline.engine.active_requests
-                           if self.pipeline else 0,
-                           mlx_active_bytes=mx.get_active_memory(),
+                           active_requests=self.runner.active_requests
+                           if self.runner else 0,
+                           mlx_active_bytes=self._mlx_active(mx),
                            mlx_peak_bytes=mx.get_peak_memory(),
                            rss_bytes=self._process.memory_info().rss,
                            faults_allowed=self.faults.allowed, advertising=self.advertising,
                            auth_required=self.token is not None, tls=self.tls,
-                           faults=self._active_faults(), recoveries=self.recoveries)
+                           faults=self._active_faults(), recoveries=self.recoveries,
+                           ring_port=self.ring_port or free_port(self.address.rsplit(":", 1)[0]
+                                                                 or "127.0.0.1"))
         shard = self._shard_info()
-        if shard is not None and self.pipeline is not None:
+        if shard is not None and self.runner is not None:
             info.shard.CopyFrom(shard)
-            info.plan.CopyFrom(self.pipeline.plan)
+            info.plan.CopyFrom(self.runner.plan)
         return info
 
     async def GetMetrics(self, request: pb.MetricsRequest, context) -> pb.Metrics:
@@ -143,16 +150,18 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             frames_out=c["frames_out"], bytes_in=c["bytes_in"], bytes_out=c["bytes_out"],
             frames_rejected=c["frames_rejected"],
             latencies=[pb.LatencySummary(**s) for s in self.metrics.summaries()],
-            active_requests=self.pipeline.engine.active_requests if self.pipeline else 0,
+            active_requests=self.runner.active_requests if self.runner else 0,
             cpu_percent=self._process.cpu_percent(), rss_bytes=self._process.memory_info().rss,
             requests_retried=c["requests_retried"], recoveries=c["recoveries"])
 
     def _state(self) -> str:
         if self._load_lock.locked():
             return "loading"
-        if self.pipeline is not None and self.pipeline.engine.active_requests:
+        if isinstance(self.runner, RingGroup) and self.runner.state == "down":
+            return "down"
+        if self.runner is not None and self.runner.active_requests:
             return "serving"
-        return "idle" if self.pipeline is None else "ready"
+        return "idle" if self.runner is None else "ready"
 
     async def WatchMetrics(self, request: pb.WatchRequest,
                            context) -> AsyncIterator[pb.MetricsSnapshot]:
@@ -172,9 +181,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             snap = pb.MetricsSnapshot(
                 node_id=self.node_id, time_unix=time.time(), interval_s=now - last,
                 state=self._state(), cpu_percent=process.cpu_percent(),
-                rss_bytes=process.memory_info().rss, mlx_active_bytes=mx.get_active_memory(),
+                rss_bytes=process.memory_info().rss, mlx_active_bytes=self._mlx_active(mx),
                 memory_budget=self.memory_budget,
-                active_requests=self.pipeline.engine.active_requests if self.pipeline else 0,
+                active_requests=self.runner.active_requests if self.runner else 0,
                 counters=dict(self.metrics.counters),
                 deltas=[pb.Histogram(name=n, buckets=[i for i, _ in h.pairs()],
                                      counts=[c for _, c in h.pairs()], sum_s=h.sum_s,
@@ -184,6 +193,11 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 snap.shard.CopyFrom(shard)
             last = now
             yield snap
+
+    def _mlx_active(self, mx) -> int:
+        if isinstance(self.runner, RingGroup):  # the weights live in the worker process
+            return mx.get_active_memory() + self.runner.mlx_active
+        return mx.get_active_memory()
 
     # ------------------------------------------------------------ load / unload
 
@@ -202,10 +216,15 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if len(mine) != 1:
             raise ModelError(f"the plan names this node ({self.node_id}) {len(mine)} times; "
                              "each node must hold exactly one shard")
-        if self.pipeline is not None and plan.epoch < self.pipeline.epoch:
+        if self.runner is not None and plan.epoch < self.runner.epoch:
             raise StaleEpoch(f"plan epoch {plan.epoch} is older than the loaded epoch "
-                             f"{self.pipeline.epoch}")
-        _check_plan(plan)
+                             f"{self.runner.epoch}")
+        ring = plan.backend == "mlx-ring"
+        if plan.backend not in ("", "pipeline", "mlx-ring"):
+            raise ModelError(f"unknown backend {plan.backend!r} in the plan")
+        tensor = ring and (plan.parallel or "tensor") == "tensor"
+        if not tensor:
+            _check_plan(plan)
         ours = mine[0]
         self._loading_epoch = plan.epoch
         if self.coordinator is not None and not self.coordinator.recovering:
@@ -219,33 +238,56 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             raise ModelError(f"the plan says {plan.n_layers} layers but {plan.model} has "
                              f"{source.n_layers}")
         check_range(ours.start_layer, ours.end_layer, source.n_layers)
-        self._check_budget(source, ours.start_layer, ours.end_layer, plan.context_length)
+        if tensor:
+            _check_tensor_plan(plan, source)
+        else:
+            self._check_budget(source, ours.start_layer, ours.end_layer, plan.context_length)
+        if ring and any(not s.ring_port for s in plan.shards):
+            raise ModelError("an mlx-ring plan needs a ring_port for every rank")
         old = self.shard
-        same = old is not None and old.source == source and (old.start, old.end) == (
-            ours.start_layer, ours.end_layer)
-        if self.pipeline is not None:
-            old_pipeline, self.pipeline = self.pipeline, None  # no new frames reach it
-            await old_pipeline.close(
-                f"plan epoch {plan.epoch} replaced epoch {old_pipeline.epoch}")
+        same = not ring and old is not None and old.source == source and (
+            old.start, old.end) == (ours.start_layer, ours.end_layer)
+        if self.runner is not None:
+            old_runner, self.runner = self.runner, None  # no new frames reach it
+            await old_runner.close(
+                f"plan epoch {plan.epoch} replaced epoch {old_runner.epoch}")
         if not same:
             self.shard = None  # drop the old weights before loading new ones
-            self.shard = await loop.run_in_executor(self.executor, load_shard, source,
-                                                    ours.start_layer, ours.end_layer)
-        assert self.shard is not None
-        self.pipeline = Pipeline(self.node_id, plan, Engine(self.shard, self.executor),
-                                 self.metrics, self.request_timeout_s,
-                                 token_metadata(self.token), self.faults, self.peer_ca)
+            await loop.run_in_executor(self.executor, _clear_mlx_cache)
+        if ring:
+            tokenizer = None
+            if plan.shards[0].node_id == self.node_id:  # rank 0 tokenises for the group
+                tokenizer = await loop.run_in_executor(self.executor, prompt_tokenizer, source)
+            group = RingGroup(self.node_id, plan, options, source, tokenizer, self.metrics,
+                              self.request_timeout_s, on_down=self._ring_down)
+            await group.start()
+            self.runner, load_seconds = group, group.load_seconds
+        else:
+            if not same:
+                self.shard = await loop.run_in_executor(self.executor, load_shard, source,
+                                                        ours.start_layer, ours.end_layer)
+            assert self.shard is not None
+            self.runner = Pipeline(self.node_id, plan, Engine(self.shard, self.executor),
+                                   self.metrics, self.request_timeout_s,
+                                   token_metadata(self.token), self.faults, self.peer_ca)
+            load_seconds = self.shard.load_seconds
         if self.coordinator is not None:
             await self.coordinator.stop()
             self.coordinator = None
-        if self.pipeline.is_first and len(plan.shards) > 1:
+        if self.runner.is_first and len(plan.shards) > 1:
             self.coordinator = Coordinator(self, plan, options)
             self.coordinator.start()
         self._recovery_error = ""
         async with self._epoch_changed:
             self._epoch_changed.notify_all()
-        log.info("loaded %s layers %d-%d (epoch %d) in %.1f s", plan.model, ours.start_layer,
-                 ours.end_layer, plan.epoch, self.shard.load_seconds)
+        log.info("loaded %s layers %d-%d (epoch %d, %s) in %.1f s", plan.model,
+                 ours.start_layer, ours.end_layer, plan.epoch, plan.backend or "pipeline",
+                 load_seconds)
+
+    def _ring_down(self, group: RingGroup) -> None:
+        """This node's ring worker exited: tell the coordinator (rank 0) to act on it."""
+        if self.coordinator is not None and group is self.runner:
+            self.coordinator.group_down(group.error)
 
     def _check_budget(self, source, start: int, end: int, context: int) -> None:
         """Refuse, before loading anything, a shard that would not fit this node's budget."""
@@ -282,7 +324,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         """True once a plan newer than `epoch` is loaded here; False on failure/timeout."""
         def ready() -> bool:
             return bool(self._recovery_error) or (
-                self.pipeline is not None and self.pipeline.epoch > epoch)
+                self.runner is not None and self.runner.epoch > epoch)
 
         try:
             async with self._epoch_changed:
@@ -293,15 +335,18 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def UnloadShard(self, request: pb.UnloadShardRequest, context) -> pb.UnloadShardReply:
         async with self._load_lock:
-            if self.pipeline is None:
+            if self.runner is None:
                 return pb.UnloadShardReply(unloaded=False)
-            if request.epoch and request.epoch != self.pipeline.epoch:
+            if request.epoch and request.epoch != self.runner.epoch:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"epoch {request.epoch} is not loaded (loaded: "
-                                    f"{self.pipeline.epoch})")
-            old_pipeline, self.pipeline = self.pipeline, None
+                                    f"{self.runner.epoch})")
+            if self.coordinator is not None:  # nothing left to watch over
+                await self.coordinator.stop()
+                self.coordinator = None
+            old_runner, self.runner = self.runner, None
             self.shard = None
-            await old_pipeline.close("the shard was unloaded")
+            await old_runner.close("the shard was unloaded")
             await asyncio.get_running_loop().run_in_executor(self.executor, _clear_mlx_cache)
         return pb.UnloadShardReply(unloaded=True)
 
@@ -338,11 +383,11 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         try:
             if not await self.faults.before_frame(frame.sender, frame.ByteSize()):
                 return  # dropped by a loss or partition fault
-            if self.pipeline is None:
+            if self.runner is None:
                 if self._load_lock.locked():  # mid-load: the sender should retry shortly
                     raise EpochNotLoaded(f"this node is loading epoch {frame.epoch}")
                 raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
-            await self.pipeline.handle_frame(frame, replies)
+            await self.runner.handle_frame(frame, replies)
         except Exception as e:
             self.metrics.inc("frames_rejected")
             code = e.code if isinstance(e, NodeError) else "INTERNAL"
@@ -360,15 +405,16 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         emitted = 0  # characters of text the client has
         retries = 0
         while True:
-            pipeline = self.pipeline
+            runner = self.runner
             try:
-                if pipeline is None:
+                if runner is None:
                     raise NotLoaded("no model is loaded; run: mlx-cluster load --model SPEC")
-                if not pipeline.is_first:
-                    raise NotLoaded(f"this node holds layers {self.shard.start}-"
-                                    f"{self.shard.end}; send Generate to the first shard at "
-                                    f"{pipeline.entry_address}")
-                async for event in pipeline.generate(request, already, emitted):
+                if not runner.is_first:
+                    info = self._shard_info()
+                    raise NotLoaded(f"this node holds layers {info.start_layer}-"
+                                    f"{info.end_layer}; send Generate to the first shard at "
+                                    f"{runner.entry_address}")
+                async for event in runner.generate(request, already, emitted):
                     if event.HasField("token"):
                         behind_since = 0.0
                         already.append(event.token.token_id)
@@ -381,7 +427,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             except NodeError as e:
                 recovering = (self.coordinator is not None and self.coordinator.recovering
                               ) or self._load_lock.locked() or (
-                    pipeline is not None and self.pipeline is not pipeline)
+                    runner is not None and self.runner is not runner)
                 lost = e.code in ("DEADLINE_EXCEEDED", "DATA_LOSS")  # frames went missing
                 behind = e.code == "ABORTED"  # a peer is still loading the new epoch
                 retryable = lost or behind or (
@@ -401,7 +447,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                     continue
                 if lost and not recovering:
                     continue  # replay on the same plan
-                if not await self._wait_for_epoch_after(pipeline.epoch if pipeline else 0,
+                if not await self._wait_for_epoch_after(runner.epoch if runner else 0,
                                                         FAILOVER_WAIT_S):
                     await _abort(context, NodeError(
                         f"{e}; no recovery: {self._recovery_error or 'timed out waiting'}"))
@@ -458,8 +504,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         while True:
             await asyncio.sleep(every_s)
             try:
-                if self.pipeline is not None:
-                    freed = self.pipeline.engine.free_idle(self.idle_request_s)
+                if self.runner is not None:
+                    freed = self.runner.free_idle(self.idle_request_s)
                     if freed:
                         log.info("freed caches of %d idle request(s)", len(freed))
             except Exception:  # the reaper must outlive any one bad pass
@@ -468,8 +514,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def close(self) -> None:
         if self.coordinator is not None:
             await self.coordinator.stop()
-        if self.pipeline is not None:
-            await self.pipeline.close("the node is shutting down")
+        if self.runner is not None:
+            await self.runner.close("the node is shutting down")
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -483,6 +529,17 @@ def _check_plan(plan: pb.Plan) -> None:
         expected = s.end_layer + 1
     if expected != plan.n_layers:
         raise ModelError(f"plan covers layers 0-{expected - 1} but the model has {plan.n_layers}")
+
+
+def _check_tensor_plan(plan: pb.Plan, source) -> None:
+    """Tensor parallel: every rank holds every layer, and the model's heads must split."""
+    if any((s.start_layer, s.end_layer) != (0, plan.n_layers - 1) for s in plan.shards):
+        raise ModelError("a tensor-parallel plan gives every rank all layers "
+                         f"0-{plan.n_layers - 1}")
+    problem = tensor_split_problem(source.config, len(plan.shards))
+    if problem:
+        raise ModelError(f"{plan.model} cannot be split tensor-parallel over "
+                         f"{len(plan.shards)} ranks: {problem}")
 
 
 def _clear_mlx_cache() -> None:

@@ -51,7 +51,7 @@ class Capabilities(_message.Message):
     def __init__(self, platform: _Optional[str] = ..., chip: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., memory_budget: _Optional[int] = ..., mlx_version: _Optional[str] = ..., mlx_device: _Optional[str] = ..., blas: _Optional[str] = ..., mlx_lm_version: _Optional[str] = ..., matmul_gflops: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "n_layers", "epoch", "dtype", "form", "weight_bytes", "context_length", "load_seconds")
+    __slots__ = ("model", "start_layer", "end_layer", "n_layers", "epoch", "dtype", "form", "weight_bytes", "context_length", "load_seconds", "ring")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class ShardInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -72,10 +73,33 @@ class ShardInfo(_message.Message):
     weight_bytes: int
     context_length: int
     load_seconds: float
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[str] = ..., form: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    ring: RingWorker
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[str] = ..., form: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., load_seconds: _Optional[float] = ..., ring: _Optional[_Union[RingWorker, _Mapping]] = ...) -> None: ...
+
+class RingWorker(_message.Message):
+    __slots__ = ("parallel", "rank", "size", "state", "pid", "error", "formed_s", "rss_bytes", "mlx_active_bytes")
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FORMED_S_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MLX_ACTIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    parallel: str
+    rank: int
+    size: int
+    state: str
+    pid: int
+    error: str
+    formed_s: float
+    rss_bytes: int
+    mlx_active_bytes: int
+    def __init__(self, parallel: _Optional[str] = ..., rank: _Optional[int] = ..., size: _Optional[int] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., error: _Optional[str] = ..., formed_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests", "mlx_active_bytes", "rss_bytes", "mlx_peak_bytes", "advertising", "faults_allowed", "auth_required", "faults", "tls", "recoveries")
+    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests", "mlx_active_bytes", "rss_bytes", "mlx_peak_bytes", "advertising", "faults_allowed", "auth_required", "faults", "tls", "recoveries", "ring_port")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +119,7 @@ class NodeInfo(_message.Message):
     FAULTS_FIELD_NUMBER: _ClassVar[int]
     TLS_FIELD_NUMBER: _ClassVar[int]
     RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    RING_PORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -114,10 +139,11 @@ class NodeInfo(_message.Message):
     faults: _containers.RepeatedCompositeFieldContainer[ActiveFault]
     tls: bool
     recoveries: _containers.RepeatedCompositeFieldContainer[Recovery]
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ..., faults: _Optional[_Iterable[_Union[ActiveFault, _Mapping]]] = ..., tls: _Optional[bool] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ...) -> None: ...
+    ring_port: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ..., faults: _Optional[_Iterable[_Union[ActiveFault, _Mapping]]] = ..., tls: _Optional[bool] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ..., ring_port: _Optional[int] = ...) -> None: ...
 
 class Recovery(_message.Message):
-    __slots__ = ("from_epoch", "to_epoch", "lost", "detect_s", "replan_s", "reload_s", "first_token_s", "error", "at_unix", "resumed_requests")
+    __slots__ = ("from_epoch", "to_epoch", "lost", "detect_s", "replan_s", "reload_s", "first_token_s", "error", "at_unix", "resumed_requests", "backend")
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     TO_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOST_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +154,7 @@ class Recovery(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     RESUMED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     from_epoch: int
     to_epoch: int
     lost: _containers.RepeatedScalarFieldContainer[str]
@@ -138,10 +165,11 @@ class Recovery(_message.Message):
     error: str
     at_unix: float
     resumed_requests: int
-    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., lost: _Optional[_Iterable[str]] = ..., detect_s: _Optional[float] = ..., replan_s: _Optional[float] = ..., reload_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., error: _Optional[str] = ..., at_unix: _Optional[float] = ..., resumed_requests: _Optional[int] = ...) -> None: ...
+    backend: str
+    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., lost: _Optional[_Iterable[str]] = ..., detect_s: _Optional[float] = ..., replan_s: _Optional[float] = ..., reload_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., error: _Optional[str] = ..., at_unix: _Optional[float] = ..., resumed_requests: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class PlanShard(_message.Message):
-    __slots__ = ("node_id", "address", "start_layer", "end_layer", "param_bytes", "kv_bytes", "name")
+    __slots__ = ("node_id", "address", "start_layer", "end_layer", "param_bytes", "kv_bytes", "name", "ring_port")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +177,7 @@ class PlanShard(_message.Message):
     PARAM_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    RING_PORT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     start_layer: int
@@ -156,23 +185,30 @@ class PlanShard(_message.Message):
     param_bytes: int
     kv_bytes: int
     name: str
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., param_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+    ring_port: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., param_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., name: _Optional[str] = ..., ring_port: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("model", "epoch", "n_layers", "strategy", "shards", "context_length")
+    __slots__ = ("model", "epoch", "n_layers", "strategy", "shards", "context_length", "backend", "parallel", "auto_reform")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    AUTO_REFORM_FIELD_NUMBER: _ClassVar[int]
     model: str
     epoch: int
     n_layers: int
     strategy: str
     shards: _containers.RepeatedCompositeFieldContainer[PlanShard]
     context_length: int
-    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., n_layers: _Optional[int] = ..., strategy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[PlanShard, _Mapping]]] = ..., context_length: _Optional[int] = ...) -> None: ...
+    backend: str
+    parallel: str
+    auto_reform: bool
+    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., n_layers: _Optional[int] = ..., strategy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[PlanShard, _Mapping]]] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., parallel: _Optional[str] = ..., auto_reform: _Optional[bool] = ...) -> None: ...
 
 class ModelOptions(_message.Message):
     __slots__ = ("dtype", "layers")
@@ -297,18 +333,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., chat: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., ignore_eos: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class TokenEvent(_message.Message):
-    __slots__ = ("token_id", "text", "index", "latency_s", "compute_s")
+    __slots__ = ("token_id", "text", "index", "latency_s", "compute_s", "logprob")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     text: str
     index: int
     latency_s: float
     compute_s: float
-    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., index: _Optional[int] = ..., latency_s: _Optional[float] = ..., compute_s: _Optional[float] = ...) -> None: ...
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., index: _Optional[int] = ..., latency_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class GenerateDone(_message.Message):
     __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "ttft_s", "total_s", "decode_tokens_per_s", "epoch", "tail_text")

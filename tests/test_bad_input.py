@@ -56,14 +56,14 @@ async def test_malformed_forward_frames_are_rejected_then_generation_is_correct(
     epoch = plan.epoch
     middle = addrs[1]
     frames = [
-        activation(epoch, [1, 1, 63]),                              # wrong hidden size
-        activation(epoch, [1, 1, 64], dtype="float16"),             # wrong dtype
-        activation(epoch, [1, 1, 64], dtype="int8"),                # unsupported dtype
-        activation(epoch - 1, [1, 1, 64]),                          # stale epoch
-        activation(epoch + 7, [1, 1, 64]),                          # epoch not loaded yet
-        activation(epoch, [1, 1, 64], data=b"\x13\x37" * 5),        # garbage: too few bytes
-        activation(epoch, [1, 1, 64], data=b"\xff" * 256),          # garbage: NaN floats
-        activation(epoch, [1, 1, 64], position=5),                  # unknown request mid-way
+        activation(epoch, [1, 1, 95]),                              # wrong hidden size
+        activation(epoch, [1, 1, 96], dtype="float16"),             # wrong dtype
+        activation(epoch, [1, 1, 96], dtype="int8"),                # unsupported dtype
+        activation(epoch - 1, [1, 1, 96]),                          # stale epoch
+        activation(epoch + 7, [1, 1, 96]),                          # epoch not loaded yet
+        activation(epoch, [1, 1, 96], data=b"\x13\x37" * 5),        # garbage: too few bytes
+        activation(epoch, [1, 1, 96], data=b"\xff" * 384),          # garbage: NaN floats
+        activation(epoch, [1, 1, 96], position=5),                  # unknown request mid-way
         pb.ForwardFrame(request_id="evil", epoch=epoch),            # no payload
         pb.ForwardFrame(request_id="evil", epoch=epoch, tokens=pb.TokenIds(ids=[1])),
     ]
@@ -72,7 +72,7 @@ async def test_malformed_forward_frames_are_rejected_then_generation_is_correct(
     assert codes == ["INVALID_ARGUMENT", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
                      "FAILED_PRECONDITION", "ABORTED", "INVALID_ARGUMENT", "INVALID_ARGUMENT",
                      "DATA_LOSS", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
-    assert "expected [1, L, 64]" in replies[0].error
+    assert "expected [1, L, 96]" in replies[0].error
     assert "float32" in replies[1].error
     assert "epoch" in replies[3].error and "still holds" in replies[4].error
     assert "bytes" in replies[5].error
@@ -138,7 +138,7 @@ async def test_prompt_longer_than_context_and_wrong_entry_node(cluster3):
 
 async def test_a_dead_peer_with_no_room_left_fails_the_request_clearly(small_cluster):
     # three nodes can hold synthetic:tiny (KV cache at 2048 tokens included); two cannot
-    cluster = await asyncio.to_thread(small_cluster, 3, memory_budgets=["2.2MB"] * 3)
+    cluster = await asyncio.to_thread(small_cluster, 3, memory_budgets=["6.5MB"] * 3)
     addrs = addresses(cluster)
     await load(addrs, "synthetic:tiny")
     assert len(await generate_ids(addrs[0], PROMPT, 4, ignore_eos=True)) == 4

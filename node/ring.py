@@ -1,0 +1,341 @@
+"""The mlx-ring backend, node side: this node's rank in an mx.distributed ring group.
+
+A plan with backend "mlx-ring" names one rank per node (its index in the plan) and the
+port each rank's worker listens on. Every node service starts one worker process
+(`python -m node.ring_worker`) with `MLX_HOSTFILE` / `MLX_RANK`, as `mlx.launch` would
+over ssh: the node services are the launcher. LoadShard returns once the worker has
+formed the group and loaded its part, or fails after `join_timeout_s` naming what went
+wrong. Rank 0's node serves Generate: it validates and tokenises the request, hands it to
+its worker and streams the tokens back with the same events, timings and metrics as the
+gRPC pipeline.
+
+A worker that exits (a peer died, so MLX's ring failed it, or it was killed) marks the
+group down with the reason; the coordinator on rank 0 notices dead nodes by heartbeat
+and, with --auto-reform, forms a new group on the survivors (node/coordinator.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+import psutil
+
+from node.errors import BadFrame, ModelError, NodeError, RequestTimeout
+from node.metrics import NodeMetrics
+from node.models import ModelSource
+from node.pipeline import TokenStream, check_request
+from protos import cluster_pb2 as pb
+
+log = logging.getLogger(__name__)
+JOIN_TIMEOUT_S = 120.0  # form the group and load the model
+STOP_GRACE_S = 2.0
+
+
+class RingDown(NodeError):
+    """The ring group lost a rank (or its worker): MLX's groups do not survive that."""
+
+    code = "FAILED_PRECONDITION"  # not "UNAVAILABLE": this node answers, its group is gone
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free now on `host`, for this node's ring worker to listen on later."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def hostfile(plan: pb.Plan) -> list[list[str]]:
+    """MLX's ring hostfile: one [ip:port] per rank, in plan order."""
+    return [[f"{s.address.rsplit(':', 1)[0]}:{s.ring_port}"] for s in plan.shards]
+
+
+class RingGroup:
+    """One worker process, its state, and (on rank 0) the requests it serves."""
+
+    def __init__(self, node_id: str, plan: pb.Plan, options: pb.ModelOptions,
+                 source: ModelSource, tokenizer, metrics: NodeMetrics,
+                 request_timeout_s: float = 120.0,
+                 on_down: Callable[[RingGroup], None] | None = None) -> None:
+        self.plan = plan
+        self.epoch = plan.epoch
+        self.options = options
+        self.source = source
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.request_timeout_s = request_timeout_s
+        self.on_down = on_down
+        ids = [s.node_id for s in plan.shards]
+        self.rank = ids.index(node_id)
+        self.size = len(ids)
+        self.parallel = plan.parallel or "tensor"
+        self.mine = plan.shards[self.rank]
+        self.is_first = self.rank == 0
+        self.entry_address = plan.shards[0].address
+        self.state = "starting"
+        self.error = ""
+        self.formed_s = 0.0
+        self.weight_bytes = 0
+        self.dtype = ""
+        self.load_seconds = 0.0
+        self.mlx_active = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self._ps: psutil.Process | None = None
+        self._hostfile = ""
+        self._ready: asyncio.Future | None = None
+        self._pending: dict[str, asyncio.Queue] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._stderr: deque[str] = deque(maxlen=20)
+        self._closing = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, join_timeout_s: float = JOIN_TIMEOUT_S) -> None:
+        """Start the worker; return when it has formed the group and loaded its part."""
+        loop = asyncio.get_running_loop()
+        fd, self._hostfile = tempfile.mkstemp(prefix="mlx-ring-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(hostfile(self.plan), f)
+        cfg = {"model": self.plan.model, "dtype": self.options.dtype,
+               "layers": self.options.layers, "parallel": self.parallel,
+               "start": self.mine.start_layer, "end": self.mine.end_layer}
+        env = dict(os.environ, MLX_HOSTFILE=self._hostfile, MLX_RANK=str(self.rank))
+        self._ready = loop.create_future()
+        t0 = time.monotonic()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "node.ring_worker", json.dumps(cfg),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env)
+        self._ps = psutil.Process(self.proc.pid)
+        self._tasks = [loop.create_task(self._read_events()),
+                       loop.create_task(self._read_stderr())]
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), join_timeout_s)
+        except TimeoutError:
+            others = [f"rank {i} {s.name or s.address} (port {s.ring_port})"
+                      for i, s in enumerate(self.plan.shards) if i != self.rank]
+            stage = "to load the model" if self.formed_s else "for the group to form"
+            await self.close(f"no ready group after {join_timeout_s:.0f} s")
+            raise RingDown(
+                f"rank {self.rank} waited {time.monotonic() - t0:.0f} s {stage}; check that "
+                f"every node loaded this plan and these ranks are reachable: "
+                f"{', '.join(others)}") from None
+        except NodeError:
+            await self.close("the worker failed to start")
+            raise
+        self.state = "ready"
+
+    async def close(self, reason: str = "the plan was replaced") -> None:
+        """Stop the worker (politely, then by force) and fail what it was serving."""
+        self._closing = True
+        if self.state not in ("down",):
+            self.state = "stopped"
+        self._fail_pending(RingDown(f"request aborted: {reason}"))
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        if self._hostfile:
+            with contextlib.suppress(OSError):
+                os.unlink(self._hostfile)
+
+    # ------------------------------------------------------------ worker output
+
+    async def _read_events(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            while line := await self.proc.stdout.readline():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    log.info("ring worker: %s", line.decode(errors="replace").rstrip())
+                    continue
+                self._event(event)
+            code = await self.proc.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the pipe broke: treat as the worker gone
+            log.exception("ring worker output")
+            code = -1
+            self.error = self.error or repr(e)
+        self._worker_exited(code)
+
+    def _event(self, event: dict) -> None:
+        kind = event.get("ev")
+        if kind == "tok":
+            queue = self._pending.get(event.get("id", ""))
+            if queue is not None:
+                queue.put_nowait((int(event["tok"]), float(event["c"]), float(event["lp"])))
+            self.metrics.observe("step_compute", float(event["c"]))
+        elif kind == "step":
+            self.metrics.observe("step_compute", float(event["c"]))
+        elif kind == "end":
+            self.mlx_active = int(event.get("active", self.mlx_active))
+            queue = self._pending.get(event.get("id", ""))
+            if queue is not None:
+                queue.put_nowait(None)
+        elif kind == "formed":
+            self.formed_s = float(event["seconds"])
+            log.info("ring group formed: rank %d of %d in %.2f s", event["rank"], event["size"],
+                     self.formed_s)
+        elif kind == "ready":
+            self.weight_bytes = int(event["weight_bytes"])
+            self.dtype = str(event["dtype"])
+            self.load_seconds = float(event["load_seconds"])
+            self.mlx_active = int(event["active"])
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(True)
+        elif kind == "error":
+            self.error = str(event.get("msg", "unknown error"))
+            if self._ready is not None and not self._ready.done():
+                cls = RingDown if "group" in self.error else ModelError
+                self._ready.set_exception(cls(f"rank {self.rank}: {self.error}"))
+
+    async def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            text = line.decode(errors="replace").rstrip()
+            self._stderr.append(text)
+            log.info("ring worker: %s", text)
+
+    def _worker_exited(self, code: int) -> None:
+        was = self.state
+        if self._closing:
+            return
+        self.state = "down"
+        tail = next((t for t in reversed(self._stderr) if t.strip()), "")
+        self.error = self.error or f"the ring worker exited with status {code}" + (
+            f": {tail}" if tail else "")
+        log.warning("ring group down (rank %d, was %s): %s", self.rank, was, self.error)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(RingDown(f"rank {self.rank}: {self.error}"))
+        self._fail_pending(RingDown(f"the ring group is down: {self.error}"))
+        if self.on_down is not None:
+            self.on_down(self)
+
+    def _fail_pending(self, error: Exception) -> None:
+        for queue in self._pending.values():
+            queue.put_nowait(error)
+
+    def mark_down(self, reason: str) -> None:
+        """The coordinator found a rank dead: the group cannot go on (MLX's rule)."""
+        if self.state != "down":
+            self.error = reason
+            self._worker_exited(-1)
+
+    # ------------------------------------------------------------ requests (rank 0)
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._pending)
+
+    def free_idle(self, max_idle_s: float) -> list[str]:
+        return []  # the worker holds one request's caches at a time and frees them itself
+
+    async def handle_frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
+        raise BadFrame("this node serves an mlx-ring plan: activations travel inside the "
+                       "MLX group, not over Forward")
+
+    def _send(self, message: dict) -> None:
+        if self.proc is None or self.proc.stdin is None or self.state == "down":
+            raise RingDown(f"the ring group is down: {self.error or 'no worker'}")
+        self.proc.stdin.write((json.dumps(message) + "\n").encode())
+
+    async def generate(self, request: pb.GenerateRequest, already: list[int] = (),
+                       emitted_chars: int = 0) -> AsyncIterator[pb.GenerateEvent]:
+        """Serve one request through the group (rank 0 only). After a fail-over the tokens
+        the client already has are part of the prompt, and generation continues."""
+        assert self.tokenizer is not None
+        ids, max_tokens, timeout = await check_request(request, self.tokenizer, self.source,
+                                                       self.request_timeout_s)
+        already = list(already)[:max_tokens]
+        stream = TokenStream(self.tokenizer, request, len(ids), max_tokens, already,
+                             emitted_chars, self.metrics)
+        if not stream.more:
+            raise BadFrame("nothing left to generate after the replayed tokens")
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = stream.request_id
+        sampling = request.sampling
+        seed = sampling.seed if sampling.HasField("seed") else random.randrange(2**31)
+        self._pending[rid] = queue
+        self.metrics.inc("requests_started")
+        ended = False
+        try:
+            self._send({"op": "gen", "id": rid, "tokens": ids + already,
+                        "max": max_tokens - len(already), "temp": sampling.temperature,
+                        "top_p": sampling.top_p, "seed": seed % 2**31,
+                        "eos": sorted(self.tokenizer.eos_ids),
+                        "ignore_eos": request.ignore_eos})
+            self.state = "serving"
+            while True:
+                item = await self._next(queue, stream.timeout(timeout))
+                if item is None:
+                    ended = True
+                    break
+                token, compute_s, logprob = item
+                event = stream.accept(token, compute_s, logprob)
+                if event is None:
+                    continue  # end of sequence; the worker ends the request next
+                yield event
+            yield stream.done(self.epoch)
+        except BaseException:
+            self.metrics.inc("requests_failed")
+            raise
+        finally:
+            self._pending.pop(rid, None)
+            if not self._pending and self.state == "serving":
+                self.state = "ready"
+            if not ended and self.state != "down":
+                with contextlib.suppress(NodeError, OSError):
+                    self._send({"op": "cancel", "id": rid})
+
+    async def _next(self, queue: asyncio.Queue, timeout: float):
+        try:
+            item = await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"no token from the ring group within {timeout:.0f} s"
+                                 ) from None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    # ------------------------------------------------------------ reporting
+
+    def worker_info(self) -> pb.RingWorker:
+        rss = 0
+        if self._ps is not None and self.state != "down":
+            with contextlib.suppress(psutil.Error):
+                rss = self._ps.memory_info().rss
+        return pb.RingWorker(parallel=self.parallel, rank=self.rank, size=self.size,
+                             state=self.state, pid=self.proc.pid if self.proc else 0,
+                             error=self.error, formed_s=self.formed_s, rss_bytes=rss,
+                             mlx_active_bytes=self.mlx_active)
+
+    def shard_info(self) -> pb.ShardInfo:
+        return pb.ShardInfo(model=self.plan.model, start_layer=self.mine.start_layer,
+                            end_layer=self.mine.end_layer, n_layers=self.plan.n_layers,
+                            epoch=self.epoch, dtype=self.dtype,
+                            form=self.source.form or self.dtype,
+                            weight_bytes=self.weight_bytes,
+                            context_length=self.source.context_length,
+                            load_seconds=self.load_seconds, ring=self.worker_info())
+
