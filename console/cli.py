@@ -333,8 +333,13 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 async def generate(clients: list[NodeClient], request: pb.GenerateRequest,
                    on_text=lambda text: None) -> dict:
-    """Send a request to the entry shard; returns the --json result."""
-    infos = await live_infos(clients)
+    """Send a request to the entry shard; returns the --json result. Nodes that are down
+    are left out (after a recovery the plan no longer needs them)."""
+    infos = await gather_infos(clients)
+    up = [(c, i) for c, i in zip(clients, infos) if not isinstance(i, ClusterError)]
+    if not up:
+        raise ClusterError("; ".join(str(i) for i in infos))
+    clients, infos = [c for c, _ in up], [i for _, i in up]
     entry = entry_node(infos)
     client = next(c for c, i in zip(clients, infos) if i.node_id == entry.node_id)
     ids, parts, logprobs, done = [], [], [], None

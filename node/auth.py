@@ -18,7 +18,7 @@ TOKEN_METADATA_KEY = "x-mlx-cluster-token"
 TOKEN_ENV = "MLX_CLUSTER_TOKEN"
 SERVICE_PREFIX = "/mlxcluster.NodeService/"
 MUTATING = frozenset({"LoadShard", "UnloadShard", "InjectFault", "HealFaults", "Shutdown",
-                      "Forward"})
+                      "Forward", "RingWake"})
 
 
 def read_token(token: str | None = None, token_file: Path | str | None = None) -> str | None:

@@ -26,24 +26,27 @@ def load_whole(spec: str, dtype: str = "", layers: int = 0):
 
 def reference_generate(spec: str, prompt_ids: list[int], max_tokens: int, dtype: str = "",
                        layers: int = 0, stop_at_eos: bool = True) -> dict:
-    """Greedy tokens from mlx_lm.generate_step, with timing."""
+    """Greedy tokens (and their log-probabilities) from mlx_lm.generate_step, with timing."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
     model, tokenizer = load_whole(spec, dtype, layers)
     eos = tokenizer.eos_ids if tokenizer else set()
     tokens: list[int] = []
+    logprobs: list[float] = []
     t0 = time.perf_counter()
     t_first = t0
-    for token, _ in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens):
+    for token, lp in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens):
         if not tokens:
             t_first = time.perf_counter()
         if stop_at_eos and token in eos:
             break
         tokens.append(int(token))
+        logprobs.append(float(lp[token].item()))
     t_end = time.perf_counter()
     decode = (len(tokens) - 1) / (t_end - t_first) if len(tokens) > 1 else 0.0
-    return {"token_ids": tokens, "ttft_s": t_first - t0, "decode_tokens_per_s": decode,
+    return {"token_ids": tokens, "logprobs": logprobs, "ttft_s": t_first - t0,
+            "decode_tokens_per_s": decode,
             "blas": blas_in_use()}
 
 

@@ -29,14 +29,18 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
+import grpc
 import psutil
 
+from node.auth import open_channel
 from node.errors import BadFrame, ModelError, NodeError, RequestTimeout
 from node.metrics import NodeMetrics
 from node.models import ModelSource
-from node.pipeline import TokenStream, check_request
+from node.pipeline import CHANNEL_OPTIONS, TokenStream, check_request
 from protos import cluster_pb2 as pb
+from protos import cluster_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 JOIN_TIMEOUT_S = 120.0  # form the group and load the model
@@ -67,7 +71,9 @@ class RingGroup:
     def __init__(self, node_id: str, plan: pb.Plan, options: pb.ModelOptions,
                  source: ModelSource, tokenizer, metrics: NodeMetrics,
                  request_timeout_s: float = 120.0,
-                 on_down: Callable[[RingGroup], None] | None = None) -> None:
+                 on_down: Callable[[RingGroup], None] | None = None,
+                 metadata: tuple[tuple[str, str], ...] = (), peer_ca: Path | None = None
+                 ) -> None:
         self.plan = plan
         self.epoch = plan.epoch
         self.options = options
@@ -98,6 +104,9 @@ class RingGroup:
         self._tasks: list[asyncio.Task] = []
         self._stderr: deque[str] = deque(maxlen=20)
         self._closing = False
+        self._metadata = metadata
+        self._peer_ca = peer_ca
+        self._channels: list[grpc.aio.Channel] = []
 
     # ------------------------------------------------------------ lifecycle
 
@@ -154,6 +163,9 @@ class RingGroup:
                 await proc.wait()
         for task in self._tasks:
             task.cancel()
+        channels, self._channels = self._channels, []
+        for channel in channels:
+            await channel.close()
         if self._hostfile:
             with contextlib.suppress(OSError):
                 os.unlink(self._hostfile)
@@ -280,11 +292,12 @@ class RingGroup:
         self.metrics.inc("requests_started")
         ended = False
         try:
-            self._send({"op": "gen", "id": rid, "tokens": ids + already,
-                        "max": max_tokens - len(already), "temp": sampling.temperature,
-                        "top_p": sampling.top_p, "seed": seed % 2**31,
-                        "eos": sorted(self.tokenizer.eos_ids),
-                        "ignore_eos": request.ignore_eos})
+            # shielded: once a rank is woken, rank 0 must take part in the collective too
+            await asyncio.shield(self._start_request({
+                "op": "gen", "id": rid, "tokens": ids + already,
+                "max": max_tokens - len(already), "temp": sampling.temperature,
+                "top_p": sampling.top_p, "seed": seed % 2**31,
+                "eos": sorted(self.tokenizer.eos_ids), "ignore_eos": request.ignore_eos}))
             self.state = "serving"
             while True:
                 item = await self._next(queue, stream.timeout(timeout))
@@ -307,6 +320,33 @@ class RingGroup:
             if not ended and self.state != "down":
                 with contextlib.suppress(NodeError, OSError):
                     self._send({"op": "cancel", "id": rid})
+
+    async def _start_request(self, message: dict) -> None:
+        """Wake every other rank (through its node service), then hand rank 0 the request.
+        A rank that cannot be woken breaks the group: this worker stops, so the others'
+        collectives fail instead of waiting for a partner that never comes."""
+        if not self._channels:
+            self._channels = [open_channel(s.address, CHANNEL_OPTIONS, self._peer_ca)
+                              for s in self.plan.shards[1:]]
+        wake = pb.RingWakeRequest(epoch=self.epoch)
+        results = await asyncio.gather(*(
+            pb_grpc.NodeServiceStub(c).RingWake(wake, timeout=5.0, metadata=self._metadata)
+            for c in self._channels), return_exceptions=True)
+        failed = [f"rank {i} {s.name or s.address}: "
+                  f"{r.details() if isinstance(r, grpc.aio.AioRpcError) else r}"
+                  for i, (s, r) in enumerate(zip(self.plan.shards[1:], results), start=1)
+                  if isinstance(r, BaseException)]
+        if failed:
+            self.mark_down("could not wake " + "; ".join(failed))
+            await self.close("a rank could not be woken")
+            raise RingDown(f"the ring group is down: {self.error}")
+        self._send(message)
+
+    def wake(self) -> None:
+        """Rank > 0: rank 0 is about to share a request; join the group's collectives."""
+        if self.rank == 0:
+            raise BadFrame("rank 0 is woken by requests, not by RingWake")
+        self._send({"op": "wake"})
 
     async def _next(self, queue: asyncio.Queue, timeout: float):
         try:

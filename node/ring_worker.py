@@ -65,7 +65,8 @@ def watch_parent(parent: int) -> None:
 
 
 def read_requests(requests: queue.Queue, cancelled: set[str]) -> None:
-    """Rank 0: requests from the node service's stdin; EOF means the service is gone."""
+    """Requests (rank 0) or wake-ups (other ranks) from the node service's stdin; EOF means
+    the service is gone."""
     for line in sys.stdin:
         try:
             message = json.loads(line)
@@ -234,16 +235,19 @@ def serve(cfg: dict, emit: Events, t0: float) -> int:
          load_seconds=shard.load_seconds, active=mx.get_active_memory())
     requests: queue.Queue = queue.Queue()
     cancelled: set[str] = set()
-    if group.rank() == 0:
-        threading.Thread(target=read_requests, args=(requests, cancelled), daemon=True,
-                         name="requests").start()
+    threading.Thread(target=read_requests, args=(requests, cancelled), daemon=True,
+                     name="requests").start()
     run = generate_tensor if cfg["parallel"] == "tensor" else generate_pipeline
     while True:
+        # MLX's ring collectives poll the sockets (a core each), so an idle rank waits here,
+        # on its node service: rank 0's for the next request, the others' for a wake-up
+        # that rank 0's node sends before each request (RingWake)
+        message = requests.get()
+        if message.get("op") == "stop":
+            emit("stopped")
+            return 0
         try:
-            req = share(group, requests.get() if group.rank() == 0 else None)
-            if req.get("op") == "stop":
-                emit("stopped")
-                return 0
+            req = share(group, message if group.rank() == 0 else None)
             emit("start", id=req["id"])
             run(shard, group, req, emit, cancelled)
             cancelled.discard(req["id"])

@@ -259,7 +259,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             if plan.shards[0].node_id == self.node_id:  # rank 0 tokenises for the group
                 tokenizer = await loop.run_in_executor(self.executor, prompt_tokenizer, source)
             group = RingGroup(self.node_id, plan, options, source, tokenizer, self.metrics,
-                              self.request_timeout_s, on_down=self._ring_down)
+                              self.request_timeout_s, on_down=self._ring_down,
+                              metadata=token_metadata(self.token), peer_ca=self.peer_ca)
             await group.start()
             self.runner, load_seconds = group, group.load_seconds
         else:
@@ -395,6 +396,19 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 log.exception("frame for request %s failed", frame.request_id)
             replies.put_nowait(pb.ForwardReply(request_id=frame.request_id, epoch=frame.epoch,
                                                code=code, error=str(e)))
+
+    async def RingWake(self, request: pb.RingWakeRequest, context) -> pb.RingWakeReply:
+        runner = self.runner
+        try:
+            if not isinstance(runner, RingGroup):
+                raise NotLoaded("this node holds no mlx-ring plan")
+            if request.epoch != runner.epoch:
+                raise StaleEpoch(f"wake for plan epoch {request.epoch}, but this node holds "
+                                 f"epoch {runner.epoch}")
+            runner.wake()
+        except Exception as e:
+            await _abort(context, e)
+        return pb.RingWakeReply()
 
     async def Generate(self, request: pb.GenerateRequest,
                        context) -> AsyncIterator[pb.GenerateEvent]:

@@ -89,6 +89,11 @@ class NodeServiceStub:
                 request_serializer=protos_dot_cluster__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=protos_dot_cluster__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.RingWake = channel.unary_unary(
+                '/mlxcluster.NodeService/RingWake',
+                request_serializer=protos_dot_cluster__pb2.RingWakeRequest.SerializeToString,
+                response_deserializer=protos_dot_cluster__pb2.RingWakeReply.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -175,6 +180,14 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RingWake(self, request, context):
+        """mlx-ring: rank 0's node wakes the other ranks' workers for a request (MLX's ring
+        collectives poll, so idle ranks wait on their node service instead of in the group)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +245,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_cluster__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_cluster__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'RingWake': grpc.unary_unary_rpc_method_handler(
+                    servicer.RingWake,
+                    request_deserializer=protos_dot_cluster__pb2.RingWakeRequest.FromString,
+                    response_serializer=protos_dot_cluster__pb2.RingWakeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +549,33 @@ class NodeService:
             '/mlxcluster.NodeService/Heartbeat',
             protos_dot_cluster__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_cluster__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RingWake(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxcluster.NodeService/RingWake',
+            protos_dot_cluster__pb2.RingWakeRequest.SerializeToString,
+            protos_dot_cluster__pb2.RingWakeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,12 @@ def reference_tokens(model: str, prompt_ids: list[int], max_tokens: int,
                      ignore_eos: bool = False) -> list[int]:
     """Greedy tokens of the whole model in one process (mlx_lm.generate_step), run in a
     subprocess with the same BLAS as the nodes."""
+    return reference_run(model, prompt_ids, max_tokens, ignore_eos)["token_ids"]
+
+
+def reference_run(model: str, prompt_ids: list[int], max_tokens: int,
+                  ignore_eos: bool = False) -> dict:
+    """node.reference's result: token_ids, logprobs, timings."""
     from node.blas import openblas_env
 
     cmd = [sys.executable, "-m", "node.reference", "--model", model, "--prompt-ids",
@@ -77,7 +83,7 @@ def reference_tokens(model: str, prompt_ids: list[int], max_tokens: int,
     res = subprocess.run(cmd, capture_output=True, text=True, env=openblas_env(), cwd=ROOT,
                          timeout=300)
     assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.splitlines()[-1])["token_ids"]
+    return json.loads(res.stdout.splitlines()[-1])
 
 
 def spawn_node(ready_file: Path, *args: str, timeout_s: float = 30.0):

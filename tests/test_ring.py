@@ -1,0 +1,134 @@
+"""The mlx-ring backend: real node processes start real mx.distributed ring groups on
+loopback (MLX's TCP ring backend), and the results are compared with one process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from console.cli import load_plan, with_clients
+from console.client import ClusterError, NodeClient
+from node.models import prompt_tokenizer, resolve
+from protos import cluster_pb2 as pb
+from protos import cluster_pb2_grpc as pb_grpc
+from tests.conftest import reference_run
+from tests.test_cluster import addresses
+
+pytestmark = pytest.mark.cluster
+TINY_PROMPT = [256, *b"the ring"]
+
+
+async def load_backend(addrs: list[str], model: str, backend: str,
+                       auto_reform: bool = False) -> tuple[pb.Plan, list[pb.ShardInfo]]:
+    return await with_clients(addrs, lambda cl: load_plan(
+        cl, model, "", 0, "uniform", progress=lambda m: None, backend=backend,
+        auto_reform=auto_reform))
+
+
+async def token_events(address: str, prompt_ids: list[int], max_tokens: int,
+                       ignore_eos: bool = False) -> list[pb.TokenEvent]:
+    client = NodeClient(address)
+    try:
+        request = pb.GenerateRequest(prompt_ids=prompt_ids, max_tokens=max_tokens,
+                                     ignore_eos=ignore_eos)
+        return [e.token async for e in client.generate(request) if e.HasField("token")]
+    finally:
+        await client.close()
+
+
+async def info(address: str) -> pb.NodeInfo:
+    client = NodeClient(address)
+    try:
+        return await client.info()
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("model", ["synthetic:tiny", "smollm2-135m"])
+async def test_every_backend_gives_the_single_process_tokens(cluster3, model):
+    addrs = addresses(cluster3)
+    if model == "smollm2-135m":  # a factual chat prompt; 3 ranks split its 9/3 heads
+        ids = prompt_tokenizer(resolve(model)).encode("What is the capital of France?", True)
+        n, ignore_eos = 8, False
+    else:
+        ids, n, ignore_eos = TINY_PROMPT, 16, True
+    want = reference_run(model, ids, n, ignore_eos)
+    try:
+        for backend in ("mlx-ring:tensor", "mlx-ring:pipeline", "pipeline"):
+            plan, shards = await load_backend(addrs, model, backend)
+            if backend == "mlx-ring:tensor":  # every rank holds every layer, 1/3 of each
+                assert [(s.start_layer, s.end_layer) for s in plan.shards] == [
+                    (0, plan.n_layers - 1)] * 3
+                assert [s.ring.rank for s in shards] == [0, 1, 2]
+                assert all(s.ring.size == 3 and s.ring.state == "ready" for s in shards)
+            events = await token_events(addrs[0], ids, n, ignore_eos)
+            assert [e.token_id for e in events] == want["token_ids"], backend
+            if backend.startswith("mlx-ring"):
+                got = [e.logprob for e in events]
+                assert max(abs(a - b) for a, b in zip(got, want["logprobs"])) < 1e-3, backend
+    finally:
+        await with_clients(addrs, lambda cl: asyncio.gather(*(c.unload() for c in cl)))
+
+
+async def test_shapes_that_do_not_divide_are_refused_with_the_reason(cluster3):
+    addrs = addresses(cluster3)
+    with pytest.raises(ClusterError, match=r"9 attention heads and 3 KV heads do not "
+                                           r"divide by 2.*works on 3"):
+        await load_backend(addrs[:2], "smollm2-135m", "mlx-ring:tensor")
+    with pytest.raises(ClusterError, match="unknown backend"):
+        await load_backend(addrs, "synthetic:tiny", "mlx-ring:sideways")
+
+
+async def test_killed_rank_is_reported_and_auto_reform_resumes_serving(small_cluster):
+    cluster = await asyncio.to_thread(small_cluster, 3)
+    addrs = addresses(cluster)
+    plan, _ = await load_backend(addrs, "synthetic:tiny", "mlx-ring:tensor", auto_reform=True)
+    before = [e.token_id for e in await token_events(addrs[0], TINY_PROMPT, 8, True)]
+    killed_at = time.time()
+    os.kill(cluster["nodes"][2]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rank0 = await info(addrs[0])
+        if rank0.recoveries and rank0.shard.ring.state == "ready":
+            break
+        await asyncio.sleep(0.05)
+    record = rank0.recoveries[-1]
+    assert not record.error, record.error
+    assert record.at_unix - killed_at < 2.0  # declared down within 2 s of the kill
+    assert record.detect_s < 2.0 and record.reload_s > 0
+    assert record.backend == "mlx-ring:tensor"
+    assert rank0.plan.epoch == plan.epoch + 1 and rank0.shard.ring.size == 2
+    after = [e.token_id for e in await token_events(addrs[0], TINY_PROMPT, 8, True)]
+    assert after == before  # the 2-rank group computes the same greedy tokens
+
+
+async def test_without_auto_reform_a_lost_rank_takes_the_group_down_clearly(small_cluster):
+    cluster = await asyncio.to_thread(small_cluster, 3)
+    addrs = addresses(cluster)
+    plan, _ = await load_backend(addrs, "synthetic:tiny", "mlx-ring:pipeline")
+    assert [(s.start_layer, s.end_layer) for s in plan.shards] == [(0, 2), (3, 5), (6, 7)]
+    async with grpc.aio.insecure_channel(addrs[1]) as channel:  # bad input first
+        stub = pb_grpc.NodeServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.RingWake(pb.RingWakeRequest(epoch=plan.epoch + 5))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert len(await token_events(addrs[0], TINY_PROMPT, 8, True)) == 8  # still serving
+    killed_at = time.monotonic()
+    os.kill(cluster["nodes"][1]["pid"], signal.SIGKILL)
+    while time.monotonic() - killed_at < 10:
+        rank0 = await info(addrs[0])
+        if rank0.shard.ring.state == "down":
+            break
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - killed_at < 2.0
+    assert "--auto-reform" in rank0.recoveries[-1].error
+    with pytest.raises(ClusterError, match="group is down"):
+        await token_events(addrs[0], TINY_PROMPT, 8, True)
+    client = NodeClient(addrs[0])
+    assert await client.healthy()  # the node itself keeps serving its API
+    await client.close()
