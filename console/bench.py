@@ -42,6 +42,7 @@ class Workload:
     strategy: str = "memory"
     seed: int = 0
     timeout_s: float = 120.0
+    backends: list[str] = field(default_factory=lambda: ["pipeline"])
 
 
 @dataclass
@@ -192,8 +193,17 @@ async def node_state(clients: list[NodeClient]) -> list[dict]:
     return out
 
 
-def communication(before: list[dict], after: list[dict], tokens: int, hops: int) -> dict:
-    """Bytes on the wire per generated token per hop, and the compute/transfer split."""
+def communication(before: list[dict], after: list[dict], tokens: int, hops: int,
+                  backend: str = "pipeline") -> dict:
+    """Bytes on the wire per generated token per hop, and the compute/transfer split.
+    mlx-ring traffic moves inside MLX's own sockets, which the node services do not see:
+    those figures are None (not measured), never a made-up zero."""
+    if backend.startswith("mlx-ring"):
+        step = [a["latencies"].get("step_compute", {}).get("p50_s", 0.0) for a in after
+                if "latencies" in a]
+        return {"hops_per_token": hops, "bytes_per_token_per_hop": None,
+                "step_compute_p50_s": step, "hop_p50_s": None, "compute_s_per_token": None,
+                "transfer_s_per_token": None}
     sent = sum(a.get("bytes_out", 0) - b.get("bytes_out", 0) for b, a in zip(before, after))
     step = [a["latencies"].get("step_compute", {}).get("p50_s", 0.0) for a in after
             if "latencies" in a]
@@ -210,15 +220,16 @@ def communication(before: list[dict], after: list[dict], tokens: int, hops: int)
 
 
 async def bench_cluster(addresses: list[str], work: Workload, progress=None,
-                        client_options: dict | None = None) -> dict:
-    """Load the model on these nodes and run the workload; one entry per concurrency."""
+                        client_options: dict | None = None, backend: str = "pipeline") -> dict:
+    """Load the model on these nodes with `backend` and run the workload; one entry per
+    concurrency."""
     from console.cli import load_plan
 
     progress = progress or (lambda *a: None)
     clients = [NodeClient(a, **(client_options or {})) for a in addresses]
     try:
         plan, shards = await load_plan(clients, work.model, "", 0, work.strategy,
-                                       progress=lambda m: None)
+                                       progress=lambda m: None, backend=backend)
         after_load = await node_state(clients)
         entry = next(c for c in clients if c.address == plan.shards[0].address)
         prompts = workload_prompts(work.model, work.requests, work.prompt_tokens, work.seed)
@@ -230,13 +241,13 @@ async def bench_cluster(addresses: list[str], work: Workload, progress=None,
                 before = await node_state(clients)
                 results, wall = await run_level(
                     entry, prompts, work.gen_tokens, c, work.timeout_s,
-                    lambda d, n, c=c, rep=rep: progress(f"{len(addresses)} node(s) c={c} "
-                                                        f"run {rep + 1}", d, n))
+                    lambda d, n, c=c, rep=rep: progress(f"{backend} {len(addresses)}n c={c} "
+                                                        f"#{rep + 1}", d, n))
                 after = await node_state(clients)
                 summary = summarise(results, wall, c)
                 summary["repeat"] = rep
                 summary["communication"] = communication(
-                    before, after, summary["output_tokens"], len(addresses))
+                    before, after, summary["output_tokens"], len(addresses), backend)
                 summary["outputs"] = [r.token_ids for r in results]
                 summary["errors"] = [r.error for r in results if not r.ok][:10]
                 runs.append(summary)
@@ -247,7 +258,7 @@ async def bench_cluster(addresses: list[str], work: Workload, progress=None,
                    "steady_bytes": s.get("mlx_active_bytes", 0),
                    "rss_bytes": s.get("rss_bytes", 0)} for a, s in zip(after_load, steady)]
         infos = [i for i in await gather_infos(clients) if not isinstance(i, ClusterError)]
-        return {"nodes": len(addresses), "plan": to_dict(plan),
+        return {"nodes": len(addresses), "backend": backend, "plan": to_dict(plan),
                 "environment": [to_dict(i.capabilities) | {"name": i.name,
                                                            "address": i.address,
                                                            "version": i.version}
@@ -305,23 +316,28 @@ def run_bench(work: Workload, addresses: list[str] | None, nodes_sweep: list[int
                     cluster = local_cluster.up(n, path=path, node_args=["--no-advertise"])
                     try:
                         addrs = [x["address"] for x in cluster["nodes"]]
-                        configs.append(asyncio.run(bench_cluster(addrs, work, progress_bar,
-                                                                 client_options)))
+                        configs.extend(every_backend(addrs, work, client_options))
                     finally:
                         local_cluster.down(path)
             else:
-                configs.append(asyncio.run(bench_cluster(addresses[:n], work, progress_bar,
-                                                         client_options)))
+                configs.extend(every_backend(addresses[:n], work, client_options))
     else:
         if not addresses:
             raise ClusterError("no nodes to benchmark")
-        configs.append(asyncio.run(bench_cluster(addresses, work, progress_bar,
-                                                 client_options)))
+        configs.extend(every_backend(addresses, work, client_options))
     from node import __version__
 
     return {"schema": SCHEMA, "created_unix": time.time(), "tool_version": __version__,
-            "backend": "pipeline", "workload": asdict(work), "configurations": configs,
+            "backend": ",".join(work.backends), "workload": asdict(work),
+            "configurations": configs,
             "scenarios": scenarios}
+
+
+def every_backend(addresses: list[str], work: Workload,
+                  client_options: dict | None) -> list[dict]:
+    """The same workload on the same nodes with each backend in turn."""
+    return [asyncio.run(bench_cluster(addresses, work, progress_bar, client_options, b))
+            for b in work.backends]
 
 
 RUN_KEYS = {"concurrency": int, "requests": int, "succeeded": int, "success_rate": float,
@@ -378,9 +394,11 @@ async def run_scenario(addresses: list[str], work: Workload, fault: str, concurr
 
     progress = progress or (lambda *a: None)
     clients = [NodeClient(a, **(client_options or {})) for a in addresses]
-    try:
+    backend = work.backends[0]
+    try:  # an mlx-ring group re-forms on the survivors (MLX's groups cannot lose a rank)
         plan, _ = await load_plan(clients, work.model, "", 0, work.strategy,
-                                  progress=lambda m: None)
+                                  progress=lambda m: None, backend=backend,
+                                  auto_reform=True)
         entry = next(c for c in clients if c.address == plan.shards[0].address)
         victim_shard = plan.shards[-1]
         victim = next(c for c in clients if c.address == victim_shard.address)
@@ -427,7 +445,8 @@ async def run_scenario(addresses: list[str], work: Workload, fault: str, concurr
         gaps = [b - a for a, b in zip([t_fault, *later], later)] if injected_at else []
         summary = summarise(list(results), wall, concurrency)
         return {
-            "fault": fault, "node": victim_shard.name or victim_shard.address,
+            "fault": fault, "backend": backend,
+            "node": victim_shard.name or victim_shard.address,
             "requests": work.requests, "concurrency": concurrency,
             "success_rate": summary["success_rate"], "failures": summary["failures"],
             "outputs_correct": all(c for c, r in zip(correct, results) if r.ok),

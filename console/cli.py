@@ -554,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--repeats", type=int, default=1)
     bench.add_argument("--strategy", default="memory")
+    bench.add_argument("--backend", default="pipeline",
+                       help="comma-separated backends to compare on the same nodes: "
+                            "pipeline, mlx-ring:tensor, mlx-ring:pipeline")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--nodes-sweep", help="node counts, e.g. 1,2,3 (first N nodes, or "
                                              "local clusters with --local)")
@@ -688,6 +691,15 @@ def int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def backend_list(text: str) -> list[str]:
+    from node.plan import PlanError, backend_label, parse_backend
+
+    try:
+        return [backend_label(*parse_backend(b.strip())) for b in text.split(",") if b.strip()]
+    except PlanError as e:
+        raise ClusterError(str(e)) from e
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from console.bench import Workload, run_bench
 
@@ -697,19 +709,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     gen_tokens=args.gen_tokens, requests=args.requests,
                     concurrency=int_list(args.concurrency, "--concurrency"),
                     warmup=args.warmup, repeats=args.repeats, strategy=args.strategy,
-                    seed=args.seed)
+                    seed=args.seed, backends=backend_list(args.backend))
     sweep = int_list(args.nodes_sweep, "--nodes-sweep") if args.nodes_sweep else None
     addresses = None if args.local else node_addresses(args)
     doc = run_bench(work, addresses, sweep, args.local, CONNECTION, args.scenario or "",
                     args.fault_at)
     args.out.write_text(json.dumps(doc, indent=1))
-    rows = [f"{c['nodes']} node(s) c={r['concurrency']}: {r['aggregate_tokens_per_s']:.1f} "
+    def secs(x) -> str:
+        return "—" if x is None else f"{x:.2f} s"
+
+    rows = [f"{c['backend']} {c['nodes']} node(s) c={r['concurrency']}: "
+            f"{r['aggregate_tokens_per_s']:.1f} "
             f"tok/s aggregate, {r['single_stream_tokens_per_s']:.1f} single-stream, TTFT p50 "
             f"{r['ttft_s']['p50'] * 1000:.0f} ms, success {r['success_rate']:.1%}"
             for c in doc["configurations"] for r in c["runs"]]
-    rows += [f"{s['fault']} on {s['node']}: success {s['success_rate']:.2%}, outputs correct "
-             f"{s['outputs_correct']}, detect {s['detect_s']:.2f} s, recovered "
-             f"{s['recover_s']:.2f} s, longest stall {s['stall_s']:.2f} s"
+    rows += [f"{s['backend']} {s['fault']} on {s['node']}: success {s['success_rate']:.2%}, "
+             f"outputs correct {s['outputs_correct']}, detect {secs(s['detect_s'])}, "
+             f"recovered {secs(s['recover_s'])}, longest stall {secs(s['stall_s'])}"
+             + (f" ({s['recovery_error']})" if s.get("recovery_error") else "")
              for s in doc["scenarios"]]
     emit(args, doc, "\n".join(rows) + f"\nresults: {args.out}")
     return EXIT_OK

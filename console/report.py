@@ -38,15 +38,20 @@ def load_results(paths: list[Path]) -> list[dict]:
     return docs
 
 
+def config_backend(doc: dict, config: dict) -> str:
+    """A configuration's backend (files from before per-configuration backends: the doc's)."""
+    return config.get("backend") or doc.get("backend", "pipeline")
+
+
 def rows(docs: list[dict]) -> list[dict]:
     """One flat row per (result file, node configuration, concurrency, repeat)."""
     out = []
     for doc in docs:
         for config in doc["configurations"]:
             for run in config["runs"]:
-                out.append({"label": f"{doc.get('backend', 'pipeline')} · {config['nodes']} "
-                                     f"node(s)",
-                            "backend": doc.get("backend", "pipeline"), "nodes": config["nodes"],
+                backend = config_backend(doc, config)
+                out.append({"label": f"{backend} · {config['nodes']} node(s)",
+                            "backend": backend, "nodes": config["nodes"],
                             "config": config, "run": run, "doc": doc})
     return out
 
@@ -116,7 +121,7 @@ def memory_section(docs: list[dict]) -> str:
     for doc in docs:
         for config in doc["configurations"]:
             for m in config["memory"]:
-                body.append([f"{doc.get('backend', 'pipeline')} · {config['nodes']} node(s)",
+                body.append([f"{config_backend(doc, config)} · {config['nodes']} node(s)",
                              m.get("name") or m["address"], f"{m['after_load_bytes'] / GIB:.3f}",
                              f"{m['peak_bytes'] / GIB:.3f}", f"{m['steady_bytes'] / GIB:.3f}"])
     return "## Memory per node (GiB held by MLX)\n\n" + table(
@@ -127,13 +132,18 @@ def communication_section(rs: list[dict]) -> str:
     body = []
     for r in rs:
         c = r["run"]["communication"]
+        if c.get("bytes_per_token_per_hop") is None:  # inside MLX's own sockets
+            body.append([r["label"], str(r["run"]["concurrency"]), "—", "not seen (MLX)",
+                         "—", "—", "—"])
+            continue
         body.append([r["label"], str(r["run"]["concurrency"]), str(c["hops_per_token"]),
                      f"{c['bytes_per_token_per_hop']:.0f}", ms(c["hop_p50_s"]),
                      ms(c["compute_s_per_token"]), ms(c["transfer_s_per_token"])])
     return ("## Communication overhead\n\nPer generated token: hops crossed, bytes sent per "
             "hop (prompt activations included), one-way hop latency (p50), and the split of "
             "a token's time into compute (sum of per-shard step p50) and transfer (hops x "
-            "hop p50).\n\n" + table(
+            "hop p50). mlx-ring traffic moves inside MLX's own sockets, which the node "
+            "services cannot count; its rows say so.\n\n" + table(
                 ["configuration", "concurrency", "hops/token", "bytes/token/hop",
                  "hop p50 ms", "compute ms/token", "transfer ms/token"], body))
 
@@ -179,6 +189,37 @@ def reliability_section(rs: list[dict]) -> str:
          "failures by kind"], body)
 
 
+def backend_groups(rs: list[dict]) -> list[tuple[tuple[int, int], list[dict]]]:
+    """Rows of the same node count and concurrency, one per backend (first repeat)."""
+    groups: dict[tuple[int, int], dict[str, dict]] = {}
+    for r in rs:
+        key = (r["nodes"], r["run"]["concurrency"])
+        groups.setdefault(key, {}).setdefault(r["backend"], r)
+    return [(k, list(v.values())) for k, v in sorted(groups.items()) if len(v) > 1]
+
+
+def backends_section(rs: list[dict]) -> str:
+    groups = backend_groups(rs)
+    if not groups:
+        return ("## Backends side by side\n\nThese results hold one backend; run `mlx-cluster "
+                "bench --backend pipeline,mlx-ring:tensor,mlx-ring:pipeline` to compare.")
+    parts = ["## Backends side by side\n\nThe same workload on the same nodes, one backend "
+             "after another. Ratios are to the gRPC pipeline (or the first backend run)."]
+    for (nodes, conc), group in groups:
+        base = next((r for r in group if r["backend"] == "pipeline"), group[0])
+        base_tps = base["run"]["aggregate_tokens_per_s"]
+        body = [[r["backend"], f1(r["run"]["single_stream_tokens_per_s"]),
+                 f1(r["run"]["aggregate_tokens_per_s"]),
+                 f"{r['run']['aggregate_tokens_per_s'] / base_tps:.2f}x" if base_tps else "—",
+                 ms(r["run"]["ttft_s"]["p50"]), ms(r["run"]["itl_s"]["p50"]),
+                 ms(r["run"]["itl_s"]["p99"]), f"{r['run']['success_rate']:.0%}"]
+                for r in group]
+        parts.append(f"**{nodes} node(s), concurrency {conc}**\n\n" + table(
+            ["backend", "single-stream tok/s", "aggregate tok/s", f"vs {base['backend']}",
+             "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "success"], body))
+    return "\n\n".join(parts)
+
+
 def fault_section(docs: list[dict]) -> str:
     scenarios = [s for d in docs for s in d.get("scenarios", [])]
     if not scenarios:
@@ -186,7 +227,8 @@ def fault_section(docs: list[dict]) -> str:
     def opt(x) -> str:
         return "—" if x is None else ms(x)
 
-    body = [[s["fault"] + ("" if s.get("injected", True) else " (not injected)"), s["node"],
+    body = [[s.get("backend", "pipeline"),
+             s["fault"] + ("" if s.get("injected", True) else " (not injected)"), s["node"],
              f"{s['requests']} @ c={s['concurrency']}", f"{s['success_rate']:.2%}",
              opt(s["detect_s"]), opt(s["recover_s"]), opt(s["first_token_s"]),
              opt(s["stall_s"]), "yes" if s["outputs_correct"] else "NO"] for s in scenarios]
@@ -197,7 +239,7 @@ def fault_section(docs: list[dict]) -> str:
             "the first token of a resumed request. Longest stall: the longest time in which "
             "no request received a token, after the fault. Outputs are compared token for "
             "token with a fault-free run.\n\n" + table(
-                ["fault", "node", "load", "success", "detect ms", "recover ms",
+                ["backend", "fault", "node", "load", "success", "detect ms", "recover ms",
                  "first token ms", "longest stall ms", "outputs correct"], body)
             + ("\n\n" + "\n".join(errors) if errors else ""))
 
@@ -297,13 +339,38 @@ def charts(rs: list[dict], out_dir: Path, stem: str) -> list[Path]:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     written.append(path)
+    groups = backend_groups(rs)
+    if groups:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        width = 0.8 / len(groups)
+        names = sorted({r["backend"] for _, g in groups for r in g})
+        for i, ((nodes, conc), group) in enumerate(groups):
+            by = {r["backend"]: r["run"] for r in group}
+            xs = [j + i * width for j in range(len(names))]
+            left.bar(xs, [by[n]["aggregate_tokens_per_s"] if n in by else 0 for n in names],
+                     width, label=f"{nodes} node(s), c={conc}")
+            right.bar(xs, [by[n]["itl_s"]["p99"] * 1000 if n in by else 0 for n in names],
+                      width, color="lightgray", edgecolor="gray")
+            right.bar(xs, [by[n]["itl_s"]["p50"] * 1000 if n in by else 0 for n in names],
+                      width * 0.6, label=f"{nodes} node(s), c={conc}")
+        for ax in (left, right):
+            ax.set_xticks([j + width * (len(groups) - 1) / 2 for j in range(len(names))],
+                          names, fontsize=8)
+        left.set(ylabel="aggregate output tokens/s", title="Throughput by backend")
+        right.set(ylabel="inter-token latency (ms)", title="ITL p50 (bars) and p99 (grey)")
+        left.legend(fontsize=7)
+        path = out_dir / f"{stem}-backends.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
     srows = scaling_rows(rs)
     if len({r["nodes"] for r in srows}) > 1:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for conc in sorted({r["concurrency"] for r in srows}):
-            pts = [(r["nodes"], r["aggregate"]) for r in srows if r["concurrency"] == conc]
+        for backend, conc in sorted({(r["backend"], r["concurrency"]) for r in srows}):
+            pts = [(r["nodes"], r["aggregate"]) for r in srows
+                   if (r["backend"], r["concurrency"]) == (backend, conc)]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"concurrency {conc}")
+                    label=f"{backend}, concurrency {conc}")
         ax.set(xlabel="nodes", ylabel="aggregate output tokens/s", title="Scaling")
         ax.legend()
         path = out_dir / f"{stem}-scaling.png"
@@ -323,7 +390,8 @@ def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
     parts = ["# Cluster benchmark report",
              "Every number below was measured by `mlx-cluster bench` on the machines named in "
              "the setup section; rerun it to check them.",
-             summary_section(rs), environment_section(docs), throughput_section(rs),
+             summary_section(rs), environment_section(docs), backends_section(rs),
+             throughput_section(rs),
              latency_section(rs), memory_section(docs), communication_section(rs),
              scaling_section(rs), reliability_section(rs), fault_section(docs),
              recommendations(rs)]
