@@ -36,16 +36,22 @@ def reference_generate(spec: str, prompt_ids: list[int], max_tokens: int, dtype:
     logprobs: list[float] = []
     t0 = time.perf_counter()
     t_first = t0
+    itl: list[float] = []
+    t_prev = t0
     for token, lp in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens):
+        now = time.perf_counter()
         if not tokens:
-            t_first = time.perf_counter()
+            t_first = now
+        else:
+            itl.append(now - t_prev)
+        t_prev = now
         if stop_at_eos and token in eos:
             break
         tokens.append(int(token))
         logprobs.append(float(lp[token].item()))
     t_end = time.perf_counter()
     decode = (len(tokens) - 1) / (t_end - t_first) if len(tokens) > 1 else 0.0
-    return {"token_ids": tokens, "logprobs": logprobs, "ttft_s": t_first - t0,
+    return {"token_ids": tokens, "logprobs": logprobs, "itl_s": itl, "ttft_s": t_first - t0,
             "decode_tokens_per_s": decode,
             "blas": blas_in_use()}
 
