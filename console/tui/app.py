@@ -121,20 +121,21 @@ class ClusterApp(App):
     def action_load(self) -> None:
         def chosen(result: str | None) -> None:
             if result:
-                model, strategy = result.split("|", 1)
-                self.load_model(model, strategy)
+                model, strategy, backend = result.split("|", 2)
+                self.load_model(model, strategy, backend)
 
         self.push_screen(LoadScreen(self.monitor), chosen)
 
     @work(exclusive=True, group="load")
-    async def load_model(self, model: str, strategy: str) -> None:
+    async def load_model(self, model: str, strategy: str, backend: str = "pipeline") -> None:
         from console.cli import load_plan
 
-        self.monitor.log("load", f"loading {model} ({strategy}) ...")
+        self.monitor.log("load", f"loading {model} ({backend}, {strategy}) ...")
         self.notify(f"loading {model} ...", timeout=3)
         try:
             plan, shards = await load_plan(self.monitor.up_clients(), model, "", 0, strategy,
-                                           progress=lambda m: self.monitor.log("load", m.strip()))
+                                           progress=lambda m: self.monitor.log("load", m.strip()),
+                                           backend=backend)
         except ClusterError as e:
             self.monitor.log("error", f"load failed: {e}")
             self.notify(str(e), severity="error", timeout=8)

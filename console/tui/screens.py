@@ -13,11 +13,12 @@ from textual.widgets import Button, Checkbox, Input, Label, Markdown, Select, St
 from console.client import ClusterError, to_dict
 
 STRATEGIES = ["memory", "uniform", "ring-memory-weighted", "speed"]
+BACKENDS = ["pipeline", "mlx-ring:tensor", "mlx-ring:pipeline"]
 GIB = 2**30
 
 
 class LoadScreen(ModalScreen[str | None]):
-    """Model spec + strategy, a plan preview from the live nodes, then confirm."""
+    """Model spec, backend and strategy, a plan preview from the live nodes, then confirm."""
 
     BINDINGS = [("escape", "dismiss(None)", "Cancel")]
 
@@ -32,17 +33,21 @@ class LoadScreen(ModalScreen[str | None]):
             yield Label("Load a model across the cluster", classes="title")
             yield Input(self.model, placeholder="smollm2-135m, synthetic:tiny, a dir ...",
                         id="model")
-            yield Select([(s, s) for s in STRATEGIES], value="memory", allow_blank=False,
-                         id="strategy")
+            with Horizontal(classes="choices"):
+                yield Select([(b, b) for b in BACKENDS], value="pipeline", allow_blank=False,
+                             id="backend")
+                yield Select([(s, s) for s in STRATEGIES], value="memory", allow_blank=False,
+                             id="strategy")
             yield Static("press Preview to see the plan", id="preview")
             with Horizontal(classes="buttons"):
                 yield Button("Preview", id="preview-button")
                 yield Button("Load", id="load-button", variant="primary", disabled=True)
                 yield Button("Cancel", id="cancel-button")
 
-    def _choice(self) -> tuple[str, str]:
-        return self.query_one("#model", Input).value.strip(), str(
-            self.query_one("#strategy", Select).value)
+    def _choice(self) -> tuple[str, str, str]:
+        return (self.query_one("#model", Input).value.strip(),
+                str(self.query_one("#strategy", Select).value),
+                str(self.query_one("#backend", Select).value))
 
     @on(Button.Pressed, "#cancel-button")
     def cancel(self) -> None:
@@ -55,7 +60,7 @@ class LoadScreen(ModalScreen[str | None]):
         self.run_preview(*self._choice())
 
     @work(exclusive=True, group="preview")
-    async def run_preview(self, model: str, strategy: str) -> None:
+    async def run_preview(self, model: str, strategy: str, backend: str) -> None:
         from console.cli import partition
         from console.client import gather_infos
 
@@ -64,26 +69,30 @@ class LoadScreen(ModalScreen[str | None]):
         try:
             if not infos:
                 raise ClusterError("no node is up")
-            plan, source = partition(infos, model, "", 0, strategy)
+            plan, source = partition(infos, model, "", 0, strategy, backend)
         except ClusterError as e:
             self.query_one("#preview", Static).update(Text(str(e), style="bold red"))
             self.query_one("#load-button", Button).disabled = True
             return
-        table = Table(title=f"{model} · {plan.n_layers} layers · {strategy}", expand=True)
+        tensor = backend == "mlx-ring:tensor"
+        table = Table(title=f"{model} · {plan.n_layers} layers · {backend} · {plan.strategy}",
+                      expand=True)
         for column in ("node", "layers", "weights", "kv", "total", "budget"):
             table.add_column(column)
+        n = len(plan.shards)
         for s in plan.shards:
-            table.add_row(s.node.label, f"{s.start}-{s.end}", f"{s.param_bytes / GIB:.2f} GiB",
+            layers = f"1/{n} of {s.start}-{s.end}" if tensor else f"{s.start}-{s.end}"
+            table.add_row(s.node.label, layers, f"{s.param_bytes / GIB:.2f} GiB",
                           f"{s.kv_bytes / GIB:.2f} GiB", f"{s.total_bytes / GIB:.2f} GiB",
                           f"{s.node.budget / GIB:.2f} GiB")
         self.query_one("#preview", Static).update(table)
-        self.previewed = (model, strategy)
+        self.previewed = (model, strategy, backend)
         self.query_one("#load-button", Button).disabled = False
 
     @on(Button.Pressed, "#load-button")
     def confirm(self) -> None:
         if self.previewed == self._choice():
-            self.dismiss(f"{self.previewed[0]}|{self.previewed[1]}")
+            self.dismiss("|".join(self.previewed))
         else:
             self.preview()  # the choice changed since the preview
 

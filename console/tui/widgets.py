@@ -53,7 +53,9 @@ class NodesTable(DataTable):
                 info.capabilities.memory_budget if info else 0)
             shard = info.shard if info is not None and info.HasField("shard") else None
             colour = colour_for(order.get(view.node_id, 0)) if shard else "dim"
-            layers = Text(f"{shard.start_layer}-{shard.end_layer}" if shard else "—",
+            split = (f" ÷{shard.ring.size}" if shard is not None and shard.HasField("ring")
+                     and shard.ring.parallel == "tensor" else "")
+            layers = Text(f"{shard.start_layer}-{shard.end_layer}{split}" if shard else "—",
                           style=colour)
             age = view.heartbeat_age
             cells = {
@@ -105,26 +107,54 @@ class PartitionBar(Rerendered):
             self.border_title = "Partition"
             self.update(Text("no model loaded — press l to load one", style="dim"))
             return
-        self.border_title = (f"Partition · {plan.model} · {plan.strategy or 'plan'} · "
-                             f"epoch {plan.epoch}")
+        backend = "pipeline" if plan.backend in ("", "pipeline") else (
+            f"{plan.backend}:{plan.parallel}")
+        self.border_title = (f"Partition · {plan.model} · {backend} · "
+                             f"{plan.strategy or 'plan'} · epoch {plan.epoch}")
         width = max(10, self.size.width - 4)
-        bar, labels = Text(), Text()
-        resident = {v.node_id: v for v in monitor.nodes.values()}
-        for i, shard in enumerate(plan.shards):
+        tensor = plan.backend == "mlx-ring" and plan.parallel == "tensor"
+        bar = tensor_bar(plan, width) if tensor else layer_list_bar(plan, width)
+        labels = Text()
+        for i, shard in enumerate(plan.shards if not tensor else plan.shards[:1]):
             a = round(shard.start_layer * width / plan.n_layers)
             b = round((shard.end_layer + 1) * width / plan.n_layers)
-            bar.append("█" * max(1, b - a), style=colour_for(i))
-            labels.append(f"{shard.start_layer}".ljust(max(1, b - a)), style=colour_for(i))
+            labels.append(f"{shard.start_layer}".ljust(max(1, b - a)),
+                          style=colour_for(i) if not tensor else "")
         lines = [bar, labels + Text(f"{plan.n_layers - 1}")]
+        resident = {v.node_id: v for v in monitor.nodes.values()}
+        n = len(plan.shards)
         for i, shard in enumerate(plan.shards):
             view = resident.get(shard.node_id)
             used = view.snapshot.mlx_active_bytes if view and view.snapshot else 0
             est = shard.param_bytes + shard.kv_bytes
+            part = (f" r{i} 1/{n} each" if tensor else
+                    f" {shard.start_layer:>3}-{shard.end_layer:<3}")
             lines.append(Text.assemble(
                 ("■ ", colour_for(i)), (f"{(view.label if view else shard.address)[:10]:10}",),
-                f" {shard.start_layer:>3}-{shard.end_layer:<3} est {est / GIB:.2f}G",
-                (f" res {used / GIB:.2f}G", "dim")))
+                f"{part} est {est / GIB:.2f}G", (f" res {used / GIB:.2f}G", "dim")))
         self.update(Text("\n").join(lines))
+
+
+def layer_list_bar(plan, width: int) -> Text:
+    """The layer list cut into contiguous ranges, one colour per node."""
+    bar = Text()
+    for i, shard in enumerate(plan.shards):
+        a = round(shard.start_layer * width / plan.n_layers)
+        b = round((shard.end_layer + 1) * width / plan.n_layers)
+        bar.append("█" * max(1, b - a), style=colour_for(i))
+    return bar
+
+
+def tensor_bar(plan, width: int) -> Text:
+    """Tensor parallel: every layer is split across all ranks, so each layer's slot of the
+    bar is cut into one stripe per rank (as wide as the width allows)."""
+    n = len(plan.shards)
+    bar = Text()
+    for x in range(width):
+        position = x * plan.n_layers / width  # layer index + fraction within the layer
+        rank = min(n - 1, int((position % 1.0) * n))
+        bar.append("█", style=colour_for(rank))
+    return bar
 
 
 class LatencyPanel(PlotextPlot):

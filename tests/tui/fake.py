@@ -22,15 +22,18 @@ class FrozenNode(NodeView):
 class FakeMonitor:
     """Same attributes the widgets read; no network, no clock."""
 
-    def __init__(self, n: int = 3, loaded: bool = True) -> None:
+    def __init__(self, n: int = 3, loaded: bool = True, tensor: bool = False) -> None:
         rng = random.Random(42)
         self.mdns, self.static = False, [f"127.0.0.1:5005{i}" for i in range(n)]
         self.nodes = {}
         self._plan = None
-        ranges = [(0, 9), (10, 19), (20, 29)][:n]
+        ranges = [(0, 29)] * n if tensor else [(0, 9), (10, 19), (20, 29)][:n]
         if loaded:
             self._plan = pb.Plan(model="smollm2-135m", epoch=2, n_layers=30, strategy="memory",
                                  context_length=8192)
+            if tensor:  # an mlx-ring group: every rank holds 1/n of every layer
+                self._plan.backend, self._plan.parallel = "mlx-ring", "tensor"
+                self._plan.strategy = "tensor"
         for i, address in enumerate(self.static):
             info = pb.NodeInfo(node_id=f"node{i:08x}", name=f"local-{i}", address=address)
             info.capabilities.memory_budget = 20 * GIB
@@ -42,6 +45,9 @@ class FakeMonitor:
                 start, end = ranges[i]
                 info.shard.CopyFrom(pb.ShardInfo(model="smollm2-135m", start_layer=start,
                                                  end_layer=end, n_layers=30, epoch=2))
+                if tensor:
+                    info.shard.ring.CopyFrom(pb.RingWorker(parallel="tensor", rank=i, size=n,
+                                                           state="ready"))
                 self._plan.shards.append(pb.PlanShard(
                     node_id=info.node_id, address=address, name=info.name, start_layer=start,
                     end_layer=end, param_bytes=[260, 142, 260][i % 3] * 2**20,

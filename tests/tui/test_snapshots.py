@@ -41,6 +41,11 @@ def test_narrow_terminal_keeps_the_essentials(snap_compare):
     assert snap_compare(app(), terminal_size=(80, 24))
 
 
+def test_tensor_parallel_plan_splits_every_layer(snap_compare):
+    tensor = ClusterApp(FakeMonitor(tensor=True), start_monitor=False)
+    assert snap_compare(tensor, terminal_size=SIZE)
+
+
 def test_help_screen(snap_compare):
     assert snap_compare(app(), terminal_size=SIZE, press=["question_mark"])
 
