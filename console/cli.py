@@ -145,6 +145,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                f"budget {caps['memory_budget'] / gib:5.2f} GiB")
         layers = (f"{shard['model']} {shard['start_layer']}-{shard['end_layer']} "
                   f"(epoch {shard['epoch']})") if shard else "no shard"
+        ring = shard.get("ring")
+        if ring:  # an mlx-ring rank: its worker's state (and why it is down)
+            layers += (f" · mlx-ring:{ring['parallel']} rank {ring.get('rank', 0)}/"
+                       f"{ring['size']} {ring['state']}"
+                       + (f": {ring['error']}" if ring.get("error") else ""))
         faults = ", ".join(f"{f['spec']['kind']} ({f['id']})" for f in r.get("faults", []))
         lines.append(f"{r['address']:22} {'up' if r['up'] else 'unhealthy':5} {r['name'][:10]:10} "
                      f"{caps['mlx_device']}/{caps['blas']:9} {mem}  {layers}"
@@ -249,7 +254,12 @@ def plan_rows(plan: pb.Plan) -> list[dict]:
 
 def format_plan(plan: pb.Plan, budgets: dict[str, int], dtype: str) -> str:
     gib = 2**30
-    lines = [f"{plan.model} · {plan.n_layers} layers · {dtype} · strategy {plan.strategy} · "
+    from node.plan import backend_label
+
+    split = (f" · every layer split {len(plan.shards)} ways"
+             if plan.backend == "mlx-ring" and plan.parallel == "tensor" else "")
+    lines = [f"{plan.model} · {plan.n_layers} layers · {dtype} · "
+             f"{backend_label(plan.backend, plan.parallel)}{split} · strategy {plan.strategy} · "
              f"KV cache at {plan.context_length} tokens",
              f"{'NODE':12} {'ADDRESS':21} {'LAYERS':>7}  {'LAYER MAP':30}  "
              f"{'WEIGHTS':>9} {'KV':>9} {'TOTAL':>9} {'BUDGET':>9}"]

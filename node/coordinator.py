@@ -151,6 +151,11 @@ class Coordinator:
                                 "--auto-reform to re-form on the survivors")
                 log.error("%s", record.error)
                 self.servicer.recovery_failed(record)
+                # the surviving ranks' workers wait idle for a group that is gone: stop them
+                others = [s for s in self.plan.shards if s.node_id not in set(record.lost)
+                          and s.node_id != self.servicer.node_id]
+                await asyncio.gather(*(self._unload_remote(s.address) for s in others),
+                                     return_exceptions=True)
                 return
             log.warning("mlx-ring group down (%s); re-forming on the survivors", why)
         else:
@@ -214,6 +219,13 @@ class Coordinator:
         stub = pb_grpc.NodeServiceStub(self._channel(shard.address))
         info = await stub.GetInfo(pb.InfoRequest(), timeout=2.0)
         return info.capabilities.memory_budget, info.ring_port
+
+    async def _unload_remote(self, address: str) -> None:
+        from node.auth import token_metadata
+
+        stub = pb_grpc.NodeServiceStub(self._channel(address))
+        await stub.UnloadShard(pb.UnloadShardRequest(epoch=self.plan.epoch), timeout=10.0,
+                               metadata=token_metadata(self.servicer.token))
 
     async def _load_remote(self, address: str, plan: pb.Plan) -> None:
         from node.auth import token_metadata

@@ -104,6 +104,7 @@ class RingGroup:
         self._tasks: list[asyncio.Task] = []
         self._stderr: deque[str] = deque(maxlen=20)
         self._closing = False
+        self._stopping: asyncio.Task | None = None
         self._metadata = metadata
         self._peer_ca = peer_ca
         self._channels: list[grpc.aio.Channel] = []
@@ -249,10 +250,12 @@ class RingGroup:
             queue.put_nowait(error)
 
     def mark_down(self, reason: str) -> None:
-        """The coordinator found a rank dead: the group cannot go on (MLX's rule)."""
+        """A rank is gone: the group cannot go on (MLX's rule). The worker is stopped (it
+        holds the weights) and the state stays "down" with the reason until a new plan."""
         if self.state != "down":
             self.error = reason
             self._worker_exited(-1)
+            self._stopping = asyncio.get_running_loop().create_task(self.close(reason))
 
     # ------------------------------------------------------------ requests (rank 0)
 

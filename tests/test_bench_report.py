@@ -68,6 +68,40 @@ def test_bench_sweep_then_report_numbers_match_the_json(tmp_path):
                      r"tok/s \|", text)
 
 
+def test_backend_sweep_runs_every_backend_on_the_same_nodes_and_reports_side_by_side(
+        tmp_path):
+    env = dict(os.environ, MLX_CLUSTER=str(tmp_path / "cluster.json"))
+    out, report = tmp_path / "b.json", tmp_path / "rep" / "backends.md"
+    res = mlx_cluster("bench", "--local", "--nodes-sweep", "2", "--model", "synthetic:tiny",
+                      "--prompt-tokens", "16", "--gen-tokens", "6", "--requests", "2",
+                      "--backend", "pipeline,mlx-ring:tensor,mlx-ring:pipeline",
+                      "--out", str(out), env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(out.read_text())
+    assert validate_results(doc) == []
+    configs = doc["configurations"]
+    assert [c["backend"] for c in configs] == ["pipeline", "mlx-ring:tensor",
+                                               "mlx-ring:pipeline"]
+    assert {tuple(s["address"] for s in c["plan"]["shards"]) for c in configs} == {
+        tuple(s["address"] for s in configs[0]["plan"]["shards"])}  # the same nodes
+    outputs = [c["runs"][0]["outputs"] for c in configs]
+    assert outputs[0] == outputs[1] == outputs[2]  # greedy tokens agree across backends
+    assert configs[1]["runs"][0]["communication"]["bytes_per_token_per_hop"] is None
+
+    res = mlx_cluster("report", str(out), "-o", str(report), env=env)
+    assert res.returncode == 0, res.stderr
+    text = report.read_text()
+    side = text.split("## Backends side by side")[1].split("\n## ")[0]
+    base = configs[0]["runs"][0]["aggregate_tokens_per_s"]
+    for config in configs:
+        run = config["runs"][0]
+        assert (f"| {config['backend']} | {run['single_stream_tokens_per_s']:.1f} | "
+                f"{run['aggregate_tokens_per_s']:.1f} | "
+                f"{run['aggregate_tokens_per_s'] / base:.2f}x |") in side
+    assert (report.parent / "backends-backends.png").stat().st_size > 10_000
+    assert "![backends-backends.png](backends-backends.png)" in text
+
+
 def test_report_refuses_files_that_are_not_results(tmp_path):
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"schema": "something-else"}))

@@ -152,3 +152,32 @@ def test_property_plans_cover_all_layers_and_never_exceed_budgets(n_layers, budg
     assert all(s.layers >= 1 for s in plan.shards)
     assert all(a.end + 1 == b.start for a, b in zip(plan.shards, plan.shards[1:]))
     assert all(s.total_bytes <= s.node.budget for s in plan.shards)
+
+
+def test_backends_parse_and_tensor_plans_split_every_layer():
+    from node.plan import make_tensor_plan, parse_backend, tensor_split_problem
+
+    assert parse_backend("pipeline") == ("pipeline", "")
+    assert parse_backend("mlx-ring") == ("mlx-ring", "tensor")
+    assert parse_backend("mlx-ring:pipeline") == ("mlx-ring", "pipeline")
+    with pytest.raises(PlanError, match="unknown backend"):
+        parse_backend("mlx-ring:diagonal")
+    smollm2 = {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
+    assert tensor_split_problem(smollm2, 3) is None
+    problem = tensor_split_problem(smollm2, 2)
+    assert "9 attention heads and 3 KV heads do not divide by 2" in problem
+    assert "works on 3 node(s)" in problem
+    config = dict(LLAMA_7B, num_hidden_layers=8)
+    shape = model_shape(config, "float32")
+    nodes = [NodeSpec(f"n{i}", 20 * GIB) for i in range(4)]
+    plan = make_tensor_plan(shape, config, nodes)
+    assert [(s.start, s.end) for s in plan.shards] == [(0, 7)] * 4
+    # each rank: a quarter of the layers' weights and KV cache, embedding and head whole
+    whole, kv = shape.shard_bytes(0, 7)
+    layers_only = whole - shape.embed_bytes - shape.head_bytes
+    assert plan.shards[0].param_bytes == layers_only // 4 + shape.embed_bytes + shape.head_bytes
+    assert plan.shards[0].kv_bytes == kv // 4
+    with pytest.raises(PlanError, match="needs .* GiB but n0's budget"):
+        make_tensor_plan(shape, config, [NodeSpec(f"n{i}", GIB) for i in range(4)])
+    with pytest.raises(PlanError, match="do not divide by 3"):
+        make_tensor_plan(shape, config, nodes[:3])

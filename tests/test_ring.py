@@ -127,6 +127,13 @@ async def test_without_auto_reform_a_lost_rank_takes_the_group_down_clearly(smal
         await asyncio.sleep(0.05)
     assert time.monotonic() - killed_at < 2.0
     assert "--auto-reform" in rank0.recoveries[-1].error
+    survivor = await info(addrs[2])  # its idle worker was stopped by the coordinator
+    for _ in range(50):
+        if not survivor.HasField("shard"):
+            break
+        await asyncio.sleep(0.1)
+        survivor = await info(addrs[2])
+    assert not survivor.HasField("shard")
     with pytest.raises(ClusterError, match="group is down"):
         await token_events(addrs[0], TINY_PROMPT, 8, True)
     client = NodeClient(addrs[0])

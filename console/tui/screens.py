@@ -178,8 +178,12 @@ class NodeDetailScreen(ModalScreen[None]):
             lines += [f"| {k} | {readable(k, v)} |" for k, v in caps.items()]
             if view.info.HasField("shard"):
                 shard = to_dict(view.info.shard)
+                ring = shard.pop("ring", {})
                 lines += ["", "| shard | value |", "|---|---|"]
                 lines += [f"| {k} | {readable(k, v)} |" for k, v in shard.items()]
+                if ring:  # the mlx-ring worker this node started
+                    lines += ["", "| mlx-ring worker | value |", "|---|---|"]
+                    lines += [f"| {k} | {readable(k, v)} |" for k, v in ring.items()]
         if view.cpu:
             recent = list(view.cpu)[-20:]
             lines += ["", f"CPU % (last {len(recent)} snapshots): "

@@ -3,8 +3,9 @@
 Starts a 3-node loopback cluster, opens the dashboard headless, loads the bundled model
 through the load modal (saving the plan preview), runs generations, and saves SVGs (and
 PNGs when cairosvg is available) into screenshots/: the main view during generation, the
-plan preview modal, the node detail screen, and the recovery after a node is killed
-from the dashboard mid-generation. Look at them before committing.
+plan preview modal, the node detail screen, the model as a tensor-parallel mlx-ring group,
+and the recovery after a node is killed from the dashboard mid-generation. Look at them
+before committing.
 
     .venv/bin/python -m console.tui.screenshots [--out screenshots]
 """
@@ -70,6 +71,23 @@ async def capture(addresses: list[str], out: Path) -> list[Path]:
         await pilot.pause(0.5)
         shot("node-detail")
         await pilot.press("escape")
+        # the same model as MLX's own tensor-parallel ring group, loaded through the modal
+        await pilot.press("l")
+        app.screen.query_one("#backend").value = "mlx-ring:tensor"
+        await pilot.click("#preview-button")
+        await until(lambda: not app.screen.query_one("#load-button").disabled, 120)
+        await pilot.click("#load-button")
+        await until(lambda: (monitor.plan() is not None and monitor.plan().backend == "mlx-ring"
+                             and all(v.info is not None and v.info.shard.ring.state == "ready"
+                                     for v in monitor.nodes.values())), 180)
+        short = pb.GenerateRequest(prompt=PROMPTS[0], chat=True, max_tokens=8)
+        await generate(monitor.up_clients(), short)
+        await pilot.pause(1.5)
+        shot("tensor-parallel")
+        app.load_model("smollm2-135m", "memory", "pipeline")  # back to the gRPC pipeline
+        await until(lambda: monitor.plan() is not None and monitor.plan().backend != "mlx-ring",
+                    180)
+        await pilot.pause(1.0)
         # kill the last node from the dashboard while a request streams: the recovery
         streaming = asyncio.ensure_future(generate(monitor.up_clients(), request))
         await pilot.pause(1.5)

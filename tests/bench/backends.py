@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,26 +28,9 @@ sys.path.insert(0, str(ROOT))
 from console import local  # noqa: E402
 from console.cli import load_plan, with_clients  # noqa: E402
 from console.client import NodeClient  # noqa: E402
-from node.blas import openblas_env  # noqa: E402
+from node.plan import BACKENDS  # noqa: E402
 from protos import cluster_pb2 as pb  # noqa: E402
-
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-BACKENDS = ("pipeline", "mlx-ring:tensor", "mlx-ring:pipeline")
-
-
-def prompt_ids(model: str) -> list[int]:
-    from node.models import prompt_tokenizer, resolve
-
-    return prompt_tokenizer(resolve(model)).encode(PROMPT, chat=True)
-
-
-def single_process(model: str, ids: list[int], tokens: int) -> dict:
-    cmd = [sys.executable, "-m", "node.reference", "--model", model, "--prompt-ids",
-           ",".join(map(str, ids)), "--max-tokens", str(tokens), "--ignore-eos"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=openblas_env(), cwd=ROOT)
-    if res.returncode:
-        sys.exit(f"reference failed:\n{res.stderr}")
-    return json.loads(res.stdout.splitlines()[-1])
+from tests.bench.common import prompt_ids, single_process  # noqa: E402
 
 
 def quantile(values: list[float], q: float) -> float:

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,26 +28,8 @@ sys.path.insert(0, str(ROOT))
 from console import local  # noqa: E402
 from console.cli import load_plan, with_clients  # noqa: E402
 from console.client import NodeClient  # noqa: E402
-from node.blas import openblas_env  # noqa: E402
 from protos import cluster_pb2 as pb  # noqa: E402
-
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
-
-def prompt_ids(model: str) -> list[int]:
-    from node.models import prompt_tokenizer, resolve
-
-    return prompt_tokenizer(resolve(model)).encode(PROMPT, chat=True)
-
-
-def single_process(model: str, ids: list[int], tokens: int) -> float:
-    """Decode tokens/s of one mlx_lm generation in a fresh process (same BLAS as nodes)."""
-    cmd = [sys.executable, "-m", "node.reference", "--model", model, "--prompt-ids",
-           ",".join(map(str, ids)), "--max-tokens", str(tokens), "--ignore-eos"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=openblas_env(), cwd=ROOT)
-    if res.returncode:
-        sys.exit(f"reference failed:\n{res.stderr}")
-    return json.loads(res.stdout.splitlines()[-1])["decode_tokens_per_s"]
+from tests.bench.common import prompt_ids, single_process  # noqa: E402
 
 
 async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: int,
@@ -69,7 +49,8 @@ async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: 
         await pipeline_once()  # warm-up
         single, piped = [], []
         for i in range(repeats):
-            single.append(await asyncio.to_thread(single_process, model, ids, tokens))
+            single.append((await asyncio.to_thread(single_process, model, ids, tokens))[
+                "decode_tokens_per_s"])
             piped.append(await pipeline_once())
             print(f"  run {i + 1}/{repeats}: single {single[-1]:.2f} tok/s, "
                   f"pipeline {piped[-1]:.2f} tok/s", flush=True)

@@ -1,0 +1,30 @@
+"""What the benchmark scripts share: the prompt and the single-process mlx_lm reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from node.blas import openblas_env
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def prompt_ids(model: str) -> list[int]:
+    from node.models import prompt_tokenizer, resolve
+
+    return prompt_tokenizer(resolve(model)).encode(PROMPT, chat=True)
+
+
+def single_process(model: str, ids: list[int], tokens: int) -> dict:
+    """One mlx_lm generation in a fresh process with the nodes' BLAS, EOS ignored:
+    token_ids, logprobs, itl_s, ttft_s, decode_tokens_per_s (node/reference.py)."""
+    cmd = [sys.executable, "-m", "node.reference", "--model", model, "--prompt-ids",
+           ",".join(map(str, ids)), "--max-tokens", str(tokens), "--ignore-eos"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=openblas_env(), cwd=ROOT)
+    if res.returncode:
+        sys.exit(f"reference failed:\n{res.stderr}")
+    return json.loads(res.stdout.splitlines()[-1])
