@@ -104,7 +104,7 @@ class RingGroup:
         self._tasks: list[asyncio.Task] = []
         self._stderr: deque[str] = deque(maxlen=20)
         self._closing = False
-        self._stopping: asyncio.Task | None = None
+        self._stopping: asyncio.Task | None = None  # mark_down's close, kept referenced
         self._metadata = metadata
         self._peer_ca = peer_ca
         self._channels: list[grpc.aio.Channel] = []
@@ -143,6 +143,11 @@ class RingGroup:
                 f"{', '.join(others)}") from None
         except NodeError:
             await self.close("the worker failed to start")
+            raise
+        except asyncio.CancelledError:  # the load was abandoned: leave no worker behind
+            self._closing = True
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
             raise
         self.state = "ready"
 
@@ -303,7 +308,9 @@ class RingGroup:
                 "eos": sorted(self.tokenizer.eos_ids), "ignore_eos": request.ignore_eos}))
             self.state = "serving"
             while True:
-                item = await self._next(queue, stream.timeout(timeout))
+                # a first token may wait behind the group's earlier requests (one at a time)
+                wait = stream.timeout(timeout) if stream.generated > len(already) else timeout
+                item = await self._next(queue, wait)
                 if item is None:
                     ended = True
                     break

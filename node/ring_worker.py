@@ -246,8 +246,15 @@ def serve(cfg: dict, emit: Events, t0: float) -> int:
         if message.get("op") == "stop":
             emit("stopped")
             return 0
+        if group.rank() == 0 and message.get("id") in cancelled:
+            cancelled.discard(message["id"])  # its client left while it waited: skip it
+            message = {"op": "skip", "id": message["id"]}
         try:
             req = share(group, message if group.rank() == 0 else None)
+            if req.get("op") == "skip":
+                emit("end", id=req["id"], active=mx.get_active_memory(),
+                     peak=mx.get_peak_memory())
+                continue
             emit("start", id=req["id"])
             run(shard, group, req, emit, cancelled)
             cancelled.discard(req["id"])

@@ -139,3 +139,29 @@ async def test_without_auto_reform_a_lost_rank_takes_the_group_down_clearly(smal
     client = NodeClient(addrs[0])
     assert await client.healthy()  # the node itself keeps serving its API
     await client.close()
+
+
+async def test_concurrent_and_abandoned_requests_share_the_group_in_turn(cluster3):
+    addrs = addresses(cluster3)
+    await load_backend(addrs, "synthetic:tiny", "mlx-ring:pipeline")
+    prompts = [[256, *f"prompt {i}".encode()] for i in range(3)]
+    try:
+        alone = [[e.token_id for e in await token_events(addrs[0], p, 12, True)]
+                 for p in prompts]
+        together = await asyncio.gather(*(token_events(addrs[0], p, 12, True)
+                                          for p in prompts))
+        assert [[e.token_id for e in events] for events in together] == alone
+        # a client that goes away mid-stream: the group stops its request and serves on
+        client = NodeClient(addrs[0])
+        stream = client.generate(pb.GenerateRequest(prompt_ids=prompts[0], max_tokens=400,
+                                                    ignore_eos=True))
+        async for event in stream:
+            if event.HasField("token") and event.token.index >= 2:
+                break
+        await stream.aclose()
+        await client.close()
+        again = await token_events(addrs[0], prompts[1], 12, True)
+        assert [e.token_id for e in again] == alone[1]
+        assert (await info(addrs[0])).active_requests == 0
+    finally:
+        await with_clients(addrs, lambda cl: asyncio.gather(*(c.unload() for c in cl)))
