@@ -81,13 +81,56 @@ def decode_tensor(data: bytes, shape: list[int], dtype: str) -> Any:
     return arr
 
 
-class Engine:
-    """Holds a Shard and the per-request KV caches; every MLX call runs on one thread."""
+@dataclass
+class _Job:
+    """One request's step, waiting for the MLX thread."""
 
-    def __init__(self, shard: Shard, executor: ThreadPoolExecutor) -> None:
+    request_id: str
+    position: int
+    tokens: list[int] | None
+    hidden: Wire | None
+    sample: Sampling | None
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def decode(self) -> bool:
+        """One position: a decode step, which can share a forward with others."""
+        if self.tokens is not None:
+            return len(self.tokens) == 1
+        return self.hidden is not None and len(self.hidden[1]) == 3 and self.hidden[1][1] == 1
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        def done() -> None:
+            if self.future.done():
+                return  # the request went away meanwhile
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(done)
+
+
+class Engine:
+    """Holds a Shard and the per-request KV caches; every MLX call runs on one thread.
+
+    Continuous batching: steps wait in a queue; each time the MLX thread is free it takes
+    everything queued and runs the decode steps (one position each) of different requests
+    as one forward, so the weights are read once for all of them. A request joins or
+    leaves between two forwards and never waits for the others; prefill chunks run alone.
+    """
+
+    def __init__(self, shard: Shard, executor: ThreadPoolExecutor,
+                 on_forward: Callable[[int], None] | None = None,
+                 max_batch: int = 64) -> None:
         self.shard = shard
         self._executor = executor
         self._requests: dict[str, RequestState] = {}
+        self._queue: list[_Job] = []
+        self._draining = False
+        self._on_forward = on_forward  # called on the event loop with each forward's size
+        self.max_batch = max_batch
 
     # ---------------------------------------------------------------- async API
 
@@ -96,7 +139,78 @@ class Engine:
 
     async def step(self, request_id: str, position: int, *, tokens: list[int] | None = None,
                    hidden: Wire | None = None, sample: Sampling | None = None) -> StepResult:
-        return await self.run(self._step, request_id, position, tokens, hidden, sample)
+        loop = asyncio.get_running_loop()
+        job = _Job(request_id, position, tokens, hidden, sample, loop.create_future(), loop)
+        self._queue.append(job)
+        if not self._draining:
+            self._draining = True
+            loop.run_in_executor(self._executor, self._drain)
+        return await job.future
+
+    def _drain(self) -> None:
+        """MLX thread: run queued steps until the queue is empty."""
+        while True:
+            jobs, self._queue = self._queue, []  # list swap: atomic under the GIL
+            if not jobs:
+                self._draining = False
+                if not self._queue:  # nothing slipped in between the check and the flag
+                    return
+                self._draining = True
+                continue
+            batch: list[_Job] = []
+            seen: set[str] = set()
+            for job in jobs:
+                if job.decode and job.request_id not in seen and len(batch) < self.max_batch:
+                    batch.append(job)
+                    seen.add(job.request_id)
+                else:
+                    self._run_one(job)
+            if len(batch) == 1:
+                self._run_one(batch[0])
+            elif batch:
+                self._run_batch(batch)
+
+    def _run_one(self, job: _Job) -> None:
+        try:
+            result = self._step(job.request_id, job.position, job.tokens, job.hidden,
+                                job.sample)
+        except Exception as e:  # the request's own error: its caller reports it
+            job.settle(error=e)
+            return
+        self._count(job, 1)
+        job.settle(result)
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        """Decode steps of several requests in one forward; a job whose input or position
+        is wrong fails alone, before the forward."""
+        ready: list[tuple[_Job, Any, RequestState]] = []
+        for job in jobs:
+            try:
+                h = self._input(job.tokens, job.hidden)
+                ready.append((job, h, self._state(job.request_id, job.position)))
+            except Exception as e:
+                job.settle(error=e)
+        if len(ready) == 1:
+            job = ready[0][0]
+            # its cache was touched by _state only; run it the ordinary way
+            self._run_one(job)
+            return
+        if not ready:
+            return
+        try:
+            results = self._step_batch([h for _, h, _ in ready], [st for _, _, st in ready],
+                                       [job.sample for job, _, _ in ready])
+        except Exception as e:  # a failed forward fails every request in it
+            for job, _, _ in ready:
+                job.settle(error=e)
+            return
+        self._count(ready[0][0], len(ready))
+        for (job, _, _), result in zip(ready, results):
+            job.settle(result)
+
+    def _count(self, job: _Job, size: int) -> None:
+        if self._on_forward is not None:
+            job.loop.call_soon_threadsafe(self._on_forward, size)
 
     def free(self, request_id: str) -> bool:
         return self._requests.pop(request_id, None) is not None
@@ -157,6 +271,22 @@ class Engine:
         state.last_used = time.monotonic()
         return state
 
+    def _input(self, tokens: list[int] | None, hidden: Wire | None) -> Any:
+        """A step's input as hidden states [1, L, hidden]: embedded tokens or a frame's."""
+        import mlx.core as mx
+
+        shard = self.shard
+        if tokens is not None:
+            if not shard.is_first:
+                raise BadFrame("token input sent to a shard that does not hold the embedding")
+            vocab = int(shard.source.config["vocab_size"])
+            if any(t >= vocab for t in tokens):
+                raise BadFrame(f"token id out of range for vocabulary of {vocab}")
+            return shard.model.model.embed_tokens(mx.array(tokens)[None])
+        if hidden is not None:
+            return decode_tensor(*hidden)
+        raise BadFrame("a step needs either tokens or hidden states")
+
     def _step(self, request_id: str, position: int, tokens: list[int] | None,
               hidden: Wire | None, sample: Sampling | None) -> StepResult:
         import mlx.core as mx
@@ -164,17 +294,7 @@ class Engine:
         t0 = time.perf_counter()
         shard = self.shard
         inner = shard.model.model
-        if tokens is not None:
-            if not shard.is_first:
-                raise BadFrame("token input sent to a shard that does not hold the embedding")
-            vocab = int(shard.source.config["vocab_size"])
-            if any(t >= vocab for t in tokens):
-                raise BadFrame(f"token id out of range for vocabulary of {vocab}")
-            h = inner.embed_tokens(mx.array(tokens)[None])
-        elif hidden is not None:
-            h = decode_tensor(*hidden)
-        else:
-            raise BadFrame("a step needs either tokens or hidden states")
+        h = self._input(tokens, hidden)
         state = self._state(request_id, position)
         h = run_layers(inner.layers, h, state.caches)
         if shard.is_last and sample is not None:
@@ -186,11 +306,42 @@ class Engine:
         mx.eval(h)
         return StepResult(encode_tensor(h), None, time.perf_counter() - t0)
 
+    def _step_batch(self, inputs: list[Any], states: list[RequestState],
+                    samples: list[Sampling | None]) -> list[StepResult]:
+        """One decode position for each of several requests, as one [B, 1, hidden] forward
+        (mlx-lm's BatchKVCache would need the requests to advance in lockstep from a
+        common start; these join and leave at any position, so each keeps its own cache)."""
+        import mlx.core as mx
+
+        t0 = time.perf_counter()
+        shard = self.shard
+        inner = shard.model.model
+        x = mx.concatenate(inputs, axis=0)
+        for index, layer in enumerate(inner.layers):
+            x = batched_decode_layer(layer, x, [st.caches[index] for st in states])
+            mx.async_eval(x)
+        if shard.is_last and any(samples):
+            logprobs = last_logprobs(shard.model, inner.norm(x))
+            tokens = [self._sample_row(st, logprobs[i:i + 1], sm) if sm is not None else None
+                      for i, (st, sm) in enumerate(zip(states, samples))]
+            compute = time.perf_counter() - t0
+            return [StepResult(None, t, compute) for t in tokens]
+        if shard.is_last:
+            mx.eval([c.state for st in states for c in st.caches])
+            compute = time.perf_counter() - t0
+            return [StepResult(None, None, compute) for _ in states]
+        mx.eval(x)
+        compute = time.perf_counter() - t0
+        return [StepResult(encode_tensor(x[i:i + 1]), None, compute) for i in range(len(states))]
+
     def _sample(self, state: RequestState, h: Any, sample: Sampling) -> int:
+        return self._sample_row(state, last_logprobs(self.shard.model, h), sample)
+
+    @staticmethod
+    def _sample_row(state: RequestState, logprobs: Any, sample: Sampling) -> int:
         import mlx.core as mx
         from mlx_lm.sample_utils import make_sampler
 
-        logprobs = last_logprobs(self.shard.model, h)
         if state.sampler is None:
             if sample.seed >= 0:
                 mx.random.seed(sample.seed)
@@ -224,3 +375,29 @@ def last_logprobs(model: Any, h: Any) -> Any:
         logits = model.lm_head(h)
     logits = logits[:, -1, :]
     return logits - mx.logsumexp(logits, keepdims=True)
+
+
+def batched_decode_layer(layer: Any, x: Any, caches: list) -> Any:
+    """mlx-lm's llama TransformerBlock for B requests at one position each ([B, 1, hidden]):
+    the projections and the MLP run once for all rows (the weights are read once); RoPE,
+    the KV cache and attention run per request at its own offset, exactly as
+    `Attention.__call__` does for a single request."""
+    import mlx.core as mx
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    attn = layer.self_attn
+    r = layer.input_layernorm(x)
+    b, length, _ = r.shape
+    q = attn.q_proj(r).reshape(b, length, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    k = attn.k_proj(r).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = attn.v_proj(r).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    rows = []
+    for i, cache in enumerate(caches):
+        qi = attn.rope(q[i:i + 1], offset=cache.offset)
+        ki = attn.rope(k[i:i + 1], offset=cache.offset)
+        ki, vi = cache.update_and_fetch(ki, v[i:i + 1])
+        rows.append(scaled_dot_product_attention(qi, ki, vi, cache=cache, scale=attn.scale,
+                                                 mask=None))
+    out = mx.concatenate(rows, axis=0).transpose(0, 2, 1, 3).reshape(b, length, -1)
+    h = x + attn.o_proj(out)
+    return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -113,6 +113,7 @@ class FaultBook:
         self.allowed = allowed
         self._faults: dict[str, Fault] = {}
         self.hang_released = asyncio.Event()
+        self._link_free_at = 0.0  # bandwidth fault: when the paced link is free again
 
     def inject(self, kind: str, ms: float = 0.0, jitter_ms: float = 0.0, p: float = 0.0,
                factor: float = 1.0, duration_s: float = 0.0, seed: int | None = None,
@@ -178,8 +179,10 @@ class FaultBook:
             if fault.rng.random() < fault.p:
                 return False
         pace = sum(size * 8 / (f.kbps * 1000) for f in self._of("bandwidth"))
-        if pace:
-            await asyncio.sleep(pace)
+        if pace:  # one link: frames handled at once still queue for it, one after another
+            now = asyncio.get_running_loop().time()
+            self._link_free_at = max(now, self._link_free_at) + pace
+            await asyncio.sleep(self._link_free_at - now)
         delay = sum(max(0.0, f.ms + f.rng.uniform(-f.jitter_ms, f.jitter_ms))
                     for f in self._of("latency"))
         if delay:

@@ -268,7 +268,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 self.shard = await loop.run_in_executor(self.executor, load_shard, source,
                                                         ours.start_layer, ours.end_layer)
             assert self.shard is not None
-            self.runner = Pipeline(self.node_id, plan, Engine(self.shard, self.executor),
+            engine = Engine(self.shard, self.executor, on_forward=self._count_forward)
+            self.runner = Pipeline(self.node_id, plan, engine,
                                    self.metrics, self.request_timeout_s,
                                    token_metadata(self.token), self.faults, self.peer_ca)
             load_seconds = self.shard.load_seconds
@@ -284,6 +285,11 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         log.info("loaded %s layers %d-%d (epoch %d, %s) in %.1f s", plan.model,
                  ours.start_layer, ours.end_layer, plan.epoch, plan.backend or "pipeline",
                  load_seconds)
+
+    def _count_forward(self, rows: int) -> None:
+        """Each forward the engine ran and how many requests it served (the batch size)."""
+        self.metrics.inc("forward_steps")
+        self.metrics.inc("forward_rows", rows)
 
     def _ring_down(self, group: RingGroup) -> None:
         """This node's ring worker exited: tell the coordinator (rank 0) to act on it."""
@@ -354,19 +360,39 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     # ------------------------------------------------------------ data plane
 
     async def Forward(self, request_iterator, context) -> AsyncIterator[pb.ForwardReply]:
+        """Frames of one request are handled in order; frames of different requests at
+        once, so that their decode steps can share a forward in the engine (a stream
+        handled one frame at a time would never let two requests meet)."""
         replies: asyncio.Queue[pb.ForwardReply | None] = asyncio.Queue()
         broken: list[str] = []
+        chains: dict[str, asyncio.Task] = {}  # request id -> its newest frame's task
+        loop = asyncio.get_running_loop()
+
+        async def after(previous: asyncio.Task | None, frame: pb.ForwardFrame) -> None:
+            if previous is not None:
+                await asyncio.wait([previous])  # its outcome was reported by itself
+            await self._frame(frame, replies)
+
+        def forget(request_id: str, task: asyncio.Task) -> None:
+            if chains.get(request_id) is task:
+                del chains[request_id]
 
         async def read() -> None:
             try:
                 async for frame in request_iterator:
-                    await self._frame(frame, replies)
+                    task = loop.create_task(after(chains.get(frame.request_id), frame))
+                    chains[frame.request_id] = task
+                    task.add_done_callback(lambda t, r=frame.request_id: forget(r, t))
+                if chains:  # the upstream closed the stream: let its frames finish
+                    await asyncio.wait(list(chains.values()))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the stream itself broke (peer gone, undecodable bytes)
                 log.info("forward stream ended: %r", e)
                 broken.append(repr(e))
             finally:
+                for task in chains.values():
+                    task.cancel()
                 replies.put_nowait(None)
 
         reader = asyncio.get_running_loop().create_task(read())

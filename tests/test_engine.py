@@ -93,3 +93,50 @@ def test_byte_tokenizer_streams_utf8():
         out += detok.last_segment
     detok.finalize()
     assert out + detok.last_segment == "héllo ✓"
+
+
+@pytest.mark.parametrize("start,end", [(0, 7), (0, 3), (4, 7)])
+def test_concurrent_decode_steps_share_one_forward_and_match_one_at_a_time(start, end):
+    """Continuous batching: requests at different positions decode in one forward, each
+    with its own cache, and get what they get alone (tokens, or hidden states within
+    float rounding of a batched matmul)."""
+    source = resolve("synthetic:tiny")
+    shard = load_shard(source, start, end)
+    prompts = [[256, *b"a"], [256, *b"longer prompt"], [256, *b"mid one"], [256]]
+    sizes: list[int] = []
+
+    def step_input(i: int, token: int):
+        if shard.is_first:
+            return {"tokens": [token]}
+        h = mx.random.normal((1, 1, shard.hidden_size), key=mx.random.key(1000 * i + token))
+        return {"hidden": encode_tensor(h)}
+
+    async def run(batched: bool) -> list[list]:
+        engine = Engine(shard, ThreadPoolExecutor(1), on_forward=sizes.append)
+        out: list[list] = [[] for _ in prompts]
+        for i, p in enumerate(prompts):  # prefill each alone
+            first = ({"tokens": p} if shard.is_first else
+                     {"hidden": encode_tensor(mx.random.normal((1, len(p), shard.hidden_size),
+                                                               key=mx.random.key(i)))})
+            await engine.step(f"r{i}", 0, **first, sample=Sampling() if shard.is_last else None)
+        for n in range(6):
+            steps = [engine.step(f"r{i}", len(p) + n, **step_input(i, 65 + n),
+                                 sample=Sampling() if shard.is_last else None)
+                     for i, p in enumerate(prompts)]
+            results = (await asyncio.gather(*steps) if batched
+                       else [await s for s in steps])
+            for i, r in enumerate(results):
+                out[i].append(r.token if shard.is_last else
+                              np.frombuffer(r.hidden[0], np.float32))
+        return out
+
+    alone = asyncio.run(run(batched=False))
+    sizes.clear()
+    together = asyncio.run(run(batched=True))
+    assert max(sizes) >= 2  # decode steps of different requests shared a forward
+    for a, b in zip(alone, together):
+        for x, y in zip(a, b):
+            if shard.is_last:
+                assert x == y
+            else:
+                np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
