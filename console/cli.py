@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -551,6 +552,18 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("node", nargs="*", help="node names, ids or host:port")
     stop.add_argument("--all", action="store_true", help="stop every node")
 
+    api = sub.add_parser(
+        "serve-api", parents=[nodes], help="an OpenAI-compatible HTTP API over the loaded plan",
+        epilog="example: mlx-cluster serve-api --port 52415, then point any OpenAI client at "
+               "http://127.0.0.1:52415/v1 (the model name is the loaded spec, e.g. "
+               "smollm2-135m). With --token, POST /v1/models/load needs "
+               "'Authorization: Bearer <token>'.")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    api.add_argument("--port", type=int, default=52415, help="port (exo's by default; 0 = any)")
+    api.add_argument("--max-body-bytes", type=int, default=1024 * 1024,
+                     help="requests with a larger body get 413")
+    api.add_argument("--ready-file", type=Path, help="write {url, pid} here once listening")
+
     bench = sub.add_parser(
         "bench", parents=[common, nodes], help="benchmark the cluster; results to JSON",
         epilog="example: mlx-cluster bench --local --nodes-sweep 1,2,3 --model smollm2-135m "
@@ -775,7 +788,25 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return run_dashboard(static, mdns, CONNECTION, args.interface or None)
 
 
+def cmd_serve_api(args: argparse.Namespace) -> int:
+    from console.gateway import serve
+
+    addresses = node_addresses(args)
+
+    def ready(url: str) -> None:
+        eprint(f"OpenAI-compatible API on {url}/v1 for {len(addresses)} node(s) "
+               f"(POST /v1/chat/completions, /v1/completions; GET /v1/models, /health, "
+               f"/v1/cluster); Ctrl-C stops it")
+        if args.ready_file:
+            args.ready_file.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+
+    serve(addresses, args.host, args.port, CONNECTION.get("token"), CONNECTION,
+          args.max_body_bytes, ready)
+    return EXIT_OK
+
+
 COMMANDS = {"local": cmd_local, "discover": cmd_discover, "dashboard": cmd_dashboard,
+            "serve-api": cmd_serve_api,
             "bench": cmd_bench, "report": cmd_report,
             "status": cmd_status, "plan": cmd_plan, "load": cmd_load, "unload": cmd_unload,
             "rebalance": cmd_rebalance,

@@ -69,6 +69,7 @@ class PromptTokenizer(Protocol):
     eos_ids: set[int]
 
     def encode(self, text: str, chat: bool) -> list[int]: ...
+    def encode_messages(self, messages: list[dict]) -> list[int]: ...
     def detokenizer(self) -> Detokenizer: ...
 
 
@@ -109,6 +110,11 @@ class ByteTokenizer:
             text = f"<|user|>\n{text}\n<|assistant|>\n"
         return [self.BOS, *text.encode("utf-8")]
 
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """A conversation in the same tags `encode(text, chat=True)` uses for one turn."""
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        return [self.BOS, *f"{text}<|assistant|>\n".encode()]
+
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -133,6 +139,12 @@ class MlxLmTokenizer:
         # as mlx_lm.generate does: add BOS unless the text already starts with it
         add_bos = bos is None or not text.startswith(bos)
         return list(self._tok.encode(text, add_special_tokens=add_bos))
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """A conversation through the model's chat template, ready for the reply."""
+        if getattr(self._tok, "chat_template", None):
+            return list(self._tok.apply_chat_template(messages, add_generation_prompt=True))
+        return self.encode("\n".join(m["content"] for m in messages), chat=False)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)

@@ -1,0 +1,124 @@
+"""The OpenAI-compatible gateway (`mlx-cluster serve-api`), driven by the official `openai`
+client against real node processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from console.client import NodeClient
+from tests.conftest import ROOT
+from tests.test_cli import mlx_cluster
+from tests.test_cluster import addresses, load
+
+pytestmark = pytest.mark.cluster
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture
+def gateway(cluster3, tmp_path: Path):
+    """`mlx-cluster serve-api --port 0` in its own process, for the session cluster."""
+    ready = tmp_path / "api.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "console.cli", "serve-api", "--port", "0", "--nodes",
+         ",".join(addresses(cluster3)), "--ready-file", str(ready), "--max-body-bytes",
+         "65536"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    yield json.loads(ready.read_text())["url"]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+
+
+async def test_openai_client_gets_the_text_mlx_cluster_generate_gets(cluster3, gateway):
+    addrs = addresses(cluster3)
+    await load(addrs, "smollm2-135m")
+    cli = mlx_cluster("generate", "--nodes", ",".join(addrs), "--chat", "--prompt", QUESTION,
+                      "--max-tokens", "24", "--json", env=dict(os.environ))
+    assert cli.returncode == 0, cli.stderr
+    want = json.loads(cli.stdout)["text"]
+    assert "Paris" in want
+    client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused")
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["smollm2-135m"]
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = await client.chat.completions.create(model="smollm2-135m", messages=messages,
+                                                 max_tokens=24, temperature=0)
+    assert reply.choices[0].message.content == want
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == json.loads(cli.stdout)["completion_tokens"]
+    stream = await client.chat.completions.create(model="smollm2-135m", messages=messages,
+                                                  max_tokens=24, stream=True)
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # completions, a stop string, a seed: same request twice, same text
+    done = await client.completions.create(model="smollm2-135m", prompt="The capital of "
+                                           "France is", max_tokens=12, stop=["."])
+    assert done.choices[0].finish_reason == "stop" and "." not in done.choices[0].text
+    sampled = [(await client.completions.create(
+        model="smollm2-135m", prompt="Once upon a time", max_tokens=8, temperature=0.9,
+        top_p=0.95, seed=7)).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    await client.close()
+
+
+async def test_bad_requests_get_openai_errors_and_the_cluster_keeps_serving(cluster3,
+                                                                           gateway):
+    addrs = addresses(cluster3)
+    await load(addrs, "synthetic:tiny")
+    client = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="not loaded"):
+        await client.chat.completions.create(model="gpt-4", messages=[
+            {"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="context is 2048 tokens"):
+        await client.completions.create(model="synthetic:tiny", prompt="x" * 3000)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        await client.completions.create(model="synthetic:tiny", prompt="hi", temperature=9)
+    json_type = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(base_url=gateway) as http:
+        async with http.post("/v1/chat/completions", data=b"{not json",
+                             headers=json_type) as bad:
+            assert bad.status == 400
+            assert (await bad.json())["error"]["type"] == "invalid_request_error"
+        async with http.post("/v1/completions", headers=json_type,
+                             data=json.dumps({"prompt": "a" * 100_000}).encode()) as big:
+            assert big.status == 413
+            assert (await big.json())["error"]["code"] == "request_too_large"
+        async with http.get("/v1/nothing-here") as missing:
+            assert missing.status == 404 and "error" in await missing.json()
+        # a client that disconnects mid-stream: its request is cancelled, caches freed
+        async with http.post("/v1/completions", json={
+                "model": "synthetic:tiny", "prompt": "go on", "max_tokens": 2000,
+                "stream": True}) as response:
+            seen = 0
+            async for line in response.content:
+                seen += line.startswith(b"data: ")
+                if seen >= 3:
+                    break
+            response.close()  # drop the connection mid-stream
+    nodes = [NodeClient(a) for a in addrs]
+    for _ in range(100):
+        infos = [await n.info() for n in nodes]
+        if all(i.active_requests == 0 for i in infos):
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.gather(*(n.close() for n in nodes))
+    assert [i.active_requests for i in infos] == [0, 0, 0]
+    after = await client.completions.create(model="synthetic:tiny", prompt="still there?",
+                                            max_tokens=4)
+    assert after.usage.completion_tokens >= 1
+    await client.close()
