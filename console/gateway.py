@@ -315,8 +315,10 @@ class Gateway:
                                 f"{context} tokens", code="context_length_exceeded",
                            param="messages" if chat else "prompt")
         max_tokens = min(sampling.max_tokens, context - len(ids))
+        # ignore_eos: not OpenAI's, but vLLM's extra parameter, for benchmarks
         grpc_request = pb.GenerateRequest(prompt_ids=ids, max_tokens=max_tokens,
-                                          sampling=sampling.proto())
+                                          sampling=sampling.proto(),
+                                          ignore_eos=body.get("ignore_eos") is True)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         self.in_flight += 1

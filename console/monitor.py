@@ -38,6 +38,7 @@ class NodeView:
     snapshot: pb.MetricsSnapshot | None = None
     last_seen: float = 0.0  # monotonic time of the last snapshot
     tokens_per_s: float = 0.0
+    batch: float = 0.0  # requests per forward in the last interval (continuous batching)
     cpu: deque = field(default_factory=lambda: deque(maxlen=240))
 
     @property
@@ -77,6 +78,7 @@ class ClusterMonitor:
         self._discovery: Discovery | None = None
         self._listeners: list[Callable[[], None]] = []
         self._tokens_by_node: dict[str, tuple[int, float]] = {}
+        self._forwards_by_node: dict[str, tuple[int, int]] = {}
         self._recoveries_seen: dict[str, int] = {}
 
     # ------------------------------------------------------------ lifecycle
@@ -204,6 +206,11 @@ class ClusterMonitor:
         view.tokens_per_s = max(0, tokens - prev) / dt if prev_t != now else 0.0
         self.tokens_total += max(0, tokens - prev)
         self._tokens_by_node[view.address] = (tokens, now)
+        steps, rows = (snap.counters.get("forward_steps", 0),
+                       snap.counters.get("forward_rows", 0))
+        prev_steps, prev_rows = self._forwards_by_node.get(view.address, (steps, rows))
+        view.batch = (rows - prev_rows) / (steps - prev_steps) if steps > prev_steps else 0.0
+        self._forwards_by_node[view.address] = (steps, rows)
         if view.info is not None and snap.HasField("shard"):
             if snap.shard.epoch != view.info.plan.epoch and self._idle(f"info:{view.address}"):
                 self._tasks[f"info:{view.address}"] = asyncio.get_running_loop().create_task(

@@ -123,8 +123,12 @@ class Engine:
 
     def __init__(self, shard: Shard, executor: ThreadPoolExecutor,
                  on_forward: Callable[[int], None] | None = None,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, gather_s: float = 0.0) -> None:
         self.shard = shard
+        # the first shard of a multi-node plan waits up to this long for the decode steps of
+        # every request it holds, so that requests travel the ring together in one batch
+        # (without it they settle into several small waves, one per shard, that never meet)
+        self.gather_s = gather_s
         self._executor = executor
         self._requests: dict[str, RequestState] = {}
         self._queue: list[_Job] = []
@@ -151,6 +155,8 @@ class Engine:
         """MLX thread: run queued steps until the queue is empty."""
         while True:
             jobs, self._queue = self._queue, []  # list swap: atomic under the GIL
+            if jobs and self.gather_s:
+                jobs += self._gather(jobs)
             if not jobs:
                 self._draining = False
                 if not self._queue:  # nothing slipped in between the check and the flag
@@ -169,6 +175,23 @@ class Engine:
                 self._run_one(batch[0])
             elif batch:
                 self._run_batch(batch)
+
+    def _gather(self, jobs: list[_Job]) -> list[_Job]:
+        """Wait (bounded) for the decode steps of the other requests in their decode phase."""
+        decoding = {r for r, st in list(self._requests.items()) if st.caches[0].offset > 0}
+        waiting = {j.request_id for j in jobs if j.decode}
+        if not waiting or decoding <= waiting:
+            return []
+        deadline = time.monotonic() + self.gather_s
+        more: list[_Job] = []
+        while time.monotonic() < deadline:
+            time.sleep(0.0005)
+            new, self._queue = self._queue, []
+            more += new
+            waiting |= {j.request_id for j in new if j.decode}
+            if decoding <= waiting:
+                break
+        return more
 
     def _run_one(self, job: _Job) -> None:
         try:
@@ -391,13 +414,14 @@ def batched_decode_layer(layer: Any, x: Any, caches: list) -> Any:
     q = attn.q_proj(r).reshape(b, length, attn.n_heads, -1).transpose(0, 2, 1, 3)
     k = attn.k_proj(r).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     v = attn.v_proj(r).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    # RoPE for every row at once, each at its own offset (as mlx-lm's BatchKVCache does)
+    offsets = mx.array([cache.offset for cache in caches])
+    q, k = attn.rope(q, offset=offsets), attn.rope(k, offset=offsets)
     rows = []
     for i, cache in enumerate(caches):
-        qi = attn.rope(q[i:i + 1], offset=cache.offset)
-        ki = attn.rope(k[i:i + 1], offset=cache.offset)
-        ki, vi = cache.update_and_fetch(ki, v[i:i + 1])
-        rows.append(scaled_dot_product_attention(qi, ki, vi, cache=cache, scale=attn.scale,
-                                                 mask=None))
+        ki, vi = cache.update_and_fetch(k[i:i + 1], v[i:i + 1])
+        rows.append(scaled_dot_product_attention(q[i:i + 1], ki, vi, cache=cache,
+                                                 scale=attn.scale, mask=None))
     out = mx.concatenate(rows, axis=0).transpose(0, 2, 1, 3).reshape(b, length, -1)
     h = x + attn.o_proj(out)
     return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "mlxcluster.NodeService"
 MAX_RETRIES = 3  # fail-overs one request may go through
 FAILOVER_WAIT_S = 60.0  # how long a request waits for the survivors to reload
+GATHER_S = 0.25  # the first shard waits up to this for other requests' decode steps
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -268,7 +269,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 self.shard = await loop.run_in_executor(self.executor, load_shard, source,
                                                         ours.start_layer, ours.end_layer)
             assert self.shard is not None
-            engine = Engine(self.shard, self.executor, on_forward=self._count_forward)
+            first_of_many = ours.start_layer == 0 and len(plan.shards) > 1
+            engine = Engine(self.shard, self.executor, on_forward=self._count_forward,
+                            gather_s=GATHER_S if first_of_many else 0.0)
             self.runner = Pipeline(self.node_id, plan, engine,
                                    self.metrics, self.request_timeout_s,
                                    token_metadata(self.token), self.faults, self.peer_ca)

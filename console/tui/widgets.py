@@ -230,10 +230,17 @@ class HopPanel(Static):
 class ThroughputPanel(Static):
     def refresh_from(self, monitor) -> None:
         now = monitor.throughput[-1][1] if monitor.throughput else 0.0
-        up = sum(1 for v in monitor.nodes.values() if v.state == "up")
+        up = [v for v in monitor.nodes.values() if v.state == "up"]
+        # requests in flight: the plan's entry node holds every one (API or CLI alike)
+        flight = max((v.snapshot.active_requests for v in up if v.snapshot), default=0)
+        batch = max((v.batch for v in up), default=0.0)
         self.update(Text.assemble(("tokens/s ", "dim"), (f"{now:6.1f}", "bold cyan"),
                                   ("  total ", "dim"), (f"{monitor.tokens_total}", "bold"),
-                                  ("  nodes up ", "dim"), (f"{up}/{len(monitor.nodes)}", "bold")))
+                                  ("  nodes up ", "dim"), (f"{len(up)}/{len(monitor.nodes)}",
+                                                           "bold"),
+                                  ("\nin flight ", "dim"), (f"{flight}", "bold"),
+                                  ("  batch ", "dim"), (f"×{batch:.1f}" if batch else "—",
+                                                        "bold")))
 
 
 class ThroughputSpark(Sparkline):

@@ -53,7 +53,9 @@ class FakeMonitor:
                     end_layer=end, param_bytes=[260, 142, 260][i % 3] * 2**20,
                     kv_bytes=120 * 2**20))
             view = FrozenNode(address, info.node_id, info.name, "up", info, snap, 1.0,
-                              [15.2, 0.0, 0.0][i % 3] if loaded else 0.0)
+                              [15.2, 0.0, 0.0][i % 3] if loaded else 0.0,
+                              [3.4, 3.1, 2.9][i % 3] if loaded else 0.0)
+            snap.active_requests = 4 if loaded else 0
             self.nodes[address] = view
         if loaded:
             for view in self.nodes.values():
