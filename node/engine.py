@@ -125,9 +125,9 @@ class Engine:
                  on_forward: Callable[[int], None] | None = None,
                  max_batch: int = 64, gather_s: float = 0.0) -> None:
         self.shard = shard
-        # the first shard of a multi-node plan waits up to this long for the decode steps of
-        # every request it holds, so that requests travel the ring together in one batch
-        # (without it they settle into several small waves, one per shard, that never meet)
+        # in a multi-node plan a shard waits up to this long for the decode steps of every
+        # request it holds, so that requests travel the ring together in one batch (without
+        # it they settle into several small waves that never meet)
         self.gather_s = gather_s
         self._executor = executor
         self._requests: dict[str, RequestState] = {}

@@ -46,7 +46,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "mlxcluster.NodeService"
 MAX_RETRIES = 3  # fail-overs one request may go through
 FAILOVER_WAIT_S = 60.0  # how long a request waits for the survivors to reload
-GATHER_S = 0.25  # the first shard waits up to this for other requests' decode steps
+# how long a shard waits for the decode steps of the other requests it holds, so that they
+# share one forward: the first shard sets the pace of the ring (requests leave it
+# together); the others only let the burst its upstream sent arrive
+GATHER_FIRST_S = 0.25
+GATHER_NEXT_S = 0.02
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -269,9 +273,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 self.shard = await loop.run_in_executor(self.executor, load_shard, source,
                                                         ours.start_layer, ours.end_layer)
             assert self.shard is not None
-            first_of_many = ours.start_layer == 0 and len(plan.shards) > 1
+            gather = 0.0 if len(plan.shards) == 1 else (
+                GATHER_FIRST_S if ours.start_layer == 0 else GATHER_NEXT_S)
             engine = Engine(self.shard, self.executor, on_forward=self._count_forward,
-                            gather_s=GATHER_S if first_of_many else 0.0)
+                            gather_s=gather)
             self.runner = Pipeline(self.node_id, plan, engine,
                                    self.metrics, self.request_timeout_s,
                                    token_metadata(self.token), self.faults, self.peer_ca)
