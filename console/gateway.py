@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 52415  # exo's, so clients configured for exo work unchanged
 MAX_BODY_BYTES = 1024 * 1024
 MAX_STOP = 4  # as OpenAI's API
+ENTRY_TTL_S = 2.0
 
 
 class ApiError(Exception):
@@ -141,6 +142,7 @@ class Gateway:
         self._tokenizers: dict[str, object] = {}
         self.in_flight = 0
         self.served = 0
+        self._entry_cache: tuple[float, tuple[NodeClient, pb.NodeInfo]] | None = None
 
     # ------------------------------------------------------------ app
 
@@ -177,6 +179,7 @@ class Gateway:
             return ApiError(e.status, e.reason or "not found",
                             code="not_found" if e.status == 404 else None).response()
         except ClusterError as e:
+            self._entry_cache = None  # the plan may have moved: look again next time
             return ApiError(503, str(e), kind="server_error", code="cluster_error").response()
 
     async def _body(self, request: web.Request) -> dict:
@@ -202,6 +205,16 @@ class Gateway:
     # ------------------------------------------------------------ cluster state
 
     async def _entry(self) -> tuple[NodeClient, pb.NodeInfo]:
+        """The plan's entry node, looked up at most every ENTRY_TTL_S (a GetInfo to every
+        node per request would load the nodes that are busy serving)."""
+        now = time.monotonic()
+        if self._entry_cache is not None and now - self._entry_cache[0] < ENTRY_TTL_S:
+            return self._entry_cache[1]
+        found = await self._find_entry()
+        self._entry_cache = (now, found)
+        return found
+
+    async def _find_entry(self) -> tuple[NodeClient, pb.NodeInfo]:
         infos = await gather_infos(self.clients)
         up = [(c, i) for c, i in zip(self.clients, infos) if not isinstance(i, ClusterError)]
         if not up:
@@ -223,6 +236,9 @@ class Gateway:
 
     async def _loaded_model(self, asked: object) -> tuple[NodeClient, str]:
         client, info = await self._entry()
+        if asked not in (None, "", info.plan.model):  # a new plan since we looked?
+            self._entry_cache = None
+            client, info = await self._entry()
         model = info.plan.model
         if asked not in (None, "", model):
             raise ApiError(404, f"the model {asked!r} is not loaded; this cluster serves "
@@ -277,6 +293,7 @@ class Gateway:
                                        str(body.get("strategy", "memory")),
                                        progress=lambda m: log.info("%s", m.strip()),
                                        backend=str(body.get("backend", "pipeline")))
+        self._entry_cache = None
         return web.json_response({"plan": to_dict(plan), "shards": [to_dict(s) for s in shards]})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -407,6 +424,7 @@ class Gateway:
             log.info("client left mid-stream: request %s cancelled", rid)
             raise
         except ClusterError as e:  # mid-stream: the status line is gone; say it in-band
+            self._entry_cache = None
             error = {"error": {"message": str(e), "type": "server_error", "param": None,
                                "code": "cluster_error"}}
             await response.write(f"data: {json.dumps(error)}\n\n".encode())

@@ -402,11 +402,10 @@ def last_logprobs(model: Any, h: Any) -> Any:
 
 def batched_decode_layer(layer: Any, x: Any, caches: list) -> Any:
     """mlx-lm's llama TransformerBlock for B requests at one position each ([B, 1, hidden]):
-    the projections and the MLP run once for all rows (the weights are read once); RoPE,
-    the KV cache and attention run per request at its own offset, exactly as
-    `Attention.__call__` does for a single request."""
+    the projections and the MLP run once for all rows (the weights are read once); RoPE
+    runs at each request's own offset and each request's KV cache takes its own row, then
+    one masked attention covers every row, as `Attention.__call__` does for one request."""
     import mlx.core as mx
-    from mlx_lm.models.base import scaled_dot_product_attention
 
     attn = layer.self_attn
     r = layer.input_layernorm(x)
@@ -417,11 +416,26 @@ def batched_decode_layer(layer: Any, x: Any, caches: list) -> Any:
     # RoPE for every row at once, each at its own offset (as mlx-lm's BatchKVCache does)
     offsets = mx.array([cache.offset for cache in caches])
     q, k = attn.rope(q, offset=offsets), attn.rope(k, offset=offsets)
-    rows = []
-    for i, cache in enumerate(caches):
-        ki, vi = cache.update_and_fetch(k[i:i + 1], v[i:i + 1])
-        rows.append(scaled_dot_product_attention(q[i:i + 1], ki, vi, cache=cache,
-                                                 scale=attn.scale, mask=None))
-    out = mx.concatenate(rows, axis=0).transpose(0, 2, 1, 3).reshape(b, length, -1)
+    for i, cache in enumerate(caches):  # each request's cache takes its own row
+        cache.update_and_fetch(k[i:i + 1], v[i:i + 1])
+    # one attention for all rows over their caches side by side, the positions a request
+    # does not have masked out (cache buffers grow in steps, so most need no padding)
+    lengths = [cache.offset for cache in caches]
+    span = max(lengths)
+    keys = mx.concatenate([_span(cache.keys, span) for cache in caches], axis=0)
+    values = mx.concatenate([_span(cache.values, span) for cache in caches], axis=0)
+    mask = mx.arange(span)[None, None, None, :] < mx.array(lengths)[:, None, None, None]
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
+    out = out.transpose(0, 2, 1, 3).reshape(b, length, -1)
     h = x + attn.o_proj(out)
     return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _span(buffer: Any, span: int) -> Any:
+    """The first `span` positions of a cache buffer [1, heads, capacity, dim], zero-padded
+    when its capacity is shorter (those positions are masked)."""
+    import mlx.core as mx
+
+    if buffer.shape[2] >= span:
+        return buffer[:, :, :span, :]
+    return mx.pad(buffer, [(0, 0), (0, 0), (0, span - buffer.shape[2]), (0, 0)])

@@ -7,7 +7,7 @@ accepts) so every request runs to max_tokens (checked). Prints
 aggregate output tokens/s per level, its ratio to concurrency 1, and the mean batch size
 the nodes' engines ran (rows per forward), all from this one run.
 
-    .venv/bin/python tests/bench/concurrency.py [--model smollm2-135m] [--tokens 32]
+    .venv/bin/python tests/bench/concurrency.py [--model smollm2-135m] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2,
                         help="requests per level = concurrency x rounds")
     parser.add_argument("--levels", default="1,2,4,8,16")
