@@ -345,10 +345,13 @@ class Engine:
             mx.async_eval(x)
         if shard.is_last and any(samples):
             logprobs = last_logprobs(shard.model, inner.norm(x))
-            tokens = [self._sample_row(st, logprobs[i:i + 1], sm) if sm is not None else None
-                      for i, (st, sm) in enumerate(zip(states, samples))]
+            # every row's sampler on its own row, evaluated together (one sync, not B)
+            drawn = [self._sampler(st, sm)(logprobs[i:i + 1]) if sm is not None else None
+                     for i, (st, sm) in enumerate(zip(states, samples))]
+            mx.eval([d for d in drawn if d is not None])
             compute = time.perf_counter() - t0
-            return [StepResult(None, t, compute) for t in tokens]
+            return [StepResult(None, int(d.item()) if d is not None else None, compute)
+                    for d in drawn]
         if shard.is_last:
             mx.eval([c.state for st in states for c in st.caches])
             compute = time.perf_counter() - t0
@@ -360,8 +363,12 @@ class Engine:
     def _sample(self, state: RequestState, h: Any, sample: Sampling) -> int:
         return self._sample_row(state, last_logprobs(self.shard.model, h), sample)
 
+    def _sample_row(self, state: RequestState, logprobs: Any, sample: Sampling) -> int:
+        return int(self._sampler(state, sample)(logprobs).item())
+
     @staticmethod
-    def _sample_row(state: RequestState, logprobs: Any, sample: Sampling) -> int:
+    def _sampler(state: RequestState, sample: Sampling) -> Callable:
+        """The request's mlx-lm sampler, made (and seeded) on its first token."""
         import mlx.core as mx
         from mlx_lm.sample_utils import make_sampler
 
@@ -369,8 +376,7 @@ class Engine:
             if sample.seed >= 0:
                 mx.random.seed(sample.seed)
             state.sampler = make_sampler(temp=sample.temperature, top_p=sample.top_p)
-        token = state.sampler(logprobs)
-        return int(token.item())
+        return state.sampler
 
 
 def run_layers(layers: list, h: Any, caches: list) -> Any:
