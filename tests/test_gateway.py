@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from console.client import NodeClient
+from protos import cluster_pb2 as pb
 from tests.conftest import ROOT
 from tests.test_cli import mlx_cluster
 from tests.test_cluster import addresses, load
@@ -43,6 +44,16 @@ def gateway(cluster3, tmp_path: Path):
     proc.wait(10)
 
 
+async def forward_counters(address: str) -> tuple[int, int]:
+    """(forwards run, requests served by them) on one node."""
+    node = NodeClient(address)
+    try:
+        snap = await node.stub.WatchMetrics(pb.WatchRequest(hz=50)).read()
+        return snap.counters["forward_steps"], snap.counters["forward_rows"]
+    finally:
+        await node.close()
+
+
 async def test_openai_client_gets_the_text_mlx_cluster_generate_gets(cluster3, gateway):
     addrs = addresses(cluster3)
     await load(addrs, "smollm2-135m")
@@ -60,6 +71,14 @@ async def test_openai_client_gets_the_text_mlx_cluster_generate_gets(cluster3, g
     assert reply.choices[0].message.content == want
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.completion_tokens == json.loads(cli.stdout)["completion_tokens"]
+    # concurrent requests share forwards on every node (continuous batching) and still
+    # get exactly the text each gets alone
+    before = await forward_counters(addrs[1])
+    together = await asyncio.gather(*(client.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=24) for _ in range(4)))
+    assert [r.choices[0].message.content for r in together] == [want] * 4
+    steps, rows = (a - b for a, b in zip(await forward_counters(addrs[1]), before))
+    assert rows > steps  # the middle node ran forwards for several requests at once
     stream = await client.chat.completions.create(model="smollm2-135m", messages=messages,
                                                   max_tokens=24, stream=True)
     chunks = [c async for c in stream]
