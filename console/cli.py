@@ -800,8 +800,10 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
         if args.ready_file:
             args.ready_file.write_text(json.dumps({"url": url, "pid": os.getpid()}))
 
-    serve(addresses, args.host, args.port, CONNECTION.get("token"), CONNECTION,
-          args.max_body_bytes, ready)
+    # the gateway guards its mutating endpoint with the same token the nodes use, wherever
+    # it came from (--token, --token-file or MLX_CLUSTER_TOKEN)
+    serve(addresses, args.host, args.port, read_token(args.token, args.token_file),
+          CONNECTION, args.max_body_bytes, ready)
     return EXIT_OK
 
 

@@ -78,8 +78,9 @@ class Sampling:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ApiError(400, "seed must be an integer", param="seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not -2**63 <= seed < 2**63):
+            raise ApiError(400, "seed must be a 64-bit integer", param="seed")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(
@@ -181,6 +182,9 @@ class Gateway:
         except ClusterError as e:
             self._entry_cache = None  # the plan may have moved: look again next time
             return ApiError(503, str(e), kind="server_error", code="cluster_error").response()
+        except Exception as e:  # a bug must still answer in the shape clients parse
+            log.exception("request failed")
+            return ApiError(500, f"{type(e).__name__}: {e}", kind="server_error").response()
 
     async def _body(self, request: web.Request) -> dict:
         try:
@@ -226,12 +230,21 @@ class Gateway:
             raise ApiError(503, str(e), kind="server_error", code="model_not_loaded") from e
         return next(c for c, i in up if i.node_id == info.node_id), info
 
-    def _tokenizer(self, model: str):
+    async def _tokenizer(self, model: str):
+        """The loaded model's tokenizer and context length, read once (off the loop)."""
         if model not in self._tokenizers:
+            from node.errors import ModelError
             from node.models import prompt_tokenizer, resolve
 
-            source = resolve(model)
-            self._tokenizers[model] = (prompt_tokenizer(source), source.context_length)
+            def read():
+                source = resolve(model)
+                return prompt_tokenizer(source), source.context_length
+
+            try:
+                self._tokenizers[model] = await asyncio.to_thread(read)
+            except (ModelError, OSError, ValueError) as e:
+                raise ApiError(500, f"cannot read {model}'s tokenizer on the gateway's "
+                                    f"machine: {e}", kind="server_error") from e
         return self._tokenizers[model]
 
     async def _loaded_model(self, asked: object) -> tuple[NodeClient, str]:
@@ -305,7 +318,7 @@ class Gateway:
             raise ApiError(400, "messages must be a non-empty list of {role, content} with "
                                 "text content", param="messages")
         client, model = await self._loaded_model(body.get("model"))
-        tokenizer, context = self._tokenizer(model)
+        tokenizer, context = await self._tokenizer(model)
         ids = tokenizer.encode_messages([{"role": m["role"], "content": m["content"]}
                                          for m in messages])
         return await self._serve(request, body, client, model, ids, context, chat=True)
@@ -318,7 +331,7 @@ class Gateway:
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "prompt must be a non-empty string", param="prompt")
         client, model = await self._loaded_model(body.get("model"))
-        tokenizer, context = self._tokenizer(model)
+        tokenizer, context = await self._tokenizer(model)
         ids = tokenizer.encode(prompt, chat=False)
         return await self._serve(request, body, client, model, ids, context, chat=False)
 
@@ -343,7 +356,8 @@ class Gateway:
             if body.get("stream"):
                 return await self._stream(request, client, grpc_request, sampling, rid,
                                           created, model, chat)
-            text, finish, usage = await self._collect(client, grpc_request, sampling)
+            text, finish, usage = await self._collect(request, client, grpc_request,
+                                                      sampling)
         finally:
             self.in_flight -= 1
         self.served += 1
@@ -372,13 +386,22 @@ class Gateway:
                        _usage(done.prompt_tokens, done.completion_tokens))
                 return
 
-    async def _collect(self, client: NodeClient, request: pb.GenerateRequest,
-                       sampling: Sampling) -> tuple[str, str, dict]:
+    async def _collect(self, http: web.Request, client: NodeClient,
+                       request: pb.GenerateRequest, sampling: Sampling
+                       ) -> tuple[str, str, dict]:
         parts, finish, usage = [], "length", {}
-        async for text, end, counts in self._events(client, request, StopText(sampling.stop)):
-            parts.append(text)
-            if end is not None:
-                finish, usage = end, counts or {}
+        events = self._events(client, request, StopText(sampling.stop))
+        try:
+            async for text, end, counts in events:
+                if http.transport is None or http.transport.is_closing():
+                    # the client left (aiohttp does not cancel the handler): stop the work
+                    raise ApiError(499, "the client closed the connection",
+                                   code="client_closed")
+                parts.append(text)
+                if end is not None:
+                    finish, usage = end, counts or {}
+        finally:
+            await events.aclose()  # cancels the gRPC stream if it is still open
         return "".join(parts), finish, usage
 
     async def _stream(self, request: web.Request, client: NodeClient,

@@ -151,11 +151,7 @@ class Coordinator:
                                 "--auto-reform to re-form on the survivors")
                 log.error("%s", record.error)
                 self.servicer.recovery_failed(record)
-                # the surviving ranks' workers wait idle for a group that is gone: stop them
-                others = [s for s in self.plan.shards if s.node_id not in set(record.lost)
-                          and s.node_id != self.servicer.node_id]
-                await asyncio.gather(*(self._unload_remote(s.address) for s in others),
-                                     return_exceptions=True)
+                await self._stop_ring_survivors(record)
                 return
             log.warning("mlx-ring group down (%s); re-forming on the survivors", why)
         else:
@@ -184,6 +180,7 @@ class Coordinator:
             record.error = f"cannot re-plan {self.plan.model} onto the survivors: {e}"
             log.error("%s", record.error)
             self.servicer.recovery_failed(record)
+            await self._stop_ring_survivors(record)
             return
         ports = {s.node_id: port for s, (_, port) in zip(survivors, infos)}
         proto = pb.Plan(model=self.plan.model, epoch=self.plan.epoch + 1,
@@ -208,6 +205,7 @@ class Coordinator:
             record.error = "reload failed: " + "; ".join(failed)
             log.error("%s", record.error)
             self.servicer.recovery_failed(record)
+            await self._stop_ring_survivors(record)
             return
         log.warning("recovered: epoch %d -> %d without %s (detect %.2f s, re-plan %.2f s, "
                     "reload %.2f s)", record.from_epoch, record.to_epoch, names,
@@ -219,6 +217,16 @@ class Coordinator:
         stub = pb_grpc.NodeServiceStub(self._channel(shard.address))
         info = await stub.GetInfo(pb.InfoRequest(), timeout=2.0)
         return info.capabilities.memory_budget, info.ring_port
+
+    async def _stop_ring_survivors(self, record: pb.Recovery) -> None:
+        """No new group: the surviving ranks' workers would wait, holding their weights,
+        for a group that is gone. Unload them (MLX's groups do not come back)."""
+        if not self.ring:
+            return
+        others = [s for s in self.plan.shards if s.node_id not in set(record.lost)
+                  and s.node_id != self.servicer.node_id]
+        await asyncio.gather(*(self._unload_remote(s.address) for s in others),
+                             return_exceptions=True)
 
     async def _unload_remote(self, address: str) -> None:
         from node.auth import token_metadata

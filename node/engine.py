@@ -38,6 +38,10 @@ class RequestState:
     caches: list
     last_used: float = field(default_factory=time.monotonic)
     sampler: Callable | None = None
+    decoding: bool = False  # its last step was one position (a decode step)
+
+
+GATHER_RECENT_S = 1.0  # a decoding request counts for batching if it stepped this recently
 
 
 Wire = tuple[bytes, list[int], str]  # raw tensor bytes, shape, dtype name
@@ -134,7 +138,8 @@ class Engine:
         self._queue: list[_Job] = []
         self._draining = False
         self._on_forward = on_forward  # called on the event loop with each forward's size
-        self.max_batch = max_batch
+        # batched_decode_layer is mlx-lm's llama block; other architectures run one by one
+        self.max_batch = max_batch if batchable(shard) else 1
 
     # ---------------------------------------------------------------- async API
 
@@ -152,7 +157,18 @@ class Engine:
         return await job.future
 
     def _drain(self) -> None:
-        """MLX thread: run queued steps until the queue is empty."""
+        """MLX thread: run queued steps until the queue is empty. Nothing may escape: an
+        engine whose drain died would leave every later step waiting forever."""
+        try:
+            self._drain_queue()
+        except BaseException as e:  # a bug, or the loop closing under us
+            jobs, self._queue = self._queue, []
+            for job in jobs:
+                job.settle(error=e)
+            self._draining = False
+            raise
+
+    def _drain_queue(self) -> None:
         while True:
             jobs, self._queue = self._queue, []  # list swap: atomic under the GIL
             if jobs and self.gather_s:
@@ -178,7 +194,11 @@ class Engine:
 
     def _gather(self, jobs: list[_Job]) -> list[_Job]:
         """Wait (bounded) for the decode steps of the other requests in their decode phase."""
-        decoding = {r for r, st in list(self._requests.items()) if st.caches[0].offset > 0}
+        # requests whose last step was a decode step, recently: one that is prefilling, or
+        # whose client stopped reading, or that was abandoned, is not waited for
+        now = time.monotonic()
+        decoding = {r for r, st in list(self._requests.items())
+                    if st.decoding and now - st.last_used < GATHER_RECENT_S}
         waiting = {j.request_id for j in jobs if j.decode}
         if not waiting or decoding <= waiting:
             return []
@@ -200,6 +220,9 @@ class Engine:
         except Exception as e:  # the request's own error: its caller reports it
             job.settle(error=e)
             return
+        state = self._requests.get(job.request_id)
+        if state is not None:
+            state.decoding = job.decode
         self._count(job, 1)
         job.settle(result)
 
@@ -228,7 +251,8 @@ class Engine:
                 job.settle(error=e)
             return
         self._count(ready[0][0], len(ready))
-        for (job, _, _), result in zip(ready, results):
+        for (job, _, state), result in zip(ready, results):
+            state.decoding = True
             job.settle(result)
 
     def _count(self, job: _Job, size: int) -> None:
@@ -379,6 +403,19 @@ class Engine:
         return state.sampler
 
 
+def batchable(shard: Shard) -> bool:
+    """Whether batched_decode_layer computes this shard's layers: mlx-lm's llama block
+    with plain KV caches (other architectures differ in their attention)."""
+    try:
+        from mlx_lm.models.cache import KVCache
+        from mlx_lm.models.llama import TransformerBlock
+    except ImportError:
+        return False
+    layers = shard.model.model.layers
+    return bool(layers) and all(type(layer) is TransformerBlock for layer in layers) and all(
+        type(c) is KVCache for c in shard.model.make_cache())
+
+
 def run_layers(layers: list, h: Any, caches: list) -> Any:
     """Hidden states through a shard's layers, each with its own KV cache."""
     import mlx.core as mx
@@ -403,7 +440,7 @@ def last_logprobs(model: Any, h: Any) -> Any:
     else:
         logits = model.lm_head(h)
     logits = logits[:, -1, :]
-    return logits - mx.logsumexp(logits, keepdims=True)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # per row (batches)
 
 
 def batched_decode_layer(layer: Any, x: Any, caches: list) -> Any:

@@ -45,6 +45,7 @@ from protos import cluster_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 JOIN_TIMEOUT_S = 120.0  # form the group and load the model
 STOP_GRACE_S = 2.0
+WAKE_TRIES = 50  # x 0.1 s: how long a rank may still be finishing its load
 
 
 class RingDown(NodeError):
@@ -54,10 +55,15 @@ class RingDown(NodeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free now on `host`, for this node's ring worker to listen on later."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port free now on `host`, for this node's ring worker to listen on later; 0 when
+    none can be found (the node still serves; an mlx-ring plan then needs --ring-port)."""
+    try:
+        family = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    except OSError:
+        return 0
 
 
 def hostfile(plan: pb.Plan) -> list[list[str]]:
@@ -306,7 +312,8 @@ class RingGroup:
                 "max": max_tokens - len(already), "temp": sampling.temperature,
                 "top_p": sampling.top_p, "seed": seed % 2**31,
                 "eos": sorted(self.tokenizer.eos_ids), "ignore_eos": request.ignore_eos}))
-            self.state = "serving"
+            if self.state in ("ready", "serving"):  # it may have gone down meanwhile
+                self.state = "serving"
             while True:
                 # a first token may wait behind the group's earlier requests (one at a time)
                 wait = stream.timeout(timeout) if stream.generated > len(already) else timeout
@@ -339,9 +346,21 @@ class RingGroup:
             self._channels = [open_channel(s.address, CHANNEL_OPTIONS, self._peer_ca)
                               for s in self.plan.shards[1:]]
         wake = pb.RingWakeRequest(epoch=self.epoch)
-        results = await asyncio.gather(*(
-            pb_grpc.NodeServiceStub(c).RingWake(wake, timeout=5.0, metadata=self._metadata)
-            for c in self._channels), return_exceptions=True)
+
+        async def wake_one(channel: grpc.aio.Channel) -> None:
+            stub = pb_grpc.NodeServiceStub(channel)
+            for _ in range(WAKE_TRIES):  # a rank whose service is finishing its load
+                try:
+                    await stub.RingWake(wake, timeout=5.0, metadata=self._metadata)
+                    return
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.ABORTED:
+                        raise
+                    await asyncio.sleep(0.1)
+            raise RingDown(f"rank still loading after {WAKE_TRIES * 0.1:.0f} s")
+
+        results = await asyncio.gather(*(wake_one(c) for c in self._channels),
+                                       return_exceptions=True)
         failed = [f"rank {i} {s.name or s.address}: "
                   f"{r.details() if isinstance(r, grpc.aio.AioRpcError) else r}"
                   for i, (s, r) in enumerate(zip(self.plan.shards[1:], results), start=1)

@@ -231,6 +231,11 @@ def serve(cfg: dict, emit: Events, t0: float) -> int:
     except Exception as e:  # a model error: say so; the service reports it
         emit("error", msg=f"{type(e).__name__}: {e}")
         return 2
+    try:  # every rank has loaded before any says it is ready (no wake reaches a loader)
+        mx.eval(mx.distributed.all_sum(mx.array([1], dtype=mx.int32), group=group))
+    except RuntimeError as e:
+        emit("error", msg=f"the ring group is down: {e}")
+        return EXIT_GROUP_LOST
     emit("ready", weight_bytes=shard.weight_bytes, dtype=shard.dtype,
          load_seconds=shard.load_seconds, active=mx.get_active_memory())
     requests: queue.Queue = queue.Queue()

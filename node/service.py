@@ -434,6 +434,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def RingWake(self, request: pb.RingWakeRequest, context) -> pb.RingWakeReply:
         runner = self.runner
         try:
+            loaded = runner.epoch if isinstance(runner, RingGroup) else 0
+            if request.epoch > loaded and self._load_lock.locked():
+                raise EpochNotLoaded(f"this node is still loading epoch {request.epoch}")
             if not isinstance(runner, RingGroup):
                 raise NotLoaded("this node holds no mlx-ring plan")
             if request.epoch != runner.epoch:

@@ -140,3 +140,13 @@ def test_concurrent_decode_steps_share_one_forward_and_match_one_at_a_time(start
                 assert x == y
             else:
                 np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_log_probabilities_are_normalised_per_row_of_a_batch():
+    """Samplers (top-p) read exp(logprobs) as each request's own distribution."""
+    from node.engine import last_logprobs
+
+    shard = load_shard(resolve("synthetic:tiny"), 0, 7)
+    h = mx.random.normal((3, 1, shard.hidden_size), key=mx.random.key(3))
+    sums = mx.exp(last_logprobs(shard.model, h)).sum(axis=-1)
+    assert np.allclose(np.array(sums), 1.0, atol=1e-4)
