@@ -142,9 +142,10 @@ class Coordinator:
         if self.ring:
             why = f"rank(s) {names} lost" if dead else (
                 f"rank 0's worker stopped: {self._down_reason}")
-            runner = self.servicer.runner
-            if runner is not None and hasattr(runner, "mark_down"):
-                runner.mark_down(f"the mlx-ring group is down: {why}")
+            from node.ring import RingGroup
+
+            if isinstance(self.servicer.runner, RingGroup):
+                self.servicer.runner.mark_down(f"the mlx-ring group is down: {why}")
             if not self.plan.auto_reform:
                 record.error = (f"the mlx-ring group is down ({why}); MLX groups cannot lose "
                                 "a rank: run mlx-cluster load again, or load with "

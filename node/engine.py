@@ -143,9 +143,6 @@ class Engine:
 
     # ---------------------------------------------------------------- async API
 
-    async def run(self, fn: Callable, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     async def step(self, request_id: str, position: int, *, tokens: list[int] | None = None,
                    hidden: Wire | None = None, sample: Sampling | None = None) -> StepResult:
         loop = asyncio.get_running_loop()
@@ -385,10 +382,7 @@ class Engine:
         return [StepResult(encode_tensor(x[i:i + 1]), None, compute) for i in range(len(states))]
 
     def _sample(self, state: RequestState, h: Any, sample: Sampling) -> int:
-        return self._sample_row(state, last_logprobs(self.shard.model, h), sample)
-
-    def _sample_row(self, state: RequestState, logprobs: Any, sample: Sampling) -> int:
-        return int(self._sampler(state, sample)(logprobs).item())
+        return int(self._sampler(state, sample)(last_logprobs(self.shard.model, h)).item())
 
     @staticmethod
     def _sampler(state: RequestState, sample: Sampling) -> Callable:
