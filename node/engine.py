@@ -11,6 +11,7 @@ tokens as the whole one.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ class RequestState:
 
 
 GATHER_RECENT_S = 1.0  # a decoding request counts for batching if it stepped this recently
+PACK_TOKENS = 2048  # prefill positions packed into one forward beside the decode steps
 
 
 Wire = tuple[bytes, list[int], str]  # raw tensor bytes, shape, dtype name
@@ -56,13 +58,20 @@ class StepResult:
 
 def encode_tensor(array: Any) -> Wire:
     """mx.array -> (raw bytes, shape, dtype name) without going through pickle."""
+    return encode_runs(array, [(0, array.shape[1])])[0]
+
+
+def encode_runs(array: Any, runs: list[tuple[int, int]]) -> list[Wire]:
+    """Positions start..end of hidden states [1, L, hidden], for each (start, end) in
+    `runs`, each as a Wire; one evaluation for all of them."""
     import mlx.core as mx
 
     dtype = str(array.dtype).removeprefix("mlx.core.")
     if dtype not in WIRE_DTYPES:
         raise BadFrame(f"cannot send dtype {dtype}")
-    raw = array.view(mx.uint16) if dtype == "bfloat16" else array
-    return bytes(memoryview(raw)), list(array.shape), dtype
+    raw = np.asarray(memoryview(array.view(mx.uint16) if dtype == "bfloat16" else array))
+    return [(raw[:, start:end].tobytes(), [1, end - start, *array.shape[2:]], dtype)
+            for start, end in runs]
 
 
 def decode_tensor(data: bytes, shape: list[int], dtype: str) -> Any:
@@ -78,11 +87,14 @@ def decode_tensor(data: bytes, shape: list[int], dtype: str) -> Any:
             f"tensor bytes do not match shape {list(shape)} x {dtype}: got {len(data)} bytes, "
             f"expected {count * np_dtype.itemsize}"
         )
-    arr = mx.array(np.frombuffer(data, dtype=np_dtype).reshape(shape))
-    arr = arr.view(mx.bfloat16) if dtype == "bfloat16" else arr
-    if not mx.all(mx.isfinite(arr)).item():
+    values = np.frombuffer(data, dtype=np_dtype)
+    # checked here, in numpy, not with an MLX evaluation per frame
+    finite = ((values & 0x7F80) != 0x7F80).all() if dtype == "bfloat16" else (
+        np.isfinite(values).all())
+    if not finite:
         raise BadFrame("activation holds NaN or infinite values (corrupted or garbage bytes?)")
-    return arr
+    arr = mx.array(values.reshape(shape))
+    return arr.view(mx.bfloat16) if dtype == "bfloat16" else arr
 
 
 @dataclass
@@ -98,11 +110,20 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
     @property
-    def decode(self) -> bool:
-        """One position: a decode step, which can share a forward with others."""
+    def size(self) -> int:
+        """Positions this step computes (1 for a decode step; 0 for a malformed frame,
+        which fails when its input is read)."""
         if self.tokens is not None:
-            return len(self.tokens) == 1
-        return self.hidden is not None and len(self.hidden[1]) == 3 and self.hidden[1][1] == 1
+            return len(self.tokens)
+        if self.hidden is not None and len(self.hidden[1]) == 3:
+            return int(self.hidden[1][1])
+        return 0
+
+    @property
+    def decode(self) -> bool:
+        """One position: a decode step (a request in this phase is waited for when a
+        forward gathers its rows)."""
+        return self.size == 1
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
         def done() -> None:
@@ -138,7 +159,7 @@ class Engine:
         self._queue: list[_Job] = []
         self._draining = False
         self._on_forward = on_forward  # called on the event loop with each forward's size
-        # batched_decode_layer is mlx-lm's llama block; other architectures run one by one
+        # batched_layer is mlx-lm's llama block; other architectures run one by one
         self.max_batch = max_batch if batchable(shard) else 1
 
     # ---------------------------------------------------------------- async API
@@ -166,8 +187,10 @@ class Engine:
             raise
 
     def _drain_queue(self) -> None:
+        carry: list[_Job] = []  # picked for no forward yet: they go first next time
         while True:
             jobs, self._queue = self._queue, []  # list swap: atomic under the GIL
+            jobs = carry + jobs
             if jobs and self.gather_s:
                 jobs += self._gather(jobs)
             if not jobs:
@@ -176,18 +199,30 @@ class Engine:
                     return
                 self._draining = True
                 continue
-            batch: list[_Job] = []
-            seen: set[str] = set()
-            for job in jobs:
-                if job.decode and job.request_id not in seen and len(batch) < self.max_batch:
-                    batch.append(job)
-                    seen.add(job.request_id)
-                else:
-                    self._run_one(job)
+            batch, carry = self._pick(jobs)
             if len(batch) == 1:
                 self._run_one(batch[0])
-            elif batch:
+            else:
                 self._run_batch(batch)
+
+    def _pick(self, jobs: list[_Job]) -> tuple[list[_Job], list[_Job]]:
+        """The jobs of the next forward, and those left for a later one: one step per
+        request (its steps must run in order), at most max_batch of them, and prefill
+        chunks only while the forward stays under PACK_TOKENS positions."""
+        batch: list[_Job] = []
+        rest: list[_Job] = []
+        seen: set[str] = set()
+        positions = 0
+        for job in jobs:
+            size = job.size
+            if not batch or (job.request_id not in seen and len(batch) < self.max_batch
+                             and (size == 1 or positions + size <= PACK_TOKENS)):
+                batch.append(job)
+                seen.add(job.request_id)
+                positions += size
+            else:
+                rest.append(job)
+        return batch, rest
 
     def _gather(self, jobs: list[_Job]) -> list[_Job]:
         """Wait (bounded) for the decode steps of the other requests in their decode phase."""
@@ -224,8 +259,8 @@ class Engine:
         job.settle(result)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
-        """Decode steps of several requests in one forward; a job whose input or position
-        is wrong fails alone, before the forward."""
+        """Steps of several requests (decode steps and prefill chunks) in one forward; a
+        job whose input or position is wrong fails alone, before the forward."""
         ready: list[tuple[_Job, Any, RequestState]] = []
         for job in jobs:
             try:
@@ -249,7 +284,7 @@ class Engine:
             return
         self._count(ready[0][0], len(ready))
         for (job, _, state), result in zip(ready, results):
-            state.decoding = True
+            state.decoding = job.decode
             job.settle(result)
 
     def _count(self, job: _Job, size: int) -> None:
@@ -352,34 +387,56 @@ class Engine:
 
     def _step_batch(self, inputs: list[Any], states: list[RequestState],
                     samples: list[Sampling | None]) -> list[StepResult]:
-        """One decode position for each of several requests, as one [B, 1, hidden] forward
+        """Several requests' steps as one forward over their positions side by side
+        ([1, total, hidden]): the weights are read once for all of them. Decode steps
+        (one position each) share one masked attention; each prefill chunk attends alone.
         (mlx-lm's BatchKVCache would need the requests to advance in lockstep from a
-        common start; these join and leave at any position, so each keeps its own cache)."""
+        common start; these join and leave at any position, so each keeps its own cache.)"""
         import mlx.core as mx
 
         t0 = time.perf_counter()
         shard = self.shard
         inner = shard.model.model
-        x = mx.concatenate(inputs, axis=0)
+        # decode steps first, then the chunks: the order batched_layer expects
+        order = sorted(range(len(inputs)), key=lambda i: inputs[i].shape[1] != 1)
+        sizes = [inputs[i].shape[1] for i in order]
+        n_decode = sizes.count(1)
+        ends = list(itertools.accumulate(sizes))
+        x = mx.concatenate([inputs[i] for i in order], axis=1)
         for index, layer in enumerate(inner.layers):
-            x = batched_decode_layer(layer, x, [st.caches[index] for st in states])
+            caches = [states[i].caches[index] for i in order]
+            x = batched_layer(layer, x, caches[:n_decode],
+                              list(zip(caches[n_decode:], sizes[n_decode:])))
             mx.async_eval(x)
-        if shard.is_last and any(samples):
-            logprobs = last_logprobs(shard.model, inner.norm(x))
-            # every row's sampler on its own row, evaluated together (one sync, not B)
-            drawn = [self._sampler(st, sm)(logprobs[i:i + 1]) if sm is not None else None
-                     for i, (st, sm) in enumerate(zip(states, samples))]
-            mx.eval([d for d in drawn if d is not None])
-            compute = time.perf_counter() - t0
-            return [StepResult(None, int(d.item()) if d is not None else None, compute)
-                    for d in drawn]
         if shard.is_last:
+            wanted = [(i, end - 1) for i, end in zip(order, ends) if samples[i] is not None]
+            drawn = dict(zip([i for i, _ in wanted], self._sample_rows(
+                inner.norm(x[0, mx.array([row for _, row in wanted])]),
+                [states[i] for i, _ in wanted], [samples[i] for i, _ in wanted]))) \
+                if wanted else {}
             mx.eval([c.state for st in states for c in st.caches])
             compute = time.perf_counter() - t0
-            return [StepResult(None, None, compute) for _ in states]
+            return [StepResult(None, drawn.get(i), compute) for i in range(len(inputs))]
         mx.eval(x)
         compute = time.perf_counter() - t0
-        return [StepResult(encode_tensor(x[i:i + 1]), None, compute) for i in range(len(states))]
+        wires = dict(zip(order, encode_runs(x, list(zip([0, *ends], ends)))))
+        return [StepResult(wires[i], None, compute) for i in range(len(inputs))]
+
+    def _sample_rows(self, h: Any, states: list[RequestState],
+                     samples: list[Sampling]) -> list[int]:
+        """One token for each row of normed hidden states [n, hidden], each with its
+        request's sampler, evaluated together (one sync, not n). Greedy rows take the
+        argmax of the logits, which the log-softmax would not move."""
+        import mlx.core as mx
+
+        logits = head_logits(self.shard.model, h)
+        if all(sm.temperature == 0 for sm in samples):
+            return mx.argmax(logits, axis=-1).tolist()
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # per row
+        drawn = [self._sampler(st, sm)(logprobs[i:i + 1])
+                 for i, (st, sm) in enumerate(zip(states, samples))]
+        mx.eval(drawn)
+        return [int(d.item()) for d in drawn]
 
     def _sample(self, state: RequestState, h: Any, sample: Sampling) -> int:
         return int(self._sampler(state, sample)(last_logprobs(self.shard.model, h)).item())
@@ -398,7 +455,7 @@ class Engine:
 
 
 def batchable(shard: Shard) -> bool:
-    """Whether batched_decode_layer computes this shard's layers: mlx-lm's llama block
+    """Whether batched_layer computes this shard's layers: mlx-lm's llama block
     with plain KV caches (other architectures differ in their attention)."""
     try:
         from mlx_lm.models.cache import KVCache
@@ -425,45 +482,78 @@ def run_layers(layers: list, h: Any, caches: list) -> Any:
     return h
 
 
+def head_logits(model: Any, h: Any) -> Any:
+    """The output head (tied embedding or lm_head) on normed hidden states."""
+    if model.args.tie_word_embeddings:
+        return model.model.embed_tokens.as_linear(h)
+    return model.lm_head(h)
+
+
 def last_logprobs(model: Any, h: Any) -> Any:
     """Log-probabilities at the last position from normed hidden states (the last shard)."""
     import mlx.core as mx
 
-    if model.args.tie_word_embeddings:
-        logits = model.model.embed_tokens.as_linear(h)
-    else:
-        logits = model.lm_head(h)
-    logits = logits[:, -1, :]
+    logits = head_logits(model, h)[:, -1, :]
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # per row (batches)
 
 
-def batched_decode_layer(layer: Any, x: Any, caches: list) -> Any:
-    """mlx-lm's llama TransformerBlock for B requests at one position each ([B, 1, hidden]):
-    the projections and the MLP run once for all rows (the weights are read once); RoPE
-    runs at each request's own offset and each request's KV cache takes its own row, then
-    one masked attention covers every row, as `Attention.__call__` does for one request."""
+def batched_layer(layer: Any, x: Any, decode: list, chunks: list[tuple[Any, int]]) -> Any:
+    """mlx-lm's llama TransformerBlock for several requests' positions side by side in
+    x [1, total, hidden]: first one position for each cache in `decode`, then a run of
+    positions for each (cache, length) in `chunks`. The norms, projections and MLP run
+    once for all positions (the weights are read once). RoPE runs at each request's own
+    offset and each request's KV cache takes its own positions; the decode rows share one
+    masked attention over their caches side by side, and each chunk attends alone,
+    causally, as `Attention.__call__` does for one request."""
     import mlx.core as mx
+    from mlx_lm.models.base import create_attention_mask
 
     attn = layer.self_attn
     r = layer.input_layernorm(x)
-    b, length, _ = r.shape
-    q = attn.q_proj(r).reshape(b, length, attn.n_heads, -1).transpose(0, 2, 1, 3)
-    k = attn.k_proj(r).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    v = attn.v_proj(r).reshape(b, length, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    # RoPE for every row at once, each at its own offset (as mlx-lm's BatchKVCache does)
-    offsets = mx.array([cache.offset for cache in caches])
-    q, k = attn.rope(q, offset=offsets), attn.rope(k, offset=offsets)
-    for i, cache in enumerate(caches):  # each request's cache takes its own row
-        cache.update_and_fetch(k[i:i + 1], v[i:i + 1])
-    # one attention for all rows over their caches side by side, the positions a request
-    # does not have masked out (cache buffers grow in steps, so most need no padding)
-    lengths = [cache.offset for cache in caches]
-    span = max(lengths)
-    keys = mx.concatenate([_span(cache.keys, span) for cache in caches], axis=0)
-    values = mx.concatenate([_span(cache.values, span) for cache in caches], axis=0)
-    mask = mx.arange(span)[None, None, None, :] < mx.array(lengths)[:, None, None, None]
-    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
-    out = out.transpose(0, 2, 1, 3).reshape(b, length, -1)
+    queries, keys, values = attn.q_proj(r), attn.k_proj(r), attn.v_proj(r)
+
+    def heads(t: Any, start: int, length: int, n: int, rows: bool) -> Any:
+        """Positions start..start+length of a projection as attention input: as B rows
+        [length, n, 1, dim] (decode steps) or one run [1, n, length, dim] (a chunk)."""
+        t = t[:, start:start + length]
+        if rows:
+            return t.reshape(length, 1, n, -1).transpose(0, 2, 1, 3)
+        return t.reshape(1, length, n, -1).transpose(0, 2, 1, 3)
+
+    outputs = []
+    b = len(decode)
+    if b:
+        q = heads(queries, 0, b, attn.n_heads, True)
+        k = heads(keys, 0, b, attn.n_kv_heads, True)
+        v = heads(values, 0, b, attn.n_kv_heads, True)
+        # RoPE for every row at once, each at its own offset (as mlx-lm's BatchKVCache does)
+        offsets = mx.array([cache.offset for cache in decode])
+        q, k = attn.rope(q, offset=offsets), attn.rope(k, offset=offsets)
+        for i, cache in enumerate(decode):  # each request's cache takes its own row
+            cache.update_and_fetch(k[i:i + 1], v[i:i + 1])
+        # one attention for all rows over their caches side by side, the positions a
+        # request does not have masked out (cache buffers grow in steps, so most need no
+        # padding)
+        lengths = [cache.offset for cache in decode]
+        span = max(lengths)
+        cached_k = mx.concatenate([_span(cache.keys, span) for cache in decode], axis=0)
+        cached_v = mx.concatenate([_span(cache.values, span) for cache in decode], axis=0)
+        mask = mx.arange(span)[None, None, None, :] < mx.array(lengths)[:, None, None, None]
+        out = mx.fast.scaled_dot_product_attention(q, cached_k, cached_v, scale=attn.scale,
+                                                   mask=mask)
+        outputs.append(out.transpose(0, 2, 1, 3).reshape(1, b, -1))
+    start = b
+    for cache, length in chunks:
+        q = heads(queries, start, length, attn.n_heads, False)
+        k = heads(keys, start, length, attn.n_kv_heads, False)
+        v = heads(values, start, length, attn.n_kv_heads, False)
+        mask = create_attention_mask(x[:, start:start + length], cache)
+        q, k = attn.rope(q, offset=cache.offset), attn.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
+        outputs.append(out.transpose(0, 2, 1, 3).reshape(1, length, -1))
+        start += length
+    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
     h = x + attn.o_proj(out)
     return h + layer.mlp(layer.post_attention_layernorm(h))
 

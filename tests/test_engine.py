@@ -32,6 +32,10 @@ def test_decode_rejects_inconsistent_tensors():
         decode_tensor(b"\x00" * 32, [1, 1, 32], "int8")
     with pytest.raises(BadFrame, match="NaN"):
         decode_tensor(np.full(32, np.inf, np.float32).tobytes(), [1, 1, 32], "float32")
+    for dtype in ("float16", "bfloat16"):  # bfloat16 travels as its bits
+        bad = mx.array([1.0, float("nan"), 2.0, 3.0], dtype=getattr(mx, dtype))[None, None]
+        with pytest.raises(BadFrame, match="NaN"):
+            decode_tensor(*encode_tensor(bad))
 
 
 def test_synthetic_shard_makes_only_its_layers_and_they_match_the_whole_model():
@@ -96,50 +100,70 @@ def test_byte_tokenizer_streams_utf8():
 
 
 @pytest.mark.parametrize("start,end", [(0, 7), (0, 3), (4, 7)])
-def test_concurrent_decode_steps_share_one_forward_and_match_one_at_a_time(start, end):
-    """Continuous batching: requests at different positions decode in one forward, each
-    with its own cache, and get what they get alone (tokens, or hidden states within
-    float rounding of a batched matmul)."""
+def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(start, end):
+    """Continuous batching: prefill chunks and decode steps of requests at different
+    positions run in one forward, each with its own cache, and get what they get alone
+    (tokens, or hidden states within float rounding of a batched matmul). A request that
+    joins mid-way prefills beside the others' decode steps."""
     source = resolve("synthetic:tiny")
     shard = load_shard(source, start, end)
-    prompts = [[256, *b"a"], [256, *b"longer prompt"], [256, *b"mid one"], [256]]
+    prompts = [[256, *b"a"], [256, *b"longer prompt"], [256, *b"mid one"], [256],
+               [256, *b"late joiner"]]
+    late = len(prompts) - 1
     sizes: list[int] = []
+    sample = Sampling() if shard.is_last else None
 
-    def step_input(i: int, token: int):
+    def prefill(engine: Engine, i: int):
+        p = prompts[i]
+        first = ({"tokens": p} if shard.is_first else
+                 {"hidden": encode_tensor(mx.random.normal((1, len(p), shard.hidden_size),
+                                                           key=mx.random.key(i)))})
+        return engine.step(f"r{i}", 0, **first, sample=sample)
+
+    def decode(engine: Engine, i: int, n: int):
         if shard.is_first:
-            return {"tokens": [token]}
-        h = mx.random.normal((1, 1, shard.hidden_size), key=mx.random.key(1000 * i + token))
-        return {"hidden": encode_tensor(h)}
+            step = {"tokens": [65 + n]}
+        else:
+            h = mx.random.normal((1, 1, shard.hidden_size), key=mx.random.key(1000 * i + n))
+            step = {"hidden": encode_tensor(h)}
+        return engine.step(f"r{i}", len(prompts[i]) + n, **step, sample=sample)
 
-    async def run(batched: bool) -> list[list]:
+    def value(result):
+        return result.token if shard.is_last else np.frombuffer(result.hidden[0], np.float32)
+
+    async def run(batched: bool) -> dict[tuple[int, int], object]:
         engine = Engine(shard, ThreadPoolExecutor(1), on_forward=sizes.append)
-        out: list[list] = [[] for _ in prompts]
-        for i, p in enumerate(prompts):  # prefill each alone
-            first = ({"tokens": p} if shard.is_first else
-                     {"hidden": encode_tensor(mx.random.normal((1, len(p), shard.hidden_size),
-                                                               key=mx.random.key(i)))})
-            await engine.step(f"r{i}", 0, **first, sample=Sampling() if shard.is_last else None)
+        out: dict[tuple[int, int], object] = {}
+        # (request, step) pairs of each round: prefills, then decode steps; the late
+        # request prefills in round 3 and decodes after that
+        rounds = [[(i, -1) for i in range(late)]]
         for n in range(6):
-            steps = [engine.step(f"r{i}", len(p) + n, **step_input(i, 65 + n),
-                                 sample=Sampling() if shard.is_last else None)
-                     for i, p in enumerate(prompts)]
-            results = (await asyncio.gather(*steps) if batched
-                       else [await s for s in steps])
-            for i, r in enumerate(results):
-                out[i].append(r.token if shard.is_last else
-                              np.frombuffer(r.hidden[0], np.float32))
+            rounds.append([(i, n) for i in range(late)])
+            if n >= 2:  # in the middle: forwards take the queue in order
+                rounds[-1].insert(2, (late, n - 3))
+        for steps in rounds:
+            before = len(sizes)
+            calls = [prefill(engine, i) if n < 0 else decode(engine, i, n) for i, n in steps]
+            results = (await asyncio.gather(*calls) if batched else [await c for c in calls])
+            out.update({key: value(r) for key, r in zip(steps, results)})
+            forwards.append(sizes[before:])
         return out
 
+    forwards: list[list[int]] = []  # the forward sizes of each round
     alone = asyncio.run(run(batched=False))
-    sizes.clear()
+    assert set(sizes) == {1}
+    forwards.clear()
     together = asyncio.run(run(batched=True))
-    assert max(sizes) >= 2  # decode steps of different requests shared a forward
-    for a, b in zip(alone, together):
-        for x, y in zip(a, b):
-            if shard.is_last:
-                assert x == y
-            else:
-                np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    # (the first step of a round may start its forward before the others are queued)
+    assert max(forwards[0]) >= late - 1  # the prefills shared a forward
+    # the late prefill (in the middle) shared a forward with decode steps
+    assert max(forwards[3]) >= len(prompts) - 1
+    assert alone.keys() == together.keys()
+    for key, a in alone.items():
+        if shard.is_last:
+            assert a == together[key], key
+        else:
+            np.testing.assert_allclose(a, together[key], rtol=1e-4, atol=1e-5)
 
 
 def test_log_probabilities_are_normalised_per_row_of_a_batch():
