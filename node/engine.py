@@ -36,10 +36,20 @@ class Sampling:
 
 @dataclass
 class RequestState:
-    caches: list
+    caches: list  # its own KV cache per layer (stale while it decodes in the _Group)
+    length: int = 0  # positions its cache holds
     last_used: float = field(default_factory=time.monotonic)
     sampler: Callable | None = None
     decoding: bool = False  # its last step was one position (a decode step)
+
+
+@dataclass
+class _Group:
+    """Requests that decode together, their KV caches side by side in mlx-lm's
+    BatchKVCache (one per layer): a forward of exactly these rows writes and reads every
+    row's cache at once. A request leaving (or stepping alone) gets its own cache back."""
+    ids: list[str]
+    caches: list
 
 
 GATHER_RECENT_S = 1.0  # a decoding request counts for batching if it stepped this recently
@@ -159,6 +169,7 @@ class Engine:
         self._queue: list[_Job] = []
         self._draining = False
         self._on_forward = on_forward  # called on the event loop with each forward's size
+        self._group: _Group | None = None  # touched on the MLX thread only
         # batched_layer is mlx-lm's llama block; other architectures run one by one
         self.max_batch = max_batch if batchable(shard) else 1
 
@@ -255,6 +266,7 @@ class Engine:
         state = self._requests.get(job.request_id)
         if state is not None:
             state.decoding = job.decode
+            state.length = job.position + job.size
         self._count(job, 1)
         job.settle(result)
 
@@ -276,7 +288,8 @@ class Engine:
         if not ready:
             return
         try:
-            results = self._step_batch([h for _, h, _ in ready], [st for _, _, st in ready],
+            results = self._step_batch([job.request_id for job, _, _ in ready],
+                                       [h for _, h, _ in ready], [st for _, _, st in ready],
                                        [job.sample for job, _, _ in ready])
         except Exception as e:  # a failed forward fails every request in it
             for job, _, _ in ready:
@@ -285,6 +298,7 @@ class Engine:
         self._count(ready[0][0], len(ready))
         for (job, _, state), result in zip(ready, results):
             state.decoding = job.decode
+            state.length = job.position + job.size
             job.settle(result)
 
     def _count(self, job: _Job, size: int) -> None:
@@ -292,7 +306,9 @@ class Engine:
             job.loop.call_soon_threadsafe(self._on_forward, size)
 
     def free(self, request_id: str) -> bool:
-        return self._requests.pop(request_id, None) is not None
+        freed = self._requests.pop(request_id, None) is not None
+        self._prune_later()
+        return freed
 
     def free_idle(self, max_idle_s: float) -> list[str]:
         now = time.monotonic()
@@ -300,7 +316,20 @@ class Engine:
         stale = [r for r, s in list(self._requests.items()) if now - s.last_used > max_idle_s]
         for r in stale:
             self._requests.pop(r, None)
+        self._prune_later()
         return stale
+
+    def _prune_later(self) -> None:
+        """Rows of freed requests leave the group on the MLX thread (after the forward in
+        progress), so their caches are released even if no other step comes."""
+        group = self._group
+        if group is not None and any(r not in self._requests for r in group.ids):
+            self._executor.submit(self._prune)
+
+    def _prune(self) -> None:
+        group = self._group
+        if group is not None:
+            self._ungroup(keep={r for r in group.ids if r in self._requests})
 
     @property
     def active_requests(self) -> int:
@@ -308,7 +337,7 @@ class Engine:
 
     def cache_offset(self, request_id: str) -> int:
         state = self._requests.get(request_id)
-        return state.caches[0].offset if state else 0
+        return state.length if state else 0
 
     # ---------------------------------------------------------------- checks
 
@@ -338,14 +367,14 @@ class Engine:
                 )
             state = RequestState(self.shard.model.make_cache())
             self._requests[request_id] = state
-        elif state.caches[0].offset < position:
+        elif state.length < position:
             raise FrameGap(
                 f"request {request_id}: frame at position {position} but this shard's cache "
-                f"holds {state.caches[0].offset} positions: frames were lost on the way")
-        elif state.caches[0].offset != position:
+                f"holds {state.length} positions: frames were lost on the way")
+        elif state.length != position:
             raise BadFrame(
                 f"request {request_id}: frame at position {position} but this shard's cache "
-                f"holds {state.caches[0].offset} positions"
+                f"holds {state.length} positions"
             )
         state.last_used = time.monotonic()
         return state
@@ -375,6 +404,7 @@ class Engine:
         inner = shard.model.model
         h = self._input(tokens, hidden)
         state = self._state(request_id, position)
+        self._ungroup_one(request_id)  # stepping alone: its own cache
         h = run_layers(inner.layers, h, state.caches)
         if shard.is_last and sample is not None:
             token = self._sample(state, inner.norm(h), sample)
@@ -385,28 +415,34 @@ class Engine:
         mx.eval(h)
         return StepResult(encode_tensor(h), None, time.perf_counter() - t0)
 
-    def _step_batch(self, inputs: list[Any], states: list[RequestState],
+    def _step_batch(self, ids: list[str], inputs: list[Any], states: list[RequestState],
                     samples: list[Sampling | None]) -> list[StepResult]:
         """Several requests' steps as one forward over their positions side by side
-        ([1, total, hidden]): the weights are read once for all of them. Decode steps
-        (one position each) share one masked attention; each prefill chunk attends alone.
-        (mlx-lm's BatchKVCache would need the requests to advance in lockstep from a
-        common start; these join and leave at any position, so each keeps its own cache.)"""
+        ([1, total, hidden]): the weights are read once for all of them. The decode steps
+        (one position each) are the group's rows and share one attention; each prefill
+        chunk attends alone, with its own cache."""
         import mlx.core as mx
 
         t0 = time.perf_counter()
         shard = self.shard
         inner = shard.model.model
-        # decode steps first, then the chunks: the order batched_layer expects
-        order = sorted(range(len(inputs)), key=lambda i: inputs[i].shape[1] != 1)
+        rows = [i for i, h in enumerate(inputs) if h.shape[1] == 1]
+        chunks = [i for i, h in enumerate(inputs) if h.shape[1] != 1]
+        for i in chunks:
+            self._ungroup_one(ids[i])
+        group = self._regroup([ids[i] for i in rows], [states[i] for i in rows])
+        if group is not None:
+            where = {r: k for k, r in enumerate(group.ids)}
+            rows.sort(key=lambda i: where[ids[i]])  # the group's row order
+        order = rows + chunks
         sizes = [inputs[i].shape[1] for i in order]
-        n_decode = sizes.count(1)
         ends = list(itertools.accumulate(sizes))
         x = mx.concatenate([inputs[i] for i in order], axis=1)
+        # one mask for every layer: the rows' caches hold the same positions in each
+        mask = group.caches[0].make_mask(1) if group is not None else None
         for index, layer in enumerate(inner.layers):
-            caches = [states[i].caches[index] for i in order]
-            x = batched_layer(layer, x, caches[:n_decode],
-                              list(zip(caches[n_decode:], sizes[n_decode:])))
+            x = batched_layer(layer, x, group.caches[index] if group else None, mask,
+                              [(states[i].caches[index], inputs[i].shape[1]) for i in chunks])
             mx.async_eval(x)
         if shard.is_last:
             wanted = [(i, end - 1) for i, end in zip(order, ends) if samples[i] is not None]
@@ -414,13 +450,61 @@ class Engine:
                 inner.norm(x[0, mx.array([row for _, row in wanted])]),
                 [states[i] for i, _ in wanted], [samples[i] for i, _ in wanted]))) \
                 if wanted else {}
-            mx.eval([c.state for st in states for c in st.caches])
+            mx.eval([c.state for c in group.caches] if group else [],
+                    [c.state for i in chunks for c in states[i].caches])
             compute = time.perf_counter() - t0
             return [StepResult(None, drawn.get(i), compute) for i in range(len(inputs))]
         mx.eval(x)
         compute = time.perf_counter() - t0
         wires = dict(zip(order, encode_runs(x, list(zip([0, *ends], ends)))))
         return [StepResult(wires[i], None, compute) for i in range(len(inputs))]
+
+    def _regroup(self, ids: list[str], states: list[RequestState]) -> _Group | None:
+        """The group made of exactly these decode rows: rows not among them get their own
+        caches back, new ones join (mlx-lm's BatchKVCache.merge / extend / filter)."""
+        from mlx_lm.models.cache import BatchKVCache
+
+        self._ungroup(keep=set(ids))
+        group = self._group
+        held = set(group.ids) if group else set()
+        new = [(r, st) for r, st in zip(ids, states) if r not in held]
+        if new:
+            merged = [BatchKVCache.merge([st.caches[layer] for _, st in new])
+                      for layer in range(len(self.shard.model.model.layers))]
+            if group is None:
+                group = self._group = _Group([], merged)
+            else:
+                for cache, more in zip(group.caches, merged):
+                    cache.extend(more)
+            group.ids += [r for r, _ in new]
+            for _, st in new:
+                st.caches = []  # the group holds them now
+        return group
+
+    def _ungroup(self, keep: set[str]) -> None:
+        """Rows not in `keep` leave the group; those of requests still held get their own
+        caches back (copied out of the group's)."""
+        group = self._group
+        if group is None:
+            return
+        stay = [k for k, r in enumerate(group.ids) if r in keep]
+        if len(stay) == len(group.ids):
+            return
+        for k, r in enumerate(group.ids):
+            state = self._requests.get(r)
+            if r not in keep and state is not None:
+                state.caches = [cache.extract(k) for cache in group.caches]
+        if not stay:
+            self._group = None
+            return
+        for cache in group.caches:
+            cache.filter(stay)
+        group.ids = [group.ids[k] for k in stay]
+
+    def _ungroup_one(self, request_id: str) -> None:
+        group = self._group
+        if group is not None and request_id in group.ids:
+            self._ungroup(keep=set(group.ids) - {request_id})
 
     def _sample_rows(self, h: Any, states: list[RequestState],
                      samples: list[Sampling]) -> list[int]:
@@ -497,14 +581,15 @@ def last_logprobs(model: Any, h: Any) -> Any:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # per row (batches)
 
 
-def batched_layer(layer: Any, x: Any, decode: list, chunks: list[tuple[Any, int]]) -> Any:
+def batched_layer(layer: Any, x: Any, rows: Any, mask: Any,
+                  chunks: list[tuple[Any, int]]) -> Any:
     """mlx-lm's llama TransformerBlock for several requests' positions side by side in
-    x [1, total, hidden]: first one position for each cache in `decode`, then a run of
-    positions for each (cache, length) in `chunks`. The norms, projections and MLP run
-    once for all positions (the weights are read once). RoPE runs at each request's own
-    offset and each request's KV cache takes its own positions; the decode rows share one
-    masked attention over their caches side by side, and each chunk attends alone,
-    causally, as `Attention.__call__` does for one request."""
+    x [1, total, hidden]: first one position for each row of the BatchKVCache `rows` (the
+    decode steps; None for none), then a run of positions for each (cache, length) in
+    `chunks`. The norms, projections and MLP run once for all positions (the weights are
+    read once). The decode rows attend as one batch, as `Attention.__call__` does with
+    mlx-lm's batched generation (each row at its own RoPE offset, padding masked by
+    `mask`); each chunk attends alone, causally, over its own cache."""
     import mlx.core as mx
     from mlx_lm.models.base import create_attention_mask
 
@@ -512,57 +597,30 @@ def batched_layer(layer: Any, x: Any, decode: list, chunks: list[tuple[Any, int]
     r = layer.input_layernorm(x)
     queries, keys, values = attn.q_proj(r), attn.k_proj(r), attn.v_proj(r)
 
-    def heads(t: Any, start: int, length: int, n: int, rows: bool) -> Any:
-        """Positions start..start+length of a projection as attention input: as B rows
-        [length, n, 1, dim] (decode steps) or one run [1, n, length, dim] (a chunk)."""
+    def heads(t: Any, start: int, length: int, n: int, batch: bool) -> Any:
+        """Positions start..start+length of a projection as attention input: as a batch
+        of rows [length, n, 1, dim] (decode steps) or one run [1, n, length, dim]."""
         t = t[:, start:start + length]
-        if rows:
+        if batch:
             return t.reshape(length, 1, n, -1).transpose(0, 2, 1, 3)
         return t.reshape(1, length, n, -1).transpose(0, 2, 1, 3)
 
     outputs = []
-    b = len(decode)
-    if b:
-        q = heads(queries, 0, b, attn.n_heads, True)
-        k = heads(keys, 0, b, attn.n_kv_heads, True)
-        v = heads(values, 0, b, attn.n_kv_heads, True)
-        # RoPE for every row at once, each at its own offset (as mlx-lm's BatchKVCache does)
-        offsets = mx.array([cache.offset for cache in decode])
-        q, k = attn.rope(q, offset=offsets), attn.rope(k, offset=offsets)
-        for i, cache in enumerate(decode):  # each request's cache takes its own row
-            cache.update_and_fetch(k[i:i + 1], v[i:i + 1])
-        # one attention for all rows over their caches side by side, the positions a
-        # request does not have masked out (cache buffers grow in steps, so most need no
-        # padding)
-        lengths = [cache.offset for cache in decode]
-        span = max(lengths)
-        cached_k = mx.concatenate([_span(cache.keys, span) for cache in decode], axis=0)
-        cached_v = mx.concatenate([_span(cache.values, span) for cache in decode], axis=0)
-        mask = mx.arange(span)[None, None, None, :] < mx.array(lengths)[:, None, None, None]
-        out = mx.fast.scaled_dot_product_attention(q, cached_k, cached_v, scale=attn.scale,
-                                                   mask=mask)
-        outputs.append(out.transpose(0, 2, 1, 3).reshape(1, b, -1))
-    start = b
-    for cache, length in chunks:
-        q = heads(queries, start, length, attn.n_heads, False)
-        k = heads(keys, start, length, attn.n_kv_heads, False)
-        v = heads(values, start, length, attn.n_kv_heads, False)
-        mask = create_attention_mask(x[:, start:start + length], cache)
+    start = 0
+    for cache, length in ([(rows, rows.offset.shape[0])] if rows is not None else []) + chunks:
+        batch = cache is rows
+        q = heads(queries, start, length, attn.n_heads, batch)
+        k = heads(keys, start, length, attn.n_kv_heads, batch)
+        v = heads(values, start, length, attn.n_kv_heads, batch)
+        chunk_mask = mask if batch else create_attention_mask(x[:, start:start + length], cache)
         q, k = attn.rope(q, offset=cache.offset), attn.rope(k, offset=cache.offset)
         k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
-        outputs.append(out.transpose(0, 2, 1, 3).reshape(1, length, -1))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=chunk_mask)
+        if batch:  # [rows, heads, 1, dim] -> [1, rows, heads*dim]
+            outputs.append(out.transpose(2, 0, 1, 3).reshape(1, length, -1))
+        else:
+            outputs.append(out.transpose(0, 2, 1, 3).reshape(1, length, -1))
         start += length
     out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
     h = x + attn.o_proj(out)
     return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-def _span(buffer: Any, span: int) -> Any:
-    """The first `span` positions of a cache buffer [1, heads, capacity, dim], zero-padded
-    when its capacity is shorter (those positions are masked)."""
-    import mlx.core as mx
-
-    if buffer.shape[2] >= span:
-        return buffer[:, :, :span, :]
-    return mx.pad(buffer, [(0, 0), (0, 0), (0, span - buffer.shape[2]), (0, 0)])

@@ -102,9 +102,9 @@ def test_byte_tokenizer_streams_utf8():
 @pytest.mark.parametrize("start,end", [(0, 7), (0, 3), (4, 7)])
 def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(start, end):
     """Continuous batching: prefill chunks and decode steps of requests at different
-    positions run in one forward, each with its own cache, and get what they get alone
-    (tokens, or hidden states within float rounding of a batched matmul). A request that
-    joins mid-way prefills beside the others' decode steps."""
+    positions run in one forward and get what they get alone (tokens, or hidden states
+    within float rounding of a batched matmul). Requests join (a late prefill beside the
+    others' decode steps), step alone and rejoin, and leave (freed) between forwards."""
     source = resolve("synthetic:tiny")
     shard = load_shard(source, start, end)
     prompts = [[256, *b"a"], [256, *b"longer prompt"], [256, *b"mid one"], [256],
@@ -131,22 +131,34 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(s
     def value(result):
         return result.token if shard.is_last else np.frombuffer(result.hidden[0], np.float32)
 
+    # (request, step) pairs of each round, -1 for the prefill: the late request prefills
+    # in the middle of round 3 (forwards take the queue in order) and decodes after that;
+    # r1 is freed after round 4; in round 5 r0 steps alone before the others
+    rounds = [[(i, -1) for i in range(late)]]
+    for n in range(7):
+        rounds.append([(i, n) for i in range(late) if i != 1 or n < 4])
+        if n >= 2:
+            rounds[-1].insert(2, (late, n - 3))
+
     async def run(batched: bool) -> dict[tuple[int, int], object]:
-        engine = Engine(shard, ThreadPoolExecutor(1), on_forward=sizes.append)
+        executor = ThreadPoolExecutor(1)
+        engine = Engine(shard, executor, on_forward=sizes.append)
         out: dict[tuple[int, int], object] = {}
-        # (request, step) pairs of each round: prefills, then decode steps; the late
-        # request prefills in round 3 and decodes after that
-        rounds = [[(i, -1) for i in range(late)]]
-        for n in range(6):
-            rounds.append([(i, n) for i in range(late)])
-            if n >= 2:  # in the middle: forwards take the queue in order
-                rounds[-1].insert(2, (late, n - 3))
-        for steps in rounds:
+        for n, steps in enumerate(rounds):
             before = len(sizes)
-            calls = [prefill(engine, i) if n < 0 else decode(engine, i, n) for i, n in steps]
+            if n == 5:  # r0 alone, then the rest
+                out[steps[0]] = value(await decode(engine, *steps[0]))
+                steps = steps[1:]
+            calls = [prefill(engine, i) if k < 0 else decode(engine, i, k) for i, k in steps]
             results = (await asyncio.gather(*calls) if batched else [await c for c in calls])
             out.update({key: value(r) for key, r in zip(steps, results)})
             forwards.append(sizes[before:])
+            if n == 4:
+                assert engine.free("r1")
+        for i in range(len(prompts)):
+            engine.free(f"r{i}")
+        await asyncio.get_running_loop().run_in_executor(executor, lambda: None)
+        assert engine._group is None  # the freed rows left the group: caches released
         return out
 
     forwards: list[list[int]] = []  # the forward sizes of each round
