@@ -51,10 +51,21 @@ MIN_TOKEN_TIMEOUT_S = 2.0
 MIN_FIRST_TOKEN_TIMEOUT_S = 10.0  # as mlx_lm.generate_step's prefill_step_size
 DEFAULT_MAX_TOKENS = 128
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+MAX_FRAMES_PER_MESSAGE = 64
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # bigger frames (long prefill chunks) go one by one
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def _message(frames: list[pb.ForwardFrame]) -> pb.ForwardFrame:
+    return frames[0] if len(frames) == 1 else pb.ForwardFrame(batch=frames)
+
+
+def unbatch(message: pb.ForwardFrame) -> list[pb.ForwardFrame]:
+    """The frames a Forward message carries (itself, or its batch)."""
+    return list(message.batch) if len(message.batch) else [message]
 
 
 class PeerLink:
@@ -96,8 +107,25 @@ class PeerLink:
         queue: asyncio.Queue[pb.ForwardFrame | None] = asyncio.Queue()
 
         async def frames() -> AsyncIterator[pb.ForwardFrame]:
-            while (frame := await queue.get()) is not None:
-                yield frame
+            # what has queued up meanwhile (the frames of one batched forward) goes as one
+            # message: one write and one read instead of one per request
+            held: pb.ForwardFrame | None = None  # taken, but too big to join the batch
+            while True:
+                frame = held if held is not None else await queue.get()
+                if frame is None:
+                    return
+                batch, size, held = [frame], frame.ByteSize(), None
+                while not queue.empty() and len(batch) < MAX_FRAMES_PER_MESSAGE:
+                    more = queue.get_nowait()
+                    if more is None:  # closing
+                        yield _message(batch)
+                        return
+                    size += more.ByteSize()
+                    if size > MAX_BATCH_BYTES:
+                        held = more
+                        break
+                    batch.append(more)
+                yield _message(batch)
 
         stub = pb_grpc.NodeServiceStub(self._channel)
         call = stub.Forward(frames(), metadata=self._metadata)

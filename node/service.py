@@ -36,7 +36,7 @@ from node.errors import (
 from node.faults import FaultBook, exit_now
 from node.metrics import NodeMetrics
 from node.models import Shard, check_range, load_shard, prompt_tokenizer, resolve, shape_of
-from node.pipeline import CHANNEL_OPTIONS, Pipeline
+from node.pipeline import CHANNEL_OPTIONS, Pipeline, unbatch
 from node.plan import tensor_split_problem
 from node.ring import RingGroup, free_port
 from protos import cluster_pb2 as pb
@@ -387,10 +387,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
         async def read() -> None:
             try:
-                async for frame in request_iterator:
-                    task = loop.create_task(after(chains.get(frame.request_id), frame))
-                    chains[frame.request_id] = task
-                    task.add_done_callback(lambda t, r=frame.request_id: forget(r, t))
+                async for message in request_iterator:
+                    self.metrics.inc("forward_messages")
+                    for frame in unbatch(message):
+                        task = loop.create_task(after(chains.get(frame.request_id), frame))
+                        chains[frame.request_id] = task
+                        task.add_done_callback(lambda t, r=frame.request_id: forget(r, t))
                 if chains:  # the upstream closed the stream: let its frames finish
                     await asyncio.wait(list(chains.values()))
             except asyncio.CancelledError:

@@ -44,12 +44,14 @@ def gateway(cluster3, tmp_path: Path):
     proc.wait(10)
 
 
-async def forward_counters(address: str) -> tuple[int, int]:
-    """(forwards run, requests served by them) on one node."""
+async def forward_counters(address: str) -> tuple[int, ...]:
+    """(forwards run, requests served by them, frames in, messages they came in) on one
+    node."""
     node = NodeClient(address)
     try:
         snap = await node.stub.WatchMetrics(pb.WatchRequest(hz=50)).read()
-        return snap.counters["forward_steps"], snap.counters["forward_rows"]
+        return tuple(snap.counters[name] for name in (
+            "forward_steps", "forward_rows", "frames_in", "forward_messages"))
     finally:
         await node.close()
 
@@ -77,8 +79,10 @@ async def test_openai_client_gets_the_text_mlx_cluster_generate_gets(cluster3, g
     together = await asyncio.gather(*(client.chat.completions.create(
         model="smollm2-135m", messages=messages, max_tokens=24) for _ in range(4)))
     assert [r.choices[0].message.content for r in together] == [want] * 4
-    steps, rows = (a - b for a, b in zip(await forward_counters(addrs[1]), before))
+    steps, rows, frames, sent = (
+        a - b for a, b in zip(await forward_counters(addrs[1]), before))
     assert rows > steps  # the middle node ran forwards for several requests at once
+    assert frames > sent  # and the frames of a forward travelled as one message
     stream = await client.chat.completions.create(model="smollm2-135m", messages=messages,
                                                   max_tokens=24, stream=True)
     chunks = [c async for c in stream]
