@@ -158,12 +158,17 @@ class Engine:
 
     def __init__(self, shard: Shard, executor: ThreadPoolExecutor,
                  on_forward: Callable[[int], None] | None = None,
-                 max_batch: int = 64, gather_s: float = 0.0) -> None:
+                 max_batch: int = 64, gather_s: float = 0.0, admit_s: float = 0.0) -> None:
         self.shard = shard
         # in a multi-node plan a shard waits up to this long for the decode steps of every
         # request it holds, so that requests travel the ring together in one batch (without
         # it they settle into several small waves that never meet)
         self.gather_s = gather_s
+        # and the first shard, when no request is decoding, lets a burst of new requests
+        # arrive for this long, so that they prefill as one forward and then decode as one
+        # wave (started one by one, each shard would run them in several small forwards,
+        # all at once on a machine's cores)
+        self.admit_s = admit_s
         self._executor = executor
         self._requests: dict[str, RequestState] = {}
         self._queue: list[_Job] = []
@@ -202,7 +207,7 @@ class Engine:
         while True:
             jobs, self._queue = self._queue, []  # list swap: atomic under the GIL
             jobs = carry + jobs
-            if jobs and self.gather_s:
+            if jobs and (self.gather_s or self.admit_s):
                 jobs += self._gather(jobs)
             if not jobs:
                 self._draining = False
@@ -236,22 +241,30 @@ class Engine:
         return batch, rest
 
     def _gather(self, jobs: list[_Job]) -> list[_Job]:
-        """Wait (bounded) for the decode steps of the other requests in their decode phase."""
+        """Wait (bounded) for the steps of the other requests in their decode phase, so that
+        they and whatever is queued (a new request's prefill too) share one forward; or,
+        when none is decoding, for more new requests (admit_s)."""
         # requests whose last step was a decode step, recently: one that is prefilling, or
         # whose client stopped reading, or that was abandoned, is not waited for
         now = time.monotonic()
         decoding = {r for r, st in list(self._requests.items())
                     if st.decoding and now - st.last_used < GATHER_RECENT_S}
-        waiting = {j.request_id for j in jobs if j.decode}
-        if not waiting or decoding <= waiting:
+        waiting = {j.request_id for j in jobs}
+        if decoding:
+            if decoding <= waiting or not self.gather_s:
+                return []
+            deadline = now + self.gather_s
+        elif self.admit_s and not any(j.decode for j in jobs):
+            deadline = now + self.admit_s
+            decoding = {""}  # no early end: take what arrives until the deadline
+        else:
             return []
-        deadline = time.monotonic() + self.gather_s
         more: list[_Job] = []
         while time.monotonic() < deadline:
             time.sleep(0.0005)
             new, self._queue = self._queue, []
             more += new
-            waiting |= {j.request_id for j in new if j.decode}
+            waiting |= {j.request_id for j in new}
             if decoding <= waiting:
                 break
         return more

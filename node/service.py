@@ -51,6 +51,7 @@ FAILOVER_WAIT_S = 60.0  # how long a request waits for the survivors to reload
 # together); the others only let the burst its upstream sent arrive
 GATHER_FIRST_S = 0.25
 GATHER_NEXT_S = 0.02
+ADMIT_S = 0.015  # the first shard: how long a burst of new requests has to arrive
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -273,10 +274,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 self.shard = await loop.run_in_executor(self.executor, load_shard, source,
                                                         ours.start_layer, ours.end_layer)
             assert self.shard is not None
-            gather = 0.0 if len(plan.shards) == 1 else (
-                GATHER_FIRST_S if ours.start_layer == 0 else GATHER_NEXT_S)
+            first, alone = ours.start_layer == 0, len(plan.shards) == 1
             engine = Engine(self.shard, self.executor, on_forward=self._count_forward,
-                            gather_s=gather)
+                            gather_s=0.0 if alone else GATHER_FIRST_S if first else
+                            GATHER_NEXT_S, admit_s=ADMIT_S if first and not alone else 0.0)
             self.runner = Pipeline(self.node_id, plan, engine,
                                    self.metrics, self.request_timeout_s,
                                    token_metadata(self.token), self.faults, self.peer_ca)
