@@ -614,8 +614,9 @@ def batched_layer(layer: Any, x: Any, rows: Any, mask: Any,
         """Positions start..start+length of a projection as attention input: as a batch
         of rows [length, n, 1, dim] (decode steps) or one run [1, n, length, dim]."""
         t = t[:, start:start + length]
-        if batch:
-            return t.reshape(length, 1, n, -1).transpose(0, 2, 1, 3)
+        if batch:  # one position per row: [rows, n, 1, dim] is this very memory order, and
+            # kept contiguous, RoPE and the cache write take their fast paths
+            return t.reshape(length, n, 1, -1)
         return t.reshape(1, length, n, -1).transpose(0, 2, 1, 3)
 
     outputs = []
@@ -629,8 +630,8 @@ def batched_layer(layer: Any, x: Any, rows: Any, mask: Any,
         q, k = attn.rope(q, offset=cache.offset), attn.rope(k, offset=cache.offset)
         k, v = cache.update_and_fetch(k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=chunk_mask)
-        if batch:  # [rows, heads, 1, dim] -> [1, rows, heads*dim]
-            outputs.append(out.transpose(2, 0, 1, 3).reshape(1, length, -1))
+        if batch:  # [rows, heads, 1, dim] -> [1, rows, heads*dim]: the same memory order
+            outputs.append(out.reshape(1, length, -1))
         else:
             outputs.append(out.transpose(0, 2, 1, 3).reshape(1, length, -1))
         start += length
