@@ -40,7 +40,6 @@ class RequestState:
     length: int = 0  # positions its cache holds
     last_used: float = field(default_factory=time.monotonic)
     sampler: Callable | None = None
-    decoding: bool = False  # its last step was one position (a decode step)
 
 
 @dataclass
@@ -52,7 +51,7 @@ class _Group:
     caches: list
 
 
-GATHER_RECENT_S = 1.0  # a decoding request counts for batching if it stepped this recently
+GATHER_RECENT_S = 1.0  # a request is waited for by a forward if it stepped this recently
 PACK_TOKENS = 2048  # prefill positions packed into one forward beside the decode steps
 
 
@@ -131,40 +130,54 @@ class _Job:
 
     @property
     def decode(self) -> bool:
-        """One position: a decode step (a request in this phase is waited for when a
-        forward gathers its rows)."""
+        """One position: a decode step (a row of the group's batched attention)."""
         return self.size == 1
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
-        def done() -> None:
-            if self.future.done():
-                return  # the request went away meanwhile
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
+        settle_together([(self, result)] if error is None else [(self, error)])
 
-        self.loop.call_soon_threadsafe(done)
+    def _deliver(self, outcome: Any) -> None:
+        """On the event loop: the step's result, or its error."""
+        if self.future.done():
+            return  # the request went away meanwhile
+        if isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+def settle_together(outcomes: list[tuple[_Job, Any]]) -> None:
+    """From the MLX thread: deliver the steps of one forward (results or errors) in one
+    event-loop callback, so that their requests carry on together (their frames leave as
+    one message) rather than the first one running before the others are settled."""
+    if not outcomes:
+        return
+
+    def deliver() -> None:
+        for job, outcome in outcomes:
+            job._deliver(outcome)
+
+    outcomes[0][0].loop.call_soon_threadsafe(deliver)
 
 
 class Engine:
     """Holds a Shard and the per-request KV caches; every MLX call runs on one thread.
 
     Continuous batching: steps wait in a queue; each time the MLX thread is free it takes
-    everything queued and runs the decode steps (one position each) of different requests
-    as one forward, so the weights are read once for all of them. A request joins or
-    leaves between two forwards and never waits for the others; prefill chunks run alone.
+    what is queued and runs the steps of different requests (decode steps and prefill
+    chunks) as one forward, so the weights are read once for all of them. A request joins
+    or leaves between two forwards.
     """
 
     def __init__(self, shard: Shard, executor: ThreadPoolExecutor,
                  on_forward: Callable[[int], None] | None = None,
                  max_batch: int = 64, gather_s: float = 0.0, admit_s: float = 0.0) -> None:
         self.shard = shard
-        # in a multi-node plan a shard waits up to this long for the decode steps of every
-        # request it holds, so that requests travel the ring together in one batch (without
-        # it they settle into several small waves that never meet)
+        # in a multi-node plan a shard waits up to this long for the next steps of every
+        # request under way, so that requests travel the ring together in one batch
+        # (without it they settle into several small waves that never meet)
         self.gather_s = gather_s
-        # and the first shard, when no request is decoding, lets a burst of new requests
+        # and the first shard, when no request is under way, lets a burst of new requests
         # arrive for this long, so that they prefill as one forward and then decode as one
         # wave (started one by one, each shard would run them in several small forwards,
         # all at once on a machine's cores)
@@ -187,7 +200,10 @@ class Engine:
         self._queue.append(job)
         if not self._draining:
             self._draining = True
-            loop.run_in_executor(self._executor, self._drain)
+            # started after the callbacks already due: the other steps that arrived with
+            # this one (frames of one message, requests settled by one forward) are queued
+            # by then and share its forward
+            loop.call_soon(loop.run_in_executor, self._executor, self._drain)
         return await job.future
 
     def _drain(self) -> None:
@@ -241,22 +257,23 @@ class Engine:
         return batch, rest
 
     def _gather(self, jobs: list[_Job]) -> list[_Job]:
-        """Wait (bounded) for the steps of the other requests in their decode phase, so that
-        they and whatever is queued (a new request's prefill too) share one forward; or,
-        when none is decoding, for more new requests (admit_s)."""
-        # requests whose last step was a decode step, recently: one that is prefilling, or
-        # whose client stopped reading, or that was abandoned, is not waited for
+        """Wait (bounded) for the next steps of the other requests under way here, so that
+        they share one forward with whatever is queued (a new request's prefill too); or,
+        when none is under way, for more new requests (admit_s)."""
+        # requests that stepped here recently: their next step is on its way round the ring
+        # (a decode step) or right behind (the first decode step after a prefill, the next
+        # chunk of a long prompt); one whose client went away is not waited for long
         now = time.monotonic()
-        decoding = {r for r, st in list(self._requests.items())
-                    if st.decoding and now - st.last_used < GATHER_RECENT_S}
+        expected = {r for r, st in list(self._requests.items())
+                    if now - st.last_used < GATHER_RECENT_S}
         waiting = {j.request_id for j in jobs}
-        if decoding:
-            if decoding <= waiting or not self.gather_s:
+        if expected:
+            if expected <= waiting or not self.gather_s:
                 return []
             deadline = now + self.gather_s
         elif self.admit_s and not any(j.decode for j in jobs):
             deadline = now + self.admit_s
-            decoding = {""}  # no early end: take what arrives until the deadline
+            expected = {""}  # no early end: take what arrives until the deadline
         else:
             return []
         more: list[_Job] = []
@@ -265,7 +282,7 @@ class Engine:
             new, self._queue = self._queue, []
             more += new
             waiting |= {j.request_id for j in new}
-            if decoding <= waiting:
+            if expected <= waiting:
                 break
         return more
 
@@ -278,7 +295,6 @@ class Engine:
             return
         state = self._requests.get(job.request_id)
         if state is not None:
-            state.decoding = job.decode
             state.length = job.position + job.size
         self._count(job, 1)
         job.settle(result)
@@ -305,14 +321,12 @@ class Engine:
                                        [h for _, h, _ in ready], [st for _, _, st in ready],
                                        [job.sample for job, _, _ in ready])
         except Exception as e:  # a failed forward fails every request in it
-            for job, _, _ in ready:
-                job.settle(error=e)
+            settle_together([(job, e) for job, _, _ in ready])
             return
         self._count(ready[0][0], len(ready))
-        for (job, _, state), result in zip(ready, results):
-            state.decoding = job.decode
+        for (job, _, state) in ready:
             state.length = job.position + job.size
-            job.settle(result)
+        settle_together([(job, result) for (job, _, _), result in zip(ready, results)])
 
     def _count(self, job: _Job, size: int) -> None:
         if self._on_forward is not None:

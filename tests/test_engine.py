@@ -132,7 +132,7 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(s
         return result.token if shard.is_last else np.frombuffer(result.hidden[0], np.float32)
 
     # (request, step) pairs of each round, -1 for the prefill: the late request prefills
-    # in the middle of round 3 (forwards take the queue in order) and decodes after that;
+    # in round 3 and decodes after that;
     # r1 is freed after round 4; in round 5 r0 steps alone before the others
     rounds = [[(i, -1) for i in range(late)]]
     for n in range(7):
@@ -166,10 +166,10 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(s
     assert set(sizes) == {1}
     forwards.clear()
     together = asyncio.run(run(batched=True))
-    # (the first step of a round may start its forward before the others are queued)
-    assert max(forwards[0]) >= late - 1  # the prefills shared a forward
-    # the late prefill (in the middle) shared a forward with decode steps
-    assert max(forwards[3]) >= len(prompts) - 1
+    # steps queued together run as one forward: the prefills, then the late prefill with
+    # the decode steps of the others
+    assert forwards[0] == [late]
+    assert forwards[3] == [len(prompts)]
     assert alone.keys() == together.keys()
     for key, a in alone.items():
         if shard.is_last:
