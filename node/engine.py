@@ -39,7 +39,7 @@ class RequestState:
     caches: list  # its own KV cache per layer (stale while it decodes in the _Group)
     length: int = 0  # positions its cache holds
     last_used: float = field(default_factory=time.monotonic)
-    sampler: Callable | None = None
+    key: Any = None  # its own random key (sampled requests), split at every token
 
 
 @dataclass
@@ -536,7 +536,7 @@ class Engine:
     def _sample_rows(self, h: Any, states: list[RequestState],
                      samples: list[Sampling]) -> list[int]:
         """One token for each row of normed hidden states [n, hidden], each with its
-        request's sampler, evaluated together (one sync, not n). Greedy rows take the
+        request's sampling, evaluated together (one sync, not n). Greedy rows take the
         argmax of the logits, which the log-softmax would not move."""
         import mlx.core as mx
 
@@ -544,25 +544,33 @@ class Engine:
         if all(sm.temperature == 0 for sm in samples):
             return mx.argmax(logits, axis=-1).tolist()
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # per row
-        drawn = [self._sampler(st, sm)(logprobs[i:i + 1])
+        drawn = [draw(st, sm, logprobs[i:i + 1])
                  for i, (st, sm) in enumerate(zip(states, samples))]
         mx.eval(drawn)
         return [int(d.item()) for d in drawn]
 
     def _sample(self, state: RequestState, h: Any, sample: Sampling) -> int:
-        return int(self._sampler(state, sample)(last_logprobs(self.shard.model, h)).item())
+        return int(draw(state, sample, last_logprobs(self.shard.model, h)).item())
 
-    @staticmethod
-    def _sampler(state: RequestState, sample: Sampling) -> Callable:
-        """The request's mlx-lm sampler, made (and seeded) on its first token."""
-        import mlx.core as mx
-        from mlx_lm.sample_utils import make_sampler
 
-        if state.sampler is None:
-            if sample.seed >= 0:
-                mx.random.seed(sample.seed)
-            state.sampler = make_sampler(temp=sample.temperature, top_p=sample.top_p)
-        return state.sampler
+def draw(state: RequestState, sample: Sampling, logprobs: Any) -> Any:
+    """One token from log-probabilities [1, vocab] as mlx-lm's make_sampler(temp, top_p)
+    draws it (its top-p filter, then a categorical draw at the temperature), but from the
+    request's own random key: make_sampler draws from MLX's global key, which every
+    request in a batch would advance, so a seeded request would not repeat."""
+    import random
+
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p
+
+    if sample.temperature == 0:
+        return mx.argmax(logprobs, axis=-1)
+    if state.key is None:  # its first token
+        state.key = mx.random.key(sample.seed if sample.seed >= 0 else random.getrandbits(63))
+    if 0 < sample.top_p < 1:
+        logprobs = apply_top_p(logprobs, sample.top_p)
+    state.key, key = mx.random.split(state.key)
+    return mx.random.categorical(logprobs * (1 / sample.temperature), key=key)
 
 
 def batchable(shard: Shard) -> bool:

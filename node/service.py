@@ -52,6 +52,7 @@ FAILOVER_WAIT_S = 60.0  # how long a request waits for the survivors to reload
 GATHER_FIRST_S = 0.25
 GATHER_NEXT_S = 0.02
 ADMIT_S = 0.015  # the first shard: how long a burst of new requests has to arrive
+MAX_FRAMES_IN_HAND = 1024  # per Forward stream
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -376,11 +377,17 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         broken: list[str] = []
         chains: dict[str, asyncio.Task] = {}  # request id -> its newest frame's task
         loop = asyncio.get_running_loop()
+        # backpressure: past this many frames in hand the stream is not read, so gRPC's
+        # flow control holds the sender back instead of this node piling up tasks
+        room = asyncio.Semaphore(MAX_FRAMES_IN_HAND)
 
         async def after(previous: asyncio.Task | None, frame: pb.ForwardFrame) -> None:
-            if previous is not None:
-                await asyncio.wait([previous])  # its outcome was reported by itself
-            await self._frame(frame, replies)
+            try:
+                if previous is not None:
+                    await asyncio.wait([previous])  # its outcome was reported by itself
+                await self._frame(frame, replies)
+            finally:
+                room.release()
 
         def forget(request_id: str, task: asyncio.Task) -> None:
             if chains.get(request_id) is task:
@@ -391,6 +398,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 async for message in request_iterator:
                     self.metrics.inc("forward_messages")
                     for frame in unbatch(message):
+                        await room.acquire()
                         task = loop.create_task(after(chains.get(frame.request_id), frame))
                         chains[frame.request_id] = task
                         task.add_done_callback(lambda t, r=frame.request_id: forget(r, t))
