@@ -226,6 +226,7 @@ class Engine:
             if jobs and (self.gather_s or self.admit_s):
                 jobs += self._gather(jobs)
             if not jobs:
+                self._prune()  # rows of requests freed meanwhile
                 self._draining = False
                 if not self._queue:  # nothing slipped in between the check and the flag
                     return
@@ -457,7 +458,9 @@ class Engine:
         chunks = [i for i, h in enumerate(inputs) if h.shape[1] != 1]
         for i in chunks:
             self._ungroup_one(ids[i])
-        group = self._regroup([ids[i] for i in rows], [states[i] for i in rows])
+        # (a forward of chunks alone leaves the group as it is, for the next decode steps)
+        group = self._regroup([ids[i] for i in rows], [states[i] for i in rows]) if rows \
+            else None
         if group is not None:
             where = {r: k for k, r in enumerate(group.ids)}
             rows.sort(key=lambda i: where[ids[i]])  # the group's row order
@@ -472,11 +475,14 @@ class Engine:
                               [(states[i].caches[index], inputs[i].shape[1]) for i in chunks])
             mx.async_eval(x)
         if shard.is_last:
+            # sample at each sampled step's last position
             wanted = [(i, end - 1) for i, end in zip(order, ends) if samples[i] is not None]
-            drawn = dict(zip([i for i, _ in wanted], self._sample_rows(
-                inner.norm(x[0, mx.array([row for _, row in wanted])]),
-                [states[i] for i, _ in wanted], [samples[i] for i, _ in wanted]))) \
-                if wanted else {}
+            drawn: dict[int, int] = {}
+            if wanted:
+                last = inner.norm(x[0, mx.array([position for _, position in wanted])])
+                tokens = self._sample_rows(last, [states[i] for i, _ in wanted],
+                                           [samples[i] for i, _ in wanted])
+                drawn = dict(zip([i for i, _ in wanted], tokens))
             mx.eval([c.state for c in group.caches] if group else [],
                     [c.state for i in chunks for c in states[i].caches])
             compute = time.perf_counter() - t0
@@ -636,8 +642,7 @@ def batched_layer(layer: Any, x: Any, rows: Any, mask: Any,
         """Positions start..start+length of a projection as attention input: as a batch
         of rows [length, n, 1, dim] (decode steps) or one run [1, n, length, dim]."""
         t = t[:, start:start + length]
-        if batch:  # one position per row: [rows, n, 1, dim] is this very memory order, and
-            # kept contiguous, RoPE and the cache write take their fast paths
+        if batch:  # one position per row: [rows, n, 1, dim] is already this memory order
             return t.reshape(length, n, 1, -1)
         return t.reshape(1, length, n, -1).transpose(0, 2, 1, 3)
 

@@ -149,6 +149,12 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(s
             if n == 5:  # r0 alone, then the rest
                 out[steps[0]] = value(await decode(engine, *steps[0]))
                 steps = steps[1:]
+            if n == 6 and batched:  # a forward of prefills alone leaves the group as it is
+                held = list(engine._group.ids)
+                chunk = ({"tokens": [256, 7, 8, 9]} if shard.is_first else
+                         {"hidden": encode_tensor(mx.ones((1, 4, shard.hidden_size)))})
+                await asyncio.gather(*(engine.step(f"other{j}", 0, **chunk) for j in range(2)))
+                assert sizes[-1] == 2 and engine._group.ids == held
             calls = [prefill(engine, i) if k < 0 else decode(engine, i, k) for i, k in steps]
             results = (await asyncio.gather(*calls) if batched else [await c for c in calls])
             out.update({key: value(r) for key, r in zip(steps, results)})
