@@ -53,6 +53,7 @@ class _Group:
 
 GATHER_RECENT_S = 1.0  # a request is waited for by a forward if it stepped this recently
 PACK_TOKENS = 2048  # prefill positions packed into one forward beside the decode steps
+ADMIT_ROUNDS = 5  # a burst of new requests is admitted for at most this many admit_s
 
 
 Wire = tuple[bytes, list[int], str]  # raw tensor bytes, shape, dtype name
@@ -178,9 +179,9 @@ class Engine:
         # (without it they settle into several small waves that never meet)
         self.gather_s = gather_s
         # and the first shard, when no request is under way, lets a burst of new requests
-        # arrive for this long, so that they prefill as one forward and then decode as one
-        # wave (started one by one, each shard would run them in several small forwards,
-        # all at once on a machine's cores)
+        # arrive until none came for this long, so that they prefill as one forward and
+        # then decode as one wave (started one by one, each shard would run them in several
+        # small forwards, all at once on a machine's cores)
         self.admit_s = admit_s
         self._executor = executor
         self._requests: dict[str, RequestState] = {}
@@ -268,22 +269,28 @@ class Engine:
         expected = {r for r, st in list(self._requests.items())
                     if now - st.last_used < GATHER_RECENT_S}
         waiting = {j.request_id for j in jobs}
+        admitting = False
         if expected:
             if expected <= waiting or not self.gather_s:
                 return []
             deadline = now + self.gather_s
         elif self.admit_s and not any(j.decode for j in jobs):
-            deadline = now + self.admit_s
-            expected = {""}  # no early end: take what arrives until the deadline
+            # a burst: wait until no new request came for admit_s, at most ADMIT_ROUNDS
+            # times as long in all
+            admitting = True
+            deadline, last_call = now + self.admit_s, now + ADMIT_ROUNDS * self.admit_s
         else:
             return []
         more: list[_Job] = []
-        while time.monotonic() < deadline:
+        while (now := time.monotonic()) < deadline:
             time.sleep(0.0005)
             new, self._queue = self._queue, []
             more += new
             waiting |= {j.request_id for j in new}
-            if expected <= waiting:
+            if admitting:
+                if new:
+                    deadline = min(now + self.admit_s, last_call)
+            elif expected <= waiting:
                 break
         return more
 

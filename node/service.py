@@ -51,7 +51,7 @@ FAILOVER_WAIT_S = 60.0  # how long a request waits for the survivors to reload
 # together); the others only let the burst its upstream sent arrive
 GATHER_FIRST_S = 0.25
 GATHER_NEXT_S = 0.02
-ADMIT_S = 0.015  # the first shard: how long a burst of new requests has to arrive
+ADMIT_S = 0.01  # the first shard: the quiet time that ends a burst of new requests
 MAX_FRAMES_IN_HAND = 1024  # per Forward stream
 
 
