@@ -36,7 +36,7 @@ class Sampling:
 
 @dataclass
 class RequestState:
-    caches: list  # its own KV cache per layer (stale while it decodes in the _Group)
+    caches: list  # its own KV cache per layer (empty while its row is in the _Group)
     length: int = 0  # positions its cache holds
     last_used: float = field(default_factory=time.monotonic)
     key: Any = None  # its own random key (sampled requests), split at every token
@@ -48,6 +48,7 @@ class _Group:
     BatchKVCache (one per layer): a forward of exactly these rows writes and reads every
     row's cache at once. A request leaving (or stepping alone) gets its own cache back."""
     ids: list[str]
+    states: list[RequestState]  # the request state each row belongs to
     caches: list
 
 
@@ -188,7 +189,8 @@ class Engine:
         self._queue: list[_Job] = []
         self._draining = False
         self._on_forward = on_forward  # called on the event loop with each forward's size
-        self._group: _Group | None = None  # touched on the MLX thread only
+        self._group: _Group | None = None  # changed on the MLX thread only
+        self._holding: list[_Job] = []  # the MLX thread's jobs out of the queue
         # batched_layer is mlx-lm's llama block; other architectures run one by one
         self.max_batch = max_batch if batchable(shard) else 1
 
@@ -205,7 +207,7 @@ class Engine:
             # this one (frames of one message, requests settled by one forward) are queued
             # by then and share its forward
             loop.call_soon(loop.run_in_executor, self._executor, self._drain)
-        return await job.future
+        return await job.future  # a caller that goes away cancels it: the job is dropped
 
     def _drain(self) -> None:
         """MLX thread: run queued steps until the queue is empty. Nothing may escape: an
@@ -213,19 +215,27 @@ class Engine:
         try:
             self._drain_queue()
         except BaseException as e:  # a bug, or the loop closing under us
-            jobs, self._queue = self._queue, []
-            for job in jobs:
-                job.settle(error=e)
+            self._group = None  # its caches may be half-way through a forward
+            jobs, self._holding = self._holding, []
             self._draining = False
+            while jobs:
+                settle_together([(job, e) for job in jobs])
+                jobs, self._queue = self._queue, []  # and any that came meanwhile
             raise
 
     def _drain_queue(self) -> None:
         carry: list[_Job] = []  # picked for no forward yet: they go first next time
         while True:
             jobs, self._queue = self._queue, []  # list swap: atomic under the GIL
-            jobs = carry + jobs
-            if jobs and (self.gather_s or self.admit_s):
+            # steps whose caller went away (a client that disconnected) are dropped: run,
+            # they would make a freed request's state again
+            jobs = [job for job in carry + jobs if not job.future.done()]
+            self._holding = jobs
+            if jobs and not carry and (self.gather_s or self.admit_s):
+                # (jobs left over from the last forward go at once: the requests that just
+                # ran cannot be back yet)
                 jobs += self._gather(jobs)
+                self._holding = jobs
             if not jobs:
                 self._prune()  # rows of requests freed meanwhile
                 self._draining = False
@@ -234,6 +244,8 @@ class Engine:
                 self._draining = True
                 continue
             batch, carry = self._pick(jobs)
+            if not batch:
+                continue
             if len(batch) == 1:
                 self._run_one(batch[0])
             else:
@@ -248,6 +260,8 @@ class Engine:
         seen: set[str] = set()
         positions = 0
         for job in jobs:
+            if job.future.done():  # its caller went away (while it waited to be gathered)
+                continue
             size = job.size
             if not batch or (job.request_id not in seen and len(batch) < self.max_batch
                              and (size == 1 or positions + size <= PACK_TOKENS)):
@@ -304,6 +318,7 @@ class Engine:
         state = self._requests.get(job.request_id)
         if state is not None:
             state.length = job.position + job.size
+            state.last_used = time.monotonic()
         self._count(job, 1)
         job.settle(result)
 
@@ -329,11 +344,17 @@ class Engine:
                                        [h for _, h, _ in ready], [st for _, _, st in ready],
                                        [job.sample for job, _, _ in ready])
         except Exception as e:  # a failed forward fails every request in it
+            # and their caches may be part-way through it: forget them (and the group), so
+            # that a later frame of theirs gets a clear error rather than wrong caches
+            self._group = None
+            for job, _, _ in ready:
+                self._requests.pop(job.request_id, None)
             settle_together([(job, e) for job, _, _ in ready])
             return
         self._count(ready[0][0], len(ready))
+        now = time.monotonic()
         for (job, _, state) in ready:
-            state.length = job.position + job.size
+            state.length, state.last_used = job.position + job.size, now
         settle_together([(job, result) for (job, _, _), result in zip(ready, results)])
 
     def _count(self, job: _Job, size: int) -> None:
@@ -355,16 +376,18 @@ class Engine:
         return stale
 
     def _prune_later(self) -> None:
-        """Rows of freed requests leave the group on the MLX thread (after the forward in
-        progress), so their caches are released even if no other step comes."""
+        """Rows of freed requests leave the group on the MLX thread (once the drain in
+        progress is done), so their caches are released even if no other step comes."""
         group = self._group
-        if group is not None and any(r not in self._requests for r in group.ids):
+        if group is not None and any(self._requests.get(r) is not st
+                                     for r, st in zip(group.ids, group.states)):
             self._executor.submit(self._prune)
 
     def _prune(self) -> None:
         group = self._group
         if group is not None:
-            self._ungroup(keep={r for r in group.ids if r in self._requests})
+            self._ungroup(keep={r for r, st in zip(group.ids, group.states)
+                                if self._requests.get(r) is st})
 
     @property
     def active_requests(self) -> int:
@@ -425,20 +448,34 @@ class Engine:
             vocab = int(shard.source.config["vocab_size"])
             if any(t >= vocab for t in tokens):
                 raise BadFrame(f"token id out of range for vocabulary of {vocab}")
+            if not tokens:
+                raise BadFrame("a step needs at least one token")
             return shard.model.model.embed_tokens(mx.array(tokens)[None])
         if hidden is not None:
-            return decode_tensor(*hidden)
+            h = decode_tensor(*hidden)
+            if h.ndim != 3 or h.shape[1] < 1:
+                raise BadFrame(f"hidden states of shape {list(h.shape)}: a step needs "
+                               f"[1, positions >= 1, hidden]")
+            return h
         raise BadFrame("a step needs either tokens or hidden states")
 
     def _step(self, request_id: str, position: int, tokens: list[int] | None,
               hidden: Wire | None, sample: Sampling | None) -> StepResult:
-        import mlx.core as mx
-
         t0 = time.perf_counter()
-        shard = self.shard
-        inner = shard.model.model
         h = self._input(tokens, hidden)
         state = self._state(request_id, position)
+        try:
+            return self._compute(request_id, h, state, sample, t0)
+        except Exception:  # its caches may be part-way through: forget the request
+            self._requests.pop(request_id, None)
+            raise
+
+    def _compute(self, request_id: str, h: Any, state: RequestState,
+                 sample: Sampling | None, t0: float) -> StepResult:
+        import mlx.core as mx
+
+        shard = self.shard
+        inner = shard.model.model
         self._ungroup_one(request_id)  # stepping alone: its own cache
         h = run_layers(inner.layers, h, state.caches)
         if shard.is_last and sample is not None:
@@ -504,7 +541,10 @@ class Engine:
         caches back, new ones join (mlx-lm's BatchKVCache.merge / extend / filter)."""
         from mlx_lm.models.cache import BatchKVCache
 
-        self._ungroup(keep=set(ids))
+        group = self._group
+        rows = dict(zip(group.ids, group.states)) if group else {}
+        # a row stays if it is this very request (an id freed and used again is not)
+        self._ungroup(keep={r for r, st in zip(ids, states) if rows.get(r) is st})
         group = self._group
         held = set(group.ids) if group else set()
         new = [(r, st) for r, st in zip(ids, states) if r not in held]
@@ -512,27 +552,28 @@ class Engine:
             merged = [BatchKVCache.merge([st.caches[layer] for _, st in new])
                       for layer in range(len(self.shard.model.model.layers))]
             if group is None:
-                group = self._group = _Group([], merged)
+                group = self._group = _Group([], [], merged)
             else:
                 for cache, more in zip(group.caches, merged):
                     cache.extend(more)
             group.ids += [r for r, _ in new]
+            group.states += [st for _, st in new]
             for _, st in new:
                 st.caches = []  # the group holds them now
         return group
 
-    def _ungroup(self, keep: set[str]) -> None:
-        """Rows not in `keep` leave the group; those of requests still held get their own
-        caches back (copied out of the group's)."""
+    def _ungroup(self, keep: set[str], restore: str = "") -> None:
+        """Rows not in `keep` leave the group; those of requests still held (and
+        `restore`'s, held or not: a step of it is running) get their own caches back,
+        copied out of the group's."""
         group = self._group
         if group is None:
             return
         stay = [k for k, r in enumerate(group.ids) if r in keep]
         if len(stay) == len(group.ids):
             return
-        for k, r in enumerate(group.ids):
-            state = self._requests.get(r)
-            if r not in keep and state is not None:
+        for k, (r, state) in enumerate(zip(group.ids, group.states)):
+            if r not in keep and (r == restore or self._requests.get(r) is state):
                 state.caches = [cache.extract(k) for cache in group.caches]
         if not stay:
             self._group = None
@@ -540,11 +581,12 @@ class Engine:
         for cache in group.caches:
             cache.filter(stay)
         group.ids = [group.ids[k] for k in stay]
+        group.states = [group.states[k] for k in stay]
 
     def _ungroup_one(self, request_id: str) -> None:
         group = self._group
         if group is not None and request_id in group.ids:
-            self._ungroup(keep=set(group.ids) - {request_id})
+            self._ungroup(keep=set(group.ids) - {request_id}, restore=request_id)
 
     def _sample_rows(self, h: Any, states: list[RequestState],
                      samples: list[Sampling]) -> list[int]:

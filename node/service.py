@@ -377,8 +377,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         broken: list[str] = []
         chains: dict[str, asyncio.Task] = {}  # request id -> its newest frame's task
         loop = asyncio.get_running_loop()
-        # backpressure: past this many frames in hand the stream is not read, so gRPC's
-        # flow control holds the sender back instead of this node piling up tasks
+        # backpressure: past this many frames in hand the stream is not read, so the frames
+        # wait on the sender's side (gRPC flow control) instead of as tasks here
         room = asyncio.Semaphore(MAX_FRAMES_IN_HAND)
 
         async def after(previous: asyncio.Task | None, frame: pb.ForwardFrame) -> None:

@@ -184,6 +184,51 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(s
             np.testing.assert_allclose(a, together[key], rtol=1e-4, atol=1e-5)
 
 
+def test_a_step_whose_caller_went_away_does_not_bring_its_freed_request_back():
+    """A client that disconnects while its prefill waits in the queue (here: for the burst
+    admission) frees the request; the queued step must not create it again."""
+    shard = load_shard(resolve("synthetic:tiny"), 0, 7)
+
+    async def run() -> int:
+        engine = Engine(shard, ThreadPoolExecutor(1), gather_s=0.25, admit_s=0.05)
+        gone = asyncio.ensure_future(engine.step("gone", 0, tokens=[256, 1, 2]))
+        await asyncio.sleep(0.01)  # queued, the admission window still open
+        gone.cancel()
+        engine.free("gone")
+        await engine.step("b", 0, tokens=[256, 3, 4])
+        return engine.active_requests
+
+    assert asyncio.run(run()) == 1  # "b" alone
+
+
+def test_a_malformed_step_fails_alone_and_the_batch_goes_on():
+    """A frame with no positions is refused before the forward; the other requests'
+    steps in the same forward run, and their decoding group stays usable."""
+    shard = load_shard(resolve("synthetic:tiny"), 2, 5)
+    hidden = shard.hidden_size
+
+    def frame(n: int, key: int):
+        return encode_tensor(mx.random.normal((1, n, hidden), key=mx.random.key(key)))
+
+    async def run() -> None:
+        engine = Engine(shard, ThreadPoolExecutor(1))
+        await asyncio.gather(*(engine.step(r, 0, hidden=frame(3, i)) for i, r in
+                               enumerate("ab")))
+        await asyncio.gather(*(engine.step(r, 3, hidden=frame(1, 10 + i)) for i, r in
+                               enumerate("ab")))
+        results = await asyncio.gather(
+            engine.step("a", 4, hidden=frame(1, 20)), engine.step("b", 4, hidden=frame(1, 21)),
+            engine.step("z", 0, hidden=frame(0, 22)), return_exceptions=True)
+        assert isinstance(results[2], BadFrame) and "positions" in str(results[2])
+        assert all(not isinstance(r, BaseException) for r in results[:2])
+        again = await asyncio.gather(*(engine.step(r, 5, hidden=frame(1, 30 + i)) for i, r in
+                                       enumerate("ab")))
+        assert all(r.hidden is not None for r in again)
+        assert engine.cache_offset("a") == engine.cache_offset("b") == 6
+
+    asyncio.run(run())
+
+
 def test_seeded_sampling_repeats_whether_or_not_the_request_shares_forwards():
     """Each sampled request draws from its own random key: a seeded request gets the same
     tokens alone as in a batch beside other sampled requests."""
