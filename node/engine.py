@@ -55,6 +55,7 @@ class _Group:
 GATHER_RECENT_S = 1.0  # a request is waited for by a forward if it stepped this recently
 PACK_TOKENS = 2048  # prefill positions packed into one forward beside the decode steps
 ADMIT_ROUNDS = 5  # a burst of new requests is admitted for at most this many admit_s
+PAD_FACTOR = 2  # a decoding group's padding may at most double its KV cache
 
 
 Wire = tuple[bytes, list[int], str]  # raw tensor bytes, shape, dtype name
@@ -492,7 +493,8 @@ class Engine:
         """Several requests' steps as one forward over their positions side by side
         ([1, total, hidden]): the weights are read once for all of them. The decode steps
         (one position each) are the group's rows and share one attention; each prefill
-        chunk attends alone, with its own cache."""
+        chunk (and a decode step too long for the group) attends alone, with its own
+        cache."""
         import mlx.core as mx
 
         t0 = time.perf_counter()
@@ -500,6 +502,12 @@ class Engine:
         inner = shard.model.model
         rows = [i for i, h in enumerate(inputs) if h.shape[1] == 1]
         chunks = [i for i, h in enumerate(inputs) if h.shape[1] != 1]
+        # a decode step whose cache is much longer than the others' attends alone: in the
+        # group every row is padded to the longest (mlx-lm's BatchKVCache)
+        while len(rows) > 1 and not fits_padding([states[i].length for i in rows]):
+            longest = max(rows, key=lambda i: states[i].length)
+            rows.remove(longest)
+            chunks.insert(0, longest)
         for i in chunks:
             self._ungroup_one(ids[i])
         # (a forward of chunks alone leaves the group as it is, for the next decode steps)
@@ -626,6 +634,13 @@ def draw(state: RequestState, sample: Sampling, logprobs: Any) -> Any:
         logprobs = apply_top_p(logprobs, sample.top_p)
     state.key, key = mx.random.split(state.key)
     return mx.random.categorical(logprobs * (1 / sample.temperature), key=key)
+
+
+def fits_padding(lengths: list[int]) -> bool:
+    """Whether caches of these lengths may share one BatchKVCache: padded to the longest,
+    they hold at most PAD_FACTOR times their own positions (plus one allocation step of
+    256 positions per row, which every cache rounds up to anyway)."""
+    return len(lengths) * max(lengths) <= PAD_FACTOR * sum(lengths) + 256 * len(lengths)
 
 
 def batchable(shard: Shard) -> bool:

@@ -229,6 +229,32 @@ def test_a_malformed_step_fails_alone_and_the_batch_goes_on():
     asyncio.run(run())
 
 
+def test_a_much_longer_cache_decodes_beside_the_group_not_padding_it():
+    """Decode rows share a BatchKVCache padded to the longest row; a request whose cache is
+    far longer than the others' attends alone in the same forward, with the same tokens."""
+    shard = load_shard(resolve("synthetic:tiny"), 0, 7)
+    prompts = {"long": [256, *(i % 250 + 1 for i in range(1000))], "s1": [256, 1],
+               "s2": [256, 2], "s3": [256, 3]}
+
+    async def run(batched: bool):
+        engine = Engine(shard, ThreadPoolExecutor(1))
+        out: dict[str, list[int]] = {name: [] for name in prompts}
+        for name, p in prompts.items():
+            await engine.step(name, 0, tokens=p, sample=Sampling())
+        for n in range(4):
+            steps = [engine.step(name, len(p) + n, tokens=[65 + n], sample=Sampling())
+                     for name, p in prompts.items()]
+            results = await asyncio.gather(*steps) if batched else [await c for c in steps]
+            for name, r in zip(prompts, results):
+                out[name].append(r.token)
+        return out, (engine._group.ids if engine._group else [])
+
+    alone, _ = asyncio.run(run(batched=False))
+    together, grouped = asyncio.run(run(batched=True))
+    assert together == alone
+    assert sorted(grouped) == ["s1", "s2", "s3"]  # "long" attended alone
+
+
 def test_seeded_sampling_repeats_whether_or_not_the_request_shares_forwards():
     """Each sampled request draws from its own random key: a seeded request gets the same
     tokens alone as in a batch beside other sampled requests."""
