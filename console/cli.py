@@ -178,7 +178,7 @@ def resolve_model(model: str, dtype: str, layers: int):
 def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, strategy: str,
               backend: str = "pipeline"):
     """Plan `model` over the nodes (in their order): a checked PartitionPlan and the source."""
-    from node.models import shape_of
+    from node.models import shape_of, supports_tensor, tensor_refusal
     from node.plan import NodeSpec, PlanError, make_plan, make_tensor_plan, parse_backend
 
     source = resolve_model(model, dtype, layers)
@@ -187,6 +187,8 @@ def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, str
     try:
         name, parallel = parse_backend(backend)
         if name == "mlx-ring" and parallel == "tensor":
+            if not supports_tensor(source):
+                raise PlanError(tensor_refusal(source))
             return make_tensor_plan(shape_of(source), source.config, specs, model=model), source
         return make_plan(strategy, shape_of(source), specs, model=model), source
     except PlanError as e:
@@ -487,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model_opts = argparse.ArgumentParser(add_help=False)
     model_opts.add_argument("--model", required=True,
-                            help="smollm2-135m, synthetic:tiny|llama-7b|llama-13b, or a dir")
+                            help="smollm2-135m, synthetic:<name> (see `mlx-cluster models`), "
+                                 "an MLX or HF model directory, or a hub id")
     model_opts.add_argument("--layers", type=int, default=0,
                             help="layer count override (synthetic models)")
     model_opts.add_argument("--dtype", default="", choices=["", "float32", "float16", "bfloat16"],
@@ -503,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "budget), ring-memory-weighted (exo's, for comparison), speed (by calibrated "
                   "matmul speed, within budgets), uniform (equal counts), manual:0-9,10-19,20-29 "
                   "(node order)")
+    sub.add_parser("models", parents=[common],
+                   help="list the model specs: bundled, synthetic:<name> shapes, dirs, hub ids")
     sub.add_parser("plan", parents=[common, nodes, model_opts], epilog=strategies,
                    help="preview how a model would be split: layers and memory per node")
     load = sub.add_parser("load", parents=[common, nodes, model_opts], epilog=strategies,
@@ -685,6 +690,18 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from node.models import spec_lines
+
+    lines = spec_lines()
+    width = max(len(spec) for spec, _ in lines)
+    emit(args, [{"spec": spec, "description": what} for spec, what in lines],
+         "\n".join(f"{spec:<{width}}  {what}" for spec, what in lines)
+         + "\n\nany mlx-lm architecture whose layers keep a key/value cache can be split; "
+           "--layers N shortens a synthetic model")
+    return EXIT_OK
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     from console.discovery import discover, read_peers_file
 
@@ -811,7 +828,7 @@ COMMANDS = {"local": cmd_local, "discover": cmd_discover, "dashboard": cmd_dashb
             "serve-api": cmd_serve_api,
             "bench": cmd_bench, "report": cmd_report,
             "status": cmd_status, "plan": cmd_plan, "load": cmd_load, "unload": cmd_unload,
-            "rebalance": cmd_rebalance,
+            "rebalance": cmd_rebalance, "models": cmd_models,
             "generate": cmd_generate, "inject": cmd_inject,
             "heal": cmd_heal, "shutdown": cmd_shutdown, "demo": cmd_demo}
 

@@ -2,16 +2,16 @@
 
 All MLX work happens on one dedicated thread (MLX arrays and streams are not meant
 to be shared across threads mid-computation), so the node's event loop keeps serving
-heartbeats and other RPCs while a layer computes. The computation mirrors mlx-lm's
-`LlamaModel.__call__` and `generate_step` exactly (same mask, same cache, logits of
-the last position, log-softmax before the sampler), so a split model gives the same
-tokens as the whole one.
+heartbeats and other RPCs while a layer computes. Every forward is the model's own
+mlx-lm code over the shard's layers (node/shardrun.py), with mlx-lm's caches: a request
+alone keeps its own, requests that decode together share mlx-lm's batch caches, and
+sampling is `generate_step`'s (logits of the last position, log-softmax, then the
+sampler), so a split model gives the same tokens as the whole one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from node.errors import BadFrame, ContextOverflow, FrameGap
+from node.errors import BadFrame, ContextOverflow, FrameGap, ModelCodeError, NodeError
 from node.models import Shard
 
 # wire dtype name -> numpy dtype of the raw bytes (bfloat16 travels as its uint16 bits)
@@ -70,20 +70,20 @@ class StepResult:
 
 def encode_tensor(array: Any) -> Wire:
     """mx.array -> (raw bytes, shape, dtype name) without going through pickle."""
-    return encode_runs(array, [(0, array.shape[1])])[0]
+    return encode_rows(array, [array.shape[1]])[0]
 
 
-def encode_runs(array: Any, runs: list[tuple[int, int]]) -> list[Wire]:
-    """Positions start..end of hidden states [1, L, hidden], for each (start, end) in
-    `runs`, each as a Wire; one evaluation for all of them."""
+def encode_rows(array: Any, lengths: list[int]) -> list[Wire]:
+    """The first lengths[i] positions of row i of hidden states [B, L, hidden], each as a
+    Wire [1, lengths[i], hidden]; one evaluation for all of them."""
     import mlx.core as mx
 
     dtype = str(array.dtype).removeprefix("mlx.core.")
     if dtype not in WIRE_DTYPES:
         raise BadFrame(f"cannot send dtype {dtype}")
     raw = np.asarray(memoryview(array.view(mx.uint16) if dtype == "bfloat16" else array))
-    return [(raw[:, start:end].tobytes(), [1, end - start, *array.shape[2:]], dtype)
-            for start, end in runs]
+    return [(raw[i:i + 1, :n].tobytes(), [1, n, *array.shape[2:]], dtype)
+            for i, n in enumerate(lengths)]
 
 
 def decode_tensor(data: bytes, shape: list[int], dtype: str) -> Any:
@@ -192,8 +192,7 @@ class Engine:
         self._on_forward = on_forward  # called on the event loop with each forward's size
         self._group: _Group | None = None  # changed on the MLX thread only
         self._holding: list[_Job] = []  # the MLX thread's jobs out of the queue
-        # batched_layer is mlx-lm's llama block; other architectures run one by one
-        self.max_batch = max_batch if batchable(shard) else 1
+        self.max_batch = max_batch
 
     # ---------------------------------------------------------------- async API
 
@@ -314,7 +313,7 @@ class Engine:
             result = self._step(job.request_id, job.position, job.tokens, job.hidden,
                                 job.sample)
         except Exception as e:  # the request's own error: its caller reports it
-            job.settle(error=e)
+            job.settle(error=self._failure(e))
             return
         state = self._requests.get(job.request_id)
         if state is not None:
@@ -350,13 +349,25 @@ class Engine:
             self._group = None
             for job, _, _ in ready:
                 self._requests.pop(job.request_id, None)
-            settle_together([(job, e) for job, _, _ in ready])
+            error = self._failure(e)
+            settle_together([(job, error) for job, _, _ in ready])
             return
         self._count(ready[0][0], len(ready))
         now = time.monotonic()
         for (job, _, state) in ready:
             state.length, state.last_used = job.position + job.size, now
         settle_together([(job, result) for (job, _, _), result in zip(ready, results)])
+
+    def _failure(self, error: Exception) -> Exception:
+        """A forward's error as the caller should see it: ours as they are; one raised by
+        the model's own code named, with the shard it ran on (never a bare INTERNAL)."""
+        if isinstance(error, NodeError):
+            return error
+        shard = self.shard
+        return ModelCodeError(
+            f"{shard.source.spec}: the model's code failed running layers {shard.start}-"
+            f"{shard.end} ({type(error).__name__}: {error}); the request was dropped and the "
+            "node keeps serving; if it repeats, reload the model or report it")
 
     def _count(self, job: _Job, size: int) -> None:
         if self._on_forward is not None:
@@ -424,7 +435,7 @@ class Engine:
                     f"request {request_id} is unknown here and the frame starts at position "
                     f"{position}; a new request must start at 0 (was it freed after a timeout?)"
                 )
-            state = RequestState(self.shard.model.make_cache())
+            state = RequestState(self.shard.runner.make_cache())
             self._requests[request_id] = state
         elif state.length < position:
             raise FrameGap(
@@ -439,7 +450,8 @@ class Engine:
         return state
 
     def _input(self, tokens: list[int] | None, hidden: Wire | None) -> Any:
-        """A step's input as hidden states [1, L, hidden]: embedded tokens or a frame's."""
+        """A step's input: token ids [1, L] (first shard) or a frame's hidden states
+        [1, L, hidden]."""
         import mlx.core as mx
 
         shard = self.shard
@@ -447,11 +459,11 @@ class Engine:
             if not shard.is_first:
                 raise BadFrame("token input sent to a shard that does not hold the embedding")
             vocab = int(shard.source.config["vocab_size"])
-            if any(t >= vocab for t in tokens):
+            if any(t >= vocab or t < 0 for t in tokens):
                 raise BadFrame(f"token id out of range for vocabulary of {vocab}")
             if not tokens:
                 raise BadFrame("a step needs at least one token")
-            return shard.model.model.embed_tokens(mx.array(tokens)[None])
+            return mx.array(tokens, dtype=mx.int32)[None]
         if hidden is not None:
             h = decode_tensor(*hidden)
             if h.ndim != 3 or h.shape[1] < 1:
@@ -463,47 +475,67 @@ class Engine:
     def _step(self, request_id: str, position: int, tokens: list[int] | None,
               hidden: Wire | None, sample: Sampling | None) -> StepResult:
         t0 = time.perf_counter()
-        h = self._input(tokens, hidden)
+        x = self._input(tokens, hidden)
         state = self._state(request_id, position)
+        self._ungroup_one(request_id)  # stepping alone: its own cache
         try:
-            return self._compute(request_id, h, state, sample, t0)
+            return self._finish([x.shape[1]], [state], [sample],
+                                self._forward(x, state.caches, [x.shape[1]], [sample]),
+                                [state.caches], t0)[0]
         except Exception:  # its caches may be part-way through: forget the request
             self._requests.pop(request_id, None)
             raise
 
-    def _compute(self, request_id: str, h: Any, state: RequestState,
-                 sample: Sampling | None, t0: float) -> StepResult:
+    def _forward(self, x: Any, caches: list, lengths: list[int],
+                 samples: list[Sampling | None]) -> Any:
+        """The model's own forward over this shard's layers for rows of `x`; on the last
+        shard only the sampled rows' last positions reach the head (a prefill chunk that
+        samples nothing needs no head at all)."""
         import mlx.core as mx
 
-        shard = self.shard
-        inner = shard.model.model
-        self._ungroup_one(request_id)  # stepping alone: its own cache
-        h = run_layers(inner.layers, h, state.caches)
-        if shard.is_last and sample is not None:
-            token = self._sample(state, inner.norm(h), sample)
-            return StepResult(None, token, time.perf_counter() - t0)
-        if shard.is_last:
-            mx.eval([c.state for c in state.caches])  # prefill chunk: fill caches only
-            return StepResult(None, None, time.perf_counter() - t0)
-        mx.eval(h)
-        return StepResult(encode_tensor(h), None, time.perf_counter() - t0)
+        runner = self.shard.runner
+        if self.shard.is_last:
+            pick = mx.array([n - 1 for n in lengths]) if any(
+                sm is not None for sm in samples) else mx.array([0] * len(lengths))
+            return runner.forward(x, caches, pick=pick)
+        return runner.forward(x, caches)
+
+    def _finish(self, lengths: list[int], states: list[RequestState],
+                samples: list[Sampling | None], out: Any, caches: list,
+                t0: float) -> list[StepResult]:
+        """Evaluate one forward's output: tokens for the sampled rows (last shard), or
+        each row's hidden states for the next shard, already serialised."""
+        import mlx.core as mx
+
+        if self.shard.is_last:
+            wanted = [k for k, sm in enumerate(samples) if sm is not None]
+            drawn: dict[int, int] = {}
+            if wanted:
+                logits = out[mx.array(wanted), 0] if len(wanted) < len(samples) else out[:, 0]
+                tokens = self._sample_rows(logits, [states[k] for k in wanted],
+                                           [samples[k] for k in wanted])  # evaluates
+                drawn = dict(zip(wanted, tokens))
+            mx.eval([c.state for group in caches for c in group])  # prefill: caches only
+            compute = time.perf_counter() - t0
+            return [StepResult(None, drawn.get(k), compute) for k in range(len(lengths))]
+        mx.eval(out)
+        compute = time.perf_counter() - t0
+        return [StepResult(w, None, compute) for w in encode_rows(out, lengths)]
 
     def _step_batch(self, ids: list[str], inputs: list[Any], states: list[RequestState],
                     samples: list[Sampling | None]) -> list[StepResult]:
-        """Several requests' steps as one forward over their positions side by side
-        ([1, total, hidden]): the weights are read once for all of them. The decode steps
-        (one position each) are the group's rows and share one attention; each prefill
-        chunk (and a decode step too long for the group) attends alone, with its own
-        cache."""
+        """Several requests' steps: the decode steps (one position each) are the rows of
+        the group and share one forward over mlx-lm's batch caches; the prefill chunks (and
+        a decode step too long for the group) share another, right-padded as mlx-lm's
+        BatchGenerator pads prompts (each chunk's caches merged for it and taken back
+        after). Both forwards are evaluated together."""
         import mlx.core as mx
 
         t0 = time.perf_counter()
-        shard = self.shard
-        inner = shard.model.model
         rows = [i for i, h in enumerate(inputs) if h.shape[1] == 1]
         chunks = [i for i, h in enumerate(inputs) if h.shape[1] != 1]
-        # a decode step whose cache is much longer than the others' attends alone: in the
-        # group every row is padded to the longest (mlx-lm's BatchKVCache)
+        # a decode step whose cache is much longer than the others' steps with the chunks:
+        # in the group every row is padded to the longest (mlx-lm's BatchKVCache)
         while len(rows) > 1 and not fits_padding([states[i].length for i in rows]):
             longest = max(rows, key=lambda i: states[i].length)
             rows.remove(longest)
@@ -513,42 +545,61 @@ class Engine:
         # (a forward of chunks alone leaves the group as it is, for the next decode steps)
         group = self._regroup([ids[i] for i in rows], [states[i] for i in rows]) if rows \
             else None
+        parts: list[tuple[list[int], Any, list]] = []  # (rows of inputs, output, caches)
         if group is not None:
             where = {r: k for k, r in enumerate(group.ids)}
             rows.sort(key=lambda i: where[ids[i]])  # the group's row order
-        order = rows + chunks
-        sizes = [inputs[i].shape[1] for i in order]
-        ends = list(itertools.accumulate(sizes))
-        x = mx.concatenate([inputs[i] for i in order], axis=1)
-        # one mask for every layer: the rows' caches hold the same positions in each
-        mask = group.caches[0].make_mask(1) if group is not None else None
-        for index, layer in enumerate(inner.layers):
-            x = batched_layer(layer, x, group.caches[index] if group else None, mask,
-                              [(states[i].caches[index], inputs[i].shape[1]) for i in chunks])
-            mx.async_eval(x)
-        if shard.is_last:
-            # sample at each sampled step's last position
-            wanted = [(i, end - 1) for i, end in zip(order, ends) if samples[i] is not None]
-            drawn: dict[int, int] = {}
-            if wanted:
-                last = inner.norm(x[0, mx.array([position for _, position in wanted])])
-                tokens = self._sample_rows(last, [states[i] for i, _ in wanted],
-                                           [samples[i] for i, _ in wanted])
-                drawn = dict(zip([i for i, _ in wanted], tokens))
-            mx.eval([c.state for c in group.caches] if group else [],
-                    [c.state for i in chunks for c in states[i].caches])
-            compute = time.perf_counter() - t0
-            return [StepResult(None, drawn.get(i), compute) for i in range(len(inputs))]
-        mx.eval(x)
-        compute = time.perf_counter() - t0
-        wires = dict(zip(order, encode_runs(x, list(zip([0, *ends], ends)))))
-        return [StepResult(wires[i], None, compute) for i in range(len(inputs))]
+            x = mx.concatenate([inputs[i] for i in rows], axis=0)
+            parts.append((rows, self._forward(x, group.caches, [1] * len(rows),
+                                              [samples[i] for i in rows]), [group.caches]))
+        if len(chunks) == 1:
+            i = chunks[0]
+            parts.append(([i], self._forward(inputs[i], states[i].caches,
+                                             [inputs[i].shape[1]], [samples[i]]),
+                          [states[i].caches]))
+        elif chunks:
+            parts.append(self._chunks_forward(chunks, inputs, states, samples))
+        results: dict[int, StepResult] = {}
+        for which, out, caches in parts:
+            done = self._finish([inputs[i].shape[1] for i in which],
+                                [states[i] for i in which], [samples[i] for i in which],
+                                out, caches, t0)
+            results.update(zip(which, done))
+        return [results[i] for i in range(len(inputs))]
+
+    def _chunks_forward(self, which: list[int], inputs: list[Any], states: list[RequestState],
+                        samples: list[Sampling | None]) -> tuple[list[int], Any, list]:
+        """Prefill chunks of several requests as one forward: their caches merged into
+        mlx-lm's batch caches, the inputs right-padded to the longest (`prepare` /
+        `finalize` move the padding to the left, as BatchGenerator does); every request
+        then gets its own caches back (`extract`)."""
+        import mlx.core as mx
+
+        lengths = [inputs[i].shape[1] for i in which]
+        longest = max(lengths)
+        pad = [longest - n for n in lengths]
+        n_layers = len(states[which[0]].caches)
+        batch = [states[which[0]].caches[layer].merge([states[i].caches[layer] for i in which])
+                 for layer in range(n_layers)]
+        rows = []
+        for i, p in zip(which, pad):
+            x = inputs[i]
+            rows.append(mx.pad(x, [(0, 0), (0, p)] + [(0, 0)] * (x.ndim - 2)) if p else x)
+        if max(pad):
+            for cache in batch:
+                cache.prepare(lengths=lengths, right_padding=pad)
+        out = self._forward(mx.concatenate(rows, axis=0), batch, lengths,
+                            [samples[i] for i in which])
+        if max(pad):
+            for cache in batch:
+                cache.finalize()
+        for k, i in enumerate(which):
+            states[i].caches = [cache.extract(k) for cache in batch]
+        return which, out, [states[i].caches for i in which]
 
     def _regroup(self, ids: list[str], states: list[RequestState]) -> _Group | None:
         """The group made of exactly these decode rows: rows not among them get their own
         caches back, new ones join (mlx-lm's BatchKVCache.merge / extend / filter)."""
-        from mlx_lm.models.cache import BatchKVCache
-
         group = self._group
         rows = dict(zip(group.ids, group.states)) if group else {}
         # a row stays if it is this very request (an id freed and used again is not)
@@ -557,8 +608,9 @@ class Engine:
         held = set(group.ids) if group else set()
         new = [(r, st) for r, st in zip(ids, states) if r not in held]
         if new:
-            merged = [BatchKVCache.merge([st.caches[layer] for _, st in new])
-                      for layer in range(len(self.shard.model.model.layers))]
+            # mlx-lm's merge of each layer's cache kind (BatchKVCache, BatchRotatingKVCache)
+            merged = [new[0][1].caches[layer].merge([st.caches[layer] for _, st in new])
+                      for layer in range(self.shard.end - self.shard.start + 1)]
             if group is None:
                 group = self._group = _Group([], [], merged)
             else:
@@ -596,24 +648,27 @@ class Engine:
         if group is not None and request_id in group.ids:
             self._ungroup(keep=set(group.ids) - {request_id}, restore=request_id)
 
-    def _sample_rows(self, h: Any, states: list[RequestState],
+    def _sample_rows(self, logits: Any, states: list[RequestState],
                      samples: list[Sampling]) -> list[int]:
-        """One token for each row of normed hidden states [n, hidden], each with its
-        request's sampling, evaluated together (one sync, not n). Greedy rows take the
-        argmax of the logits, which the log-softmax would not move."""
+        """One token for each row of logits [n, vocab], each with its request's sampling,
+        evaluated together (one sync, not n). Greedy rows take the argmax of the logits,
+        which the log-softmax would not move."""
         import mlx.core as mx
 
-        logits = head_logits(self.shard.model, h)
         if all(sm.temperature == 0 for sm in samples):
             return mx.argmax(logits, axis=-1).tolist()
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # per row
+        logprobs = row_logprobs(logits)
         drawn = [draw(st, sm, logprobs[i:i + 1])
                  for i, (st, sm) in enumerate(zip(states, samples))]
         mx.eval(drawn)
         return [int(d.item()) for d in drawn]
 
-    def _sample(self, state: RequestState, h: Any, sample: Sampling) -> int:
-        return int(draw(state, sample, last_logprobs(self.shard.model, h)).item())
+
+def row_logprobs(logits: Any) -> Any:
+    """Log-probabilities of logits [..., vocab], normalised per row (as generate_step)."""
+    import mlx.core as mx
+
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def draw(state: RequestState, sample: Sampling, logprobs: Any) -> Any:
@@ -641,91 +696,3 @@ def fits_padding(lengths: list[int]) -> bool:
     they hold at most PAD_FACTOR times their own positions (plus one allocation step of
     256 positions per row, which every cache rounds up to anyway)."""
     return len(lengths) * max(lengths) <= PAD_FACTOR * sum(lengths) + 256 * len(lengths)
-
-
-def batchable(shard: Shard) -> bool:
-    """Whether batched_layer computes this shard's layers: mlx-lm's llama block
-    with plain KV caches (other architectures differ in their attention)."""
-    try:
-        from mlx_lm.models.cache import KVCache
-        from mlx_lm.models.llama import TransformerBlock
-    except ImportError:
-        return False
-    layers = shard.model.model.layers
-    return bool(layers) and all(type(layer) is TransformerBlock for layer in layers) and all(
-        type(c) is KVCache for c in shard.model.make_cache())
-
-
-def run_layers(layers: list, h: Any, caches: list) -> Any:
-    """Hidden states through a shard's layers, each with its own KV cache."""
-    import mlx.core as mx
-    from mlx_lm.models.base import create_attention_mask
-
-    mask = create_attention_mask(h, caches[0])
-    for layer, cache in zip(layers, caches):
-        h = layer(h, mask, cache=cache)
-        # start computing this layer while Python builds the next one's graph (what
-        # mlx_lm.generate_step gets from async_eval across tokens; a shard must wait for
-        # its input, so it overlaps across layers): ~10% faster decode on a CPU
-        mx.async_eval(h)
-    return h
-
-
-def head_logits(model: Any, h: Any) -> Any:
-    """The output head (tied embedding or lm_head) on normed hidden states."""
-    if model.args.tie_word_embeddings:
-        return model.model.embed_tokens.as_linear(h)
-    return model.lm_head(h)
-
-
-def last_logprobs(model: Any, h: Any) -> Any:
-    """Log-probabilities at the last position from normed hidden states (the last shard)."""
-    import mlx.core as mx
-
-    logits = head_logits(model, h)[:, -1, :]
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # per row (batches)
-
-
-def batched_layer(layer: Any, x: Any, rows: Any, mask: Any,
-                  chunks: list[tuple[Any, int]]) -> Any:
-    """mlx-lm's llama TransformerBlock for several requests' positions side by side in
-    x [1, total, hidden]: first one position for each row of the BatchKVCache `rows` (the
-    decode steps; None for none), then a run of positions for each (cache, length) in
-    `chunks`. The norms, projections and MLP run once for all positions (the weights are
-    read once). The decode rows attend as one batch, as `Attention.__call__` does with
-    mlx-lm's batched generation (each row at its own RoPE offset, padding masked by
-    `mask`); each chunk attends alone, causally, over its own cache."""
-    import mlx.core as mx
-    from mlx_lm.models.base import create_attention_mask
-
-    attn = layer.self_attn
-    r = layer.input_layernorm(x)
-    queries, keys, values = attn.q_proj(r), attn.k_proj(r), attn.v_proj(r)
-
-    def heads(t: Any, start: int, length: int, n: int, batch: bool) -> Any:
-        """Positions start..start+length of a projection as attention input: as a batch
-        of rows [length, n, 1, dim] (decode steps) or one run [1, n, length, dim]."""
-        t = t[:, start:start + length]
-        if batch:  # one position per row: [rows, n, 1, dim] is already this memory order
-            return t.reshape(length, n, 1, -1)
-        return t.reshape(1, length, n, -1).transpose(0, 2, 1, 3)
-
-    outputs = []
-    start = 0
-    for cache, length in ([(rows, rows.offset.shape[0])] if rows is not None else []) + chunks:
-        batch = cache is rows
-        q = heads(queries, start, length, attn.n_heads, batch)
-        k = heads(keys, start, length, attn.n_kv_heads, batch)
-        v = heads(values, start, length, attn.n_kv_heads, batch)
-        chunk_mask = mask if batch else create_attention_mask(x[:, start:start + length], cache)
-        q, k = attn.rope(q, offset=cache.offset), attn.rope(k, offset=cache.offset)
-        k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=chunk_mask)
-        if batch:  # [rows, heads, 1, dim] -> [1, rows, heads*dim]: the same memory order
-            outputs.append(out.reshape(1, length, -1))
-        else:
-            outputs.append(out.transpose(0, 2, 1, 3).reshape(1, length, -1))
-        start += length
-    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
-    h = x + attn.o_proj(out)
-    return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -71,3 +71,9 @@ class OverBudget(NodeError):
     """Loading the shard would take more memory than the node's budget."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class ModelCodeError(NodeError):
+    """The model's own (mlx-lm) code raised while loading or running this node's shard."""
+
+    code = "FAILED_PRECONDITION"

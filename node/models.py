@@ -1,10 +1,11 @@
 """Model specs and loading one shard (a contiguous layer range) of a model.
 
-Specs: `smollm2-135m` (the bundled real model), `synthetic:tiny|llama-7b|llama-13b`
-(random llama weights made deterministically from (seed, layer index), so a node makes
-only its own layers), a local directory in MLX/HF layout, or a hub id (downloaded
-only when online). Every model runs through mlx-lm's own model classes; a shard keeps
-the mlx-lm model object with `model.model.layers` cut down to its own range.
+Specs: `smollm2-135m` (the bundled real model), `synthetic:<name>` (an mlx-lm
+architecture with random weights made deterministically from (seed, layer index), so a
+node makes only its own layers; see node/synthetic.py), a local directory in MLX or HF
+safetensors layout, or a hub id (each node downloads only the files of its layers, and
+only when online). Every model is built by mlx-lm's own classes; a shard keeps the whole
+model object and runs its own forward over its layer range (node/shardrun.py).
 """
 
 from __future__ import annotations
@@ -13,36 +14,34 @@ import codecs
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from node.errors import ModelError
-from node.plan import ModelShape, model_shape
+from node.errors import ModelCodeError, ModelError, NodeError
+from node.plan import ModelShape
+from node.sizes import measure_shape
+from node.synthetic import SYNTHETIC, describe
 
 BUNDLED = "smollm2-135m"
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 0
 
-# llama shapes; vocab 260 for tiny = 256 bytes + BOS/EOS/PAD (+1 spare)
-SYNTHETIC_SHAPES: dict[str, dict[str, Any]] = {
-    # heads, KV heads and MLP columns divide by 2 and 3: tensor parallel on 2 or 3 nodes
-    "tiny": dict(hidden_size=96, num_hidden_layers=8, intermediate_size=192,
-                 num_attention_heads=6, num_key_value_heads=6, vocab_size=260,
-                 max_position_embeddings=2048),
-    "llama-7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
-                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                     max_position_embeddings=4096),
-    "llama-13b": dict(hidden_size=5120, num_hidden_layers=40, intermediate_size=13824,
-                      num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
-                      max_position_embeddings=4096),
-}
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def known_specs() -> list[str]:
-    return [BUNDLED, *(SYNTHETIC_PREFIX + n for n in SYNTHETIC_SHAPES), "<local dir>"]
+    return [BUNDLED, *(SYNTHETIC_PREFIX + n for n in SYNTHETIC), "<local dir>", "<hub id>"]
+
+
+def spec_lines() -> list[tuple[str, str]]:
+    """(spec, what it is) for every model spec, for `mlx-cluster models`."""
+    return [(BUNDLED, "SmolLM2-135M-Instruct, the bundled real model (llama, 30 layers)"),
+            *((SYNTHETIC_PREFIX + n, describe(n) + ", random weights") for n in SYNTHETIC),
+            ("<local dir>", "an MLX-converted (quantized or not) or HF safetensors directory"),
+            ("<hub id>", "a Hugging Face repo id; each node downloads its own layers (online)")]
 
 
 def cache_root() -> Path:
@@ -198,13 +197,13 @@ def resolve(spec: str, dtype: str = "", layers: int = 0) -> ModelSource:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if spec.startswith(SYNTHETIC_PREFIX):
         name = spec[len(SYNTHETIC_PREFIX):]
-        if name not in SYNTHETIC_SHAPES:
+        if name not in SYNTHETIC:
             raise ModelError(
                 f"unknown synthetic model {name!r}; choose one of "
-                + ", ".join(SYNTHETIC_PREFIX + n for n in SYNTHETIC_SHAPES)
+                + ", ".join(SYNTHETIC_PREFIX + n for n in SYNTHETIC)
+                + " (`mlx-cluster models` describes them)"
             )
-        config = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                  "tie_word_embeddings": False, **SYNTHETIC_SHAPES[name]}
+        config = dict(SYNTHETIC[name])
         if layers:
             config["num_hidden_layers"] = layers
         return ModelSource(spec, "synthetic", config, dtype=dtype or default_dtype())
@@ -228,13 +227,71 @@ def resolve(spec: str, dtype: str = "", layers: int = 0) -> ModelSource:
 
 
 def _dir_source(spec: str, kind: str, path: Path, dtype: str, form: str) -> ModelSource:
-    cfg = path / "config.json"
-    if not cfg.exists():
-        raise ModelError(f"{path} has no config.json: not an MLX/HF model directory")
-    config = json.loads(cfg.read_text())
+    config = read_config(path)
     if not form:
         form = f"q{config['quantization']['bits']}" if "quantization" in config else ""
     return ModelSource(spec, kind, config, path=path, form=form, dtype=dtype)
+
+
+def read_config(path: Path) -> dict:
+    """A model directory's config.json, checked far enough that a node can build it."""
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise ModelError(f"{path} has no config.json: not an MLX or HF model directory")
+    try:
+        config = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg} is not valid JSON ({e}); fix or replace the file") from e
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise ModelError(f"{cfg} names no model_type, so no mlx-lm architecture can build it; "
+                         "is this a model directory?")
+    if "num_hidden_layers" not in config:
+        text = config.get("text_config")
+        if isinstance(text, dict) and "num_hidden_layers" in text:
+            config = {**config, "num_hidden_layers": text["num_hidden_layers"]}
+        else:
+            raise ModelError(f"{cfg} has no num_hidden_layers: cannot plan its layers")
+    return config
+
+
+def check_architecture(config: dict, spec: str) -> None:
+    """Refuse, before anything loads, a model this cluster cannot split by layers: an
+    architecture mlx-lm lacks, one with no layer list, or one with recurrent state.
+    Builds the model with mlx-lm's classes; its parameters stay lazy (no memory)."""
+    from node.shardrun import cache_kinds, layer_list
+
+    model = build_model(config, spec)
+    n = len(layer_list(model))
+    if n != int(config["num_hidden_layers"]):
+        raise ModelError(f"{spec}: its config says {config['num_hidden_layers']} layers but "
+                         f"mlx-lm's {config['model_type']} model has {n}")
+    try:
+        cache_kinds(model)
+    except ModelError as e:
+        raise ModelError(f"{spec}: {e}") from None
+
+
+def build_model(config: dict, spec: str) -> Any:
+    """mlx-lm's own Model for a config, parameters lazy (nothing is computed)."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:  # mlx-lm: "Model type ... not supported."
+        raise ModelError(f"{spec}: mlx-lm {_mlx_lm_version()} has no architecture "
+                         f"{config.get('model_type')!r} ({e}); upgrade mlx-lm or use another "
+                         "model") from None
+    try:
+        return model_class(args_class.from_dict(config))
+    except Exception as e:  # the model's own code rejects the config
+        raise ModelError(f"{spec}: mlx-lm cannot build a {config.get('model_type')} model "
+                         f"from this config ({type(e).__name__}: {e})") from e
+
+
+def _mlx_lm_version() -> str:
+    from importlib.metadata import version
+
+    return version("mlx-lm")
 
 
 def _hub_source(repo: str, dtype: str) -> ModelSource:
@@ -252,9 +309,8 @@ def _hub_source(repo: str, dtype: str) -> ModelSource:
 
 def shape_of(source: ModelSource) -> ModelShape:
     """Byte sizes of a resolved model's parts, for plans and budget checks."""
-    quant = source.config.get("quantization") or {}
     dtype = source.dtype or _config_dtype(source.config, source.form)
-    return model_shape(source.config, dtype, bits=int(quant.get("bits", 0)))
+    return measure_shape(source.config, dtype)
 
 
 def _config_dtype(config: dict, form: str) -> str:
@@ -272,17 +328,19 @@ class Shard:
     """One node's part of a model: layers start..end (inclusive) of an mlx-lm model."""
 
     source: ModelSource
-    model: Any  # mlx-lm Model with model.model.layers cut to this shard
+    model: Any  # the whole mlx-lm Model; only this shard's parameters are evaluated
     start: int
     end: int
     tokenizer: PromptTokenizer | None
     dtype: str
     weight_bytes: int
     load_seconds: float
+    runner: Any = None  # node.shardrun.ShardModel (None for a tensor-parallel rank)
     hidden_size: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.hidden_size = int(self.source.config["hidden_size"])
+        self.hidden_size = int(self.source.config.get("hidden_size")
+                               or self.source.config["text_config"]["hidden_size"])
 
     @property
     def n_layers(self) -> int:
@@ -298,7 +356,7 @@ class Shard:
 
     @property
     def layers(self) -> list:
-        return self.model.model.layers
+        return self.runner.kept_layers
 
 
 def check_range(start: int, end: int, n_layers: int) -> None:
@@ -310,23 +368,31 @@ def check_range(start: int, end: int, n_layers: int) -> None:
 
 
 def load_shard(source: ModelSource, start: int, end: int) -> Shard:
-    """Build layers start..end of `source` (plus embedding / head where needed)."""
+    """Layers start..end of `source` (plus the embedding / head where needed), run through
+    the model's own forward; only this shard's tensors are read or made."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from node.shardrun import ShardModel
+
     check_range(start, end, source.n_layers)
     t0 = time.perf_counter()
-    if source.kind == "synthetic":
-        model = _synthetic_model(source, start, end)
-        tokenizer: PromptTokenizer | None = ByteTokenizer()
-    else:
-        model, tokenizer = _dir_model(source, start, end)
-    kept = _kept_parameters(model, start, end, source.n_layers)
-    mx.eval(kept)
-    weight_bytes = sum(a.nbytes for _, a in tree_flatten(kept))
-    dtype = str(model.model.layers[0].input_layernorm.weight.dtype).removeprefix("mlx.core.")
-    return Shard(source, model, start, end, tokenizer, dtype, weight_bytes,
-                 time.perf_counter() - t0)
+    try:
+        model, tokenizer = _model(source, start, end)
+        runner = ShardModel(model, start, end, source.n_layers)
+        used = runner.parameters_used()
+        mx.eval(used)
+    except NodeError:
+        raise
+    except Exception as e:  # mlx-lm's code, or a weight file that is short or corrupt
+        raise ModelCodeError(
+            f"{source.spec}: loading layers {start}-{end} failed in mlx-lm's "
+            f"{source.config.get('model_type')} code ({type(e).__name__}: {e}); check that "
+            f"the model directory is complete and that mlx-lm {_mlx_lm_version()} supports "
+            "it") from e
+    weight_bytes = sum(a.nbytes for _, a in tree_flatten(used))
+    return Shard(source, model, start, end, tokenizer, _dtype_of(runner.kept_layers[0]),
+                 weight_bytes, time.perf_counter() - t0, runner)
 
 
 def load_tensor_shard(source: ModelSource, group: Any) -> Shard:
@@ -336,78 +402,122 @@ def load_tensor_shard(source: ModelSource, group: Any) -> Shard:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from node.shardrun import layer_list
+
     t0 = time.perf_counter()
     last = source.n_layers - 1
-    if source.kind == "synthetic":
-        model = _synthetic_model(source, 0, last)
-        tokenizer: PromptTokenizer | None = ByteTokenizer()
-    else:
-        model, tokenizer = _dir_model(source, 0, last)
+    model, tokenizer = _model(source, 0, last)
     if not hasattr(model, "shard"):
-        raise ModelError(f"{source.spec}: mlx-lm's {type(model).__module__} model has no "
-                         "shard(); use --backend mlx-ring:pipeline")
+        raise ModelError(tensor_refusal(source))
     model.shard(group)
     mx.eval(model.parameters())
     weight_bytes = sum(a.nbytes for _, a in tree_flatten(model.parameters()))
-    dtype = str(model.model.layers[0].input_layernorm.weight.dtype).removeprefix("mlx.core.")
-    return Shard(source, model, 0, last, tokenizer, dtype, weight_bytes,
-                 time.perf_counter() - t0)
+    return Shard(source, model, 0, last, tokenizer, _dtype_of(layer_list(model)[0]),
+                 weight_bytes, time.perf_counter() - t0)
 
 
-def _kept_parameters(model: Any, start: int, end: int, n_layers: int) -> list:
-    """Parameters this shard uses; everything else stays lazy and is never read."""
-    inner = model.model
-    kept: list = [layer.parameters() for layer in inner.layers]
-    tied = getattr(model.args, "tie_word_embeddings", False)
-    if start == 0 or (end == n_layers - 1 and tied):
-        kept.append(inner.embed_tokens.parameters())
-    if end == n_layers - 1:
-        kept.append(inner.norm.parameters())
-        if not tied:
-            kept.append(model.lm_head.parameters())
-    return kept
+def tensor_refusal(source: ModelSource) -> str:
+    return (f"{source.spec}: mlx-lm's {source.config['model_type']} model has no shard(), so "
+            "it cannot run tensor parallel; use --backend pipeline or mlx-ring:pipeline")
 
 
-def _cut(model: Any, start: int, end: int) -> None:
-    model.model.layers = model.model.layers[start:end + 1]
+def supports_tensor(source: ModelSource) -> bool:
+    """Whether mlx-lm implements tensor parallel (`shard()`) for this architecture."""
+    from mlx_lm.utils import _get_classes
+
+    model_class, _ = _get_classes(source.config)
+    return hasattr(model_class, "shard")
+
+
+def _dtype_of(layer: Any) -> str:
+    """The dtype a layer computes in: that of its floating-point parameters."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    for _, p in tree_flatten(layer.parameters()):
+        if mx.issubdtype(p.dtype, mx.floating):
+            return str(p.dtype).removeprefix("mlx.core.")
+    return "float32"
+
+
+def _model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTokenizer | None]:
+    if source.kind == "synthetic":
+        return _synthetic_model(source, start, end), ByteTokenizer()
+    return _dir_model(source, start, end)
+
+
+LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_files(path: Path, start: int, end: int, n_layers: int) -> list[Path] | None:
+    """The weight files that hold layers start..end (and the embedding / head, where the
+    shard needs them), from the directory's weight index; None without an index."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return None
+    weight_map: dict = json.loads(index.read_text()).get("weight_map", {})
+    files: set[str] = set()
+    for name, file in weight_map.items():
+        m = LAYER_KEY.search(name)
+        if m is None or start <= int(m.group(1)) <= end:
+            files.add(file)
+    return sorted(path / f for f in files)
 
 
 def _dir_model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTokenizer]:
+    """mlx-lm's own loader, lazily: tensors of other layers are never read (MLX loads a
+    tensor when it is first evaluated). A hub model fetches its layers' files first."""
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
     assert source.path is not None
+    strict = True
+    if source.kind == "hub":
+        _fetch_layer_files(source, start, end)
+        strict = False  # other layers' files are not here (and never needed)
     try:
-        model, _ = load_model(source.path, lazy=True)
+        model, _ = load_model(source.path, lazy=True, strict=strict)
         tokenizer = prompt_tokenizer(source)
     except (FileNotFoundError, ValueError) as e:
         raise ModelError(f"cannot load model from {source.path}: {e}") from e
-    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
-        raise ModelError(f"{source.spec}: only llama-family models (model.model.layers) "
-                         "can be split")
-    _cut(model, start, end)
     if source.dtype:
         model.set_dtype(getattr(mx, source.dtype))
     return model, tokenizer
 
 
-def _synthetic_model(source: ModelSource, start: int, end: int) -> Any:
-    """A llama with random weights: layer i's come from key (seed, i) alone."""
-    import mlx.core as mx
-    from mlx_lm.models import llama
+def _fetch_layer_files(source: ModelSource, start: int, end: int) -> None:
+    """Download (once) the weight files that hold this shard's layers."""
+    from huggingface_hub import hf_hub_download
 
-    args = llama.ModelArgs.from_dict(source.config)
-    model = llama.Model(args)  # parameters are lazy: nothing is computed yet
+    assert source.path is not None
+    files = layer_files(source.path, start, end, source.n_layers)
+    names = [f.name for f in files] if files is not None else ["model.safetensors"]
+    for name in names:
+        try:
+            hf_hub_download(source.spec, name)
+        except Exception as e:
+            raise ModelError(f"could not download {name} of {source.spec!r}: {e}") from e
+
+
+def _synthetic_model(source: ModelSource, start: int, end: int) -> Any:
+    """mlx-lm's own model for the config, random weights: layer i's come from key
+    (seed, i) alone, so every node makes the same weights for the layers it holds."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from node.shardrun import layer_list
+
+    model = build_model(source.config, source.spec)  # lazy: nothing is computed yet
     dtype = getattr(mx, source.dtype)
-    n = source.n_layers
+    layers = layer_list(model)
     for i in range(start, end + 1):
-        _randomize(model.model.layers[i], _layer_key(i), dtype)
-    if start == 0:
-        _randomize(model.model.embed_tokens, _layer_key(-1), dtype)
-    if end == n - 1:
-        _randomize(model.model.norm, _layer_key(-2), dtype)
-        _randomize(model.lm_head, _layer_key(-3), dtype)
-    _cut(model, start, end)
+        _randomize(layers[i], _layer_key(i), dtype)
+    # outside the layers: the embedding (key -1) and the rest (norm, head: key -2)
+    outside = [(n, p) for n, p in tree_flatten(model.parameters())
+               if LAYER_KEY.search("." + n) is None]
+    embed = [(n, p) for n, p in outside if "embed" in n]
+    _randomize(model, _layer_key(-1), dtype, embed)
+    _randomize(model, _layer_key(-2), dtype, [x for x in outside if "embed" not in x[0]])
     return model
 
 
@@ -423,19 +533,24 @@ def _layer_key(index: int) -> Any:
     return mx.random.key(SYNTHETIC_SEED * 1_000_003 + index + 16)
 
 
-def _randomize(module: Any, key: Any, dtype: Any) -> None:
+def _randomize(module: Any, key: Any, dtype: Any, params: list | None = None) -> None:
+    """Random values for `params` (name, array) of `module` (default: all of them):
+    uniform with the variance of N(0, 1/fan_in) for matrices, ones for norms and 1-D."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    params = sorted(tree_flatten(module.parameters()))
+    params = sorted(tree_flatten(module.parameters()) if params is None else params,
+                    key=lambda x: x[0])
+    if not params:
+        return
     keys = mx.random.split(key, len(params))
     new = []
     for (name, p), k in zip(params, keys):
-        if "norm" in name or name.endswith("layernorm.weight") or p.ndim == 1:
+        if "norm" in name or p.ndim == 1:
             value = mx.ones(p.shape)
         else:
             # uniform with the variance of N(0, 1/fan_in): ~3x cheaper to draw than normal
             bound = math.sqrt(3.0 / p.shape[-1])
             value = mx.random.uniform(-bound, bound, p.shape, key=k)
         new.append((name, value.astype(dtype)))
-    module.update(tree_unflatten(new))
+    module.update(tree_unflatten(new), strict=False)

@@ -50,7 +50,13 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Byte sizes of a model's parts, for memory estimates."""
+    """Byte sizes of a model's parts, for memory estimates.
+
+    The scalar fields describe a uniform model (the llama formula of `model_shape`). A
+    measured shape (`node.sizes.measure_shape`) also carries one entry per layer, which
+    take precedence: parameter bytes, K+V bytes per position, and the number of positions
+    a layer's cache keeps at most (a sliding-window layer's window; 0 = it grows with the
+    context). The scalar fields are then the per-layer means (rounded up)."""
 
     n_layers: int
     layer_bytes: int  # parameters of one transformer block
@@ -58,21 +64,59 @@ class ModelShape:
     head_bytes: int  # final norm + output projection (last shard; the embedding when tied)
     kv_bytes_per_token: int  # K and V of one layer for one position
     context_length: int
+    layer_sizes: tuple[int, ...] = ()  # parameter bytes of each layer; () = layer_bytes each
+    kv_per_token: tuple[int, ...] = ()  # K+V bytes per position of each layer
+    kv_window: tuple[int, ...] = ()  # positions each layer's cache keeps at most; 0 = all
+    tied_bytes: int = 0  # the embedding inside head_bytes (tied head): held once by one shard
+
+    def __post_init__(self) -> None:
+        for name in ("layer_sizes", "kv_per_token", "kv_window"):
+            sizes = getattr(self, name)
+            if sizes and len(sizes) != self.n_layers:
+                raise ValueError(f"ModelShape.{name} has {len(sizes)} entries for "
+                                 f"{self.n_layers} layers")
+
+    def layer_params(self, start: int, end: int) -> int:
+        """Parameter bytes of layers start..end (inclusive)."""
+        if self.layer_sizes:
+            return sum(self.layer_sizes[start:end + 1])
+        return (end - start + 1) * self.layer_bytes
+
+    def kv_bytes(self, start: int, end: int, context: int) -> int:
+        """KV-cache bytes of layers start..end at `context` positions, windows respected."""
+        total = 0
+        for i in range(start, end + 1):
+            per = self.kv_per_token[i] if self.kv_per_token else self.kv_bytes_per_token
+            window = self.kv_window[i] if self.kv_window else 0
+            total += per * (min(context, window) if window else context)
+        return total
+
+    def per_layer_bytes(self, context: int) -> int:
+        """Mean bytes of one layer, parameters plus KV cache at `context` (rounded up)."""
+        if not self.n_layers:
+            return 0
+        last = self.n_layers - 1
+        total = self.layer_params(0, last) + self.kv_bytes(0, last, context)
+        return -(-total // self.n_layers)
 
     def shard_bytes(self, start: int, end: int, context: int | None = None) -> tuple[int, int]:
         """(parameter bytes, KV-cache bytes at `context` positions) of layers start..end."""
-        layers = end - start + 1
-        params = layers * self.layer_bytes
+        params = self.layer_params(start, end)
         if start == 0:
             params += self.embed_bytes
         if end == self.n_layers - 1:
             params += self.head_bytes
+            if start == 0:
+                params -= self.tied_bytes  # one module serves as embedding and head
         ctx = self.context_length if context is None else context
-        return params, layers * self.kv_bytes_per_token * ctx
+        return params, self.kv_bytes(start, end, ctx)
 
 
 def model_shape(config: dict, dtype: str, bits: int = 0, context: int = 0) -> ModelShape:
-    """Sizes of a llama-family model from its config; `bits` > 0 for quantized weights."""
+    """Sizes of a llama-family model from its config; `bits` > 0 for quantized weights.
+
+    The formula fallback for callers without mlx-lm; `node.sizes.measure_shape` measures
+    any mlx-lm architecture exactly."""
     h = int(config["hidden_size"])
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
@@ -90,7 +134,8 @@ def model_shape(config: dict, dtype: str, bits: int = 0, context: int = 0) -> Mo
     return ModelShape(
         n_layers=int(config["num_hidden_layers"]), layer_bytes=layer, embed_bytes=embed,
         head_bytes=head, kv_bytes_per_token=2 * kv_heads * head_dim * act,
-        context_length=context or int(config.get("max_position_embeddings") or 4096))
+        context_length=context or int(config.get("max_position_embeddings") or 4096),
+        tied_bytes=embed if tied else 0)
 
 
 @dataclass(frozen=True)
@@ -222,8 +267,9 @@ def exo_ring_memory_weighted(n_layers: int, memories: list[int]) -> list[tuple[i
 
 
 def _caps(shape: ModelShape, nodes: list[NodeSpec], context: int) -> list[int]:
-    """How many layers each node can hold at its position in the order."""
-    per_layer = shape.layer_bytes + shape.kv_bytes_per_token * context
+    """How many layers each node can hold at its position in the order (of mean size: the
+    exact check of every shard follows)."""
+    per_layer = shape.per_layer_bytes(context)
     caps = []
     for i, node in enumerate(nodes):
         fixed = (shape.embed_bytes if i == 0 else 0) + (
@@ -234,8 +280,10 @@ def _caps(shape: ModelShape, nodes: list[NodeSpec], context: int) -> list[int]:
 
 def _fits_or_explain(shape: ModelShape, nodes: list[NodeSpec], caps: list[int],
                      context: int, model: str) -> None:
-    per_layer = shape.layer_bytes + shape.kv_bytes_per_token * context
-    need = shape.n_layers * per_layer + shape.embed_bytes + shape.head_bytes
+    per_layer = shape.per_layer_bytes(context)
+    params, kv = shape.shard_bytes(0, shape.n_layers - 1, context)
+    # more than one node: the first holds the embedding, the last its own (tied) copy
+    need = params + kv + (shape.tied_bytes if len(nodes) > 1 else 0)
     have = sum(n.budget for n in nodes)
     if sum(caps) < shape.n_layers or need > have:
         raise PlanError(
@@ -298,8 +346,9 @@ def make_tensor_plan(shape: ModelShape, config: dict, nodes: list[NodeSpec],
                         f"{len(nodes)} node(s): {problem}")
     ctx = shape.context_length if context is None else context
     n, last = len(nodes), shape.n_layers - 1
-    params = shape.n_layers * shape.layer_bytes // n + shape.embed_bytes + shape.head_bytes
-    kv = shape.n_layers * shape.kv_bytes_per_token * ctx // n
+    params = (shape.layer_params(0, last) // n + shape.embed_bytes + shape.head_bytes
+              - shape.tied_bytes)
+    kv = shape.kv_bytes(0, last, ctx) // n
     shards = [ShardPlan(node, 0, last, params, kv) for node in nodes]
     over = [s for s in shards if s.total_bytes > s.node.budget]
     if over:

@@ -141,12 +141,17 @@ def generate_pipeline(shard: Any, group: Any, req: dict, emit: Events,
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
-    from node.engine import last_logprobs, run_layers
+    from node.engine import row_logprobs
 
     rank, size = group.rank(), group.size()
     first, last = rank == 0, rank == size - 1
-    inner = shard.model.model
-    caches = shard.model.make_cache()
+    runner = shard.runner  # the model's own forward over this rank's layers
+    caches = runner.make_cache()
+
+    def forward(x: Any, length: int) -> Any:
+        pick = mx.array([length - 1]) if last else None
+        return runner.forward(x, caches, pick=pick)
+
     eos = set(req["eos"])
     if last:
         mx.random.seed(req["seed"])
@@ -160,8 +165,8 @@ def generate_pipeline(shard: Any, group: Any, req: dict, emit: Events,
                 if size > 1:  # tell the chain to stop
                     mx.eval(mx.distributed.send(mx.array([0.0, 0, 0, 0]), 1, group=group))
                 return
-            h = run_layers(inner.layers, inner.embed_tokens(mx.array(tokens)[None]), caches)
             length, compute = len(tokens), 0.0
+            h = forward(mx.array(tokens, dtype=mx.int32)[None], length)
         else:
             ctl = mx.distributed.recv((4,), mx.float32, rank - 1, group=group)
             go, length, compute, code = (float(v) for v in ctl.tolist())
@@ -173,9 +178,9 @@ def generate_pipeline(shard: Any, group: Any, req: dict, emit: Events,
             t0 = time.perf_counter()  # waiting for the upstream rank is not compute
             h = mx.distributed.recv((1, int(length), shard.hidden_size), dtype, rank - 1,
                                     group=group)
-            h = run_layers(inner.layers, h, caches)
+            h = forward(h, int(length))
         if last:
-            logprobs = last_logprobs(shard.model, inner.norm(h))
+            logprobs = row_logprobs(h[:, 0])  # h: the logits at the last position
             token = sampler(logprobs)
             mx.eval(token, logprobs)
             tok = int(token.item())

@@ -35,7 +35,16 @@ from node.errors import (
 )
 from node.faults import FaultBook, exit_now
 from node.metrics import NodeMetrics
-from node.models import Shard, check_range, load_shard, prompt_tokenizer, resolve, shape_of
+from node.models import (
+    Shard,
+    check_range,
+    load_shard,
+    prompt_tokenizer,
+    resolve,
+    shape_of,
+    supports_tensor,
+    tensor_refusal,
+)
 from node.pipeline import CHANNEL_OPTIONS, Pipeline, unbatch
 from node.plan import tensor_split_problem
 from node.ring import RingGroup, free_port
@@ -598,6 +607,8 @@ def _check_tensor_plan(plan: pb.Plan, source) -> None:
     if any((s.start_layer, s.end_layer) != (0, plan.n_layers - 1) for s in plan.shards):
         raise ModelError("a tensor-parallel plan gives every rank all layers "
                          f"0-{plan.n_layers - 1}")
+    if not supports_tensor(source):
+        raise ModelError(tensor_refusal(source))
     problem = tensor_split_problem(source.config, len(plan.shards))
     if problem:
         raise ModelError(f"{plan.model} cannot be split tensor-parallel over "

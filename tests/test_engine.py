@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from node.engine import Engine, Sampling, decode_tensor, encode_tensor
 from node.errors import BadFrame, FrameGap, ModelError
 from node.models import ByteTokenizer, load_shard, resolve, synthetic_full_model
+from node.synthetic import TINY_ARCHS
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -99,13 +100,19 @@ def test_byte_tokenizer_streams_utf8():
     assert out + detok.last_segment == "héllo ✓"
 
 
-@pytest.mark.parametrize("start,end", [(0, 7), (0, 3), (4, 7)])
-def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(start, end):
-    """Continuous batching: prefill chunks and decode steps of requests at different
-    positions run in one forward and get what they get alone (tokens, or hidden states
-    within float rounding of a batched matmul). Requests join (a late prefill beside the
-    others' decode steps), step alone and rejoin, and leave (freed) between forwards."""
-    source = resolve("synthetic:tiny")
+@pytest.mark.parametrize("arch,start,end", [
+    ("tiny", 0, 7), ("tiny", 0, 3), ("tiny", 4, 7),
+    *((arch, 0, 7) for arch in TINY_ARCHS if arch != "llama"),
+    ("gemma3_text", 2, 5), ("qwen3_moe", 3, 7), ("gemma2", 0, 4)])
+def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(arch, start,
+                                                                                end):
+    """Continuous batching, for every architecture: prefill chunks and decode steps of
+    requests at different positions run in one batch (mlx-lm's batch caches, through the
+    model's own code) and get what they get alone (tokens, or hidden states within float
+    rounding of a batched matmul). Requests join (a late prefill beside the others' decode
+    steps), step alone and rejoin, and leave (freed) between forwards. gemma3's prompts
+    outrun its sliding window (rotating caches)."""
+    source = resolve(f"synthetic:{arch}")
     shard = load_shard(source, start, end)
     prompts = [[256, *b"a"], [256, *b"longer prompt"], [256, *b"mid one"], [256],
                [256, *b"late joiner"]]
@@ -281,9 +288,10 @@ def test_seeded_sampling_repeats_whether_or_not_the_request_shares_forwards():
 
 def test_log_probabilities_are_normalised_per_row_of_a_batch():
     """Samplers (top-p) read exp(logprobs) as each request's own distribution."""
-    from node.engine import last_logprobs
+    from node.engine import row_logprobs
 
     shard = load_shard(resolve("synthetic:tiny"), 0, 7)
-    h = mx.random.normal((3, 1, shard.hidden_size), key=mx.random.key(3))
-    sums = mx.exp(last_logprobs(shard.model, h)).sum(axis=-1)
+    tokens = mx.array([[256, 72], [256, 73], [256, 74]])
+    logits = shard.runner.forward(tokens, shard.runner.make_cache())[:, -1]
+    sums = mx.exp(row_logprobs(logits)).sum(axis=-1)
     assert np.allclose(np.array(sums), 1.0, atol=1e-4)

@@ -1,0 +1,230 @@
+"""Running a layer range of any mlx-lm model through the model's own code.
+
+A shard keeps the whole mlx-lm model object, so its forward is the model's own: the
+embedding (with any scaling), the masks and sliding windows, MoE routing, norms, logit
+soft-capping and tied heads. Three small wrappers make it a shard:
+
+- every layer outside the shard becomes a pass-through that returns its input and holds
+  no weights (its original stays reachable for attributes such as `use_sliding`, but its
+  parameters are never read);
+- on a shard that is not first, the first kept layer takes the received hidden state in
+  place of its input, so the embedding is built but never evaluated;
+- on a shard that is not last, the last kept layer records its output, which is what the
+  shard sends on; the norm and head are built but never evaluated. On the last shard it
+  keeps only the positions whose logits are wanted.
+
+MLX is lazy: what a shard never evaluates is never computed. The layer list keeps its
+length, so a forward that depends on a layer's index (gemma3's sliding-window pattern)
+is unchanged. Caches: the kept layers have real mlx-lm caches (single or batched); a
+pass-through layer's slot holds a kept layer's cache of the same kind, so that a mask the
+model builds from any slot has the right offsets (this is how exo's `auto_parallel` can
+run any model too, there with wrapped layers in a sliced list).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from node.errors import ModelError
+
+# caches that hold one K/V entry per position and batch with mlx-lm's Batch*KVCache
+KV_CACHES = ("KVCache", "RotatingKVCache")
+
+
+class _Io:
+    """What the wrappers exchange with the shard for one forward (not a Module: its
+    arrays must never become parameters)."""
+
+    def __init__(self) -> None:
+        self.hidden: mx.array | None = None  # the received hidden state (not first)
+        self.output: mx.array | None = None  # the last kept layer's output
+        self.pick: mx.array | None = None  # last shard: positions [B] whose logits count
+
+
+class _Delegating(nn.Module):
+    """Reads attributes it lacks from the layer it stands for (a model's forward may ask a
+    layer for `use_sliding`, `is_sliding` and so on)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if key.startswith("_"):
+                raise
+            return getattr(self._layer(), key)
+
+    def _layer(self) -> Any:
+        raise NotImplementedError
+
+
+class PassThrough(_Delegating):
+    """A layer outside the shard: returns its input."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_original", layer)  # not a child: no parameters
+
+    def _layer(self) -> Any:
+        return object.__getattribute__(self, "_original")
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+
+class Boundary(_Delegating):
+    """The first or last kept layer (or both): swaps in the received hidden state
+    (`entry`), and as the last kept layer either records the output (`exit`, a shard that
+    is not last) or keeps only the positions whose logits are wanted (the last shard)."""
+
+    def __init__(self, layer: nn.Module, io: _Io, entry: bool, final: bool,
+                 exit: bool) -> None:
+        super().__init__()
+        self["layer"] = layer  # a child: its parameters are this shard's
+        for name, value in (("_io", io), ("_entry", entry), ("_final", final),
+                            ("_exit", exit)):
+            object.__setattr__(self, name, value)
+
+    def _layer(self) -> Any:
+        return self["layer"]
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        get = object.__getattribute__
+        io = get(self, "_io")
+        if get(self, "_entry"):
+            x = io.hidden
+        out = self["layer"](x, *args, **kwargs)
+        if get(self, "_final"):
+            if get(self, "_exit"):
+                io.output = out
+            elif io.pick is not None:  # last shard: the head runs on these positions only
+                out = mx.take_along_axis(out, io.pick[:, None, None], axis=1)
+        return out
+
+
+def layer_list(model: Any) -> list:
+    """The model's own list of transformer blocks, `model.model.layers` or `model.layers`:
+    the list object itself, so that replacing an entry changes the model (the `layers`
+    property of many mlx-lm models returns a copy: a slice of its pipeline layers)."""
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None) if owner is not None else None
+        if isinstance(layers, list) and layers:
+            return layers
+    raise ModelError(f"mlx-lm's {type(model).__module__} model has no list of layers, so it "
+                     "cannot be split by layers; run it on one node")
+
+
+def _in_layers(name: str) -> bool:
+    return re.search(r"(?:^|\.)layers\.\d+\.", name) is not None
+
+
+def cache_kinds(model: Any) -> list:
+    """The model's own per-layer caches (mlx-lm's make_prompt_cache); refuses models whose
+    state is not a per-position K/V cache (recurrent layers cannot be split by layers)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    caches = make_prompt_cache(model)
+    odd = sorted({type(c).__name__ for c in caches} - set(KV_CACHES))
+    if odd:
+        raise ModelError(
+            f"mlx-lm's {type(model).__module__} model keeps recurrent state ({', '.join(odd)}), "
+            "not a key/value cache per layer, so it cannot be split by layers across nodes; "
+            "run it on one node")
+    return caches
+
+
+def _kind(cache: Any) -> tuple:
+    return (type(cache).__name__, getattr(cache, "max_size", None), getattr(cache, "keep", None))
+
+
+@dataclass
+class ShardModel:
+    """Layers start..end of an mlx-lm model, run through the model's own forward."""
+
+    model: Any
+    start: int
+    end: int
+    n_layers: int
+
+    def __post_init__(self) -> None:
+        layers = layer_list(self.model)
+        self._kinds = [_kind(c) for c in cache_kinds(self.model)]
+        self._io = _Io()
+        self.first, self.last = self.start == 0, self.end == self.n_layers - 1
+        for i in range(self.n_layers):
+            if not self.start <= i <= self.end:
+                layers[i] = PassThrough(layers[i])
+        if not self.first and self.start != self.end:
+            layers[self.start] = Boundary(layers[self.start], self._io, True, False, False)
+        layers[self.end] = Boundary(layers[self.end], self._io, not self.first and
+                                    self.start == self.end, True, not self.last)
+        # a pass-through layer's cache slot: a kept layer's cache of the same kind, or
+        # (no kept layer of that kind: its mask is never used) a spare one
+        kept = range(self.start, self.end + 1)
+        self._slot: list[int | None] = []
+        for i in range(self.n_layers):
+            same = [j for j in kept if self._kinds[j] == self._kinds[i]]
+            self._slot.append(i - self.start if self.start <= i <= self.end else
+                              (min(same, key=lambda j: abs(j - i)) - self.start) if same
+                              else None)
+
+    @property
+    def kept_layers(self) -> list:
+        return layer_list(self.model)[self.start:self.end + 1]
+
+    def parameters_used(self) -> list:
+        """What this shard evaluates: its layers, plus what lies outside the layer list
+        where the shard needs it: the embedding on the first shard, the norm and head on
+        the last (and the embedding there too when the head is tied to it, which is when
+        nothing outside the layers but the embedding is a matrix)."""
+        from mlx.utils import tree_flatten
+
+        used: list = [layer.parameters() for layer in self.kept_layers]
+        outside = [(n, p) for n, p in tree_flatten(self.model.parameters())
+                   if not _in_layers(n)]
+        embedding = [p for n, p in outside if "embed" in n or "wte" in n]
+        rest = [p for n, p in outside if not ("embed" in n or "wte" in n)]
+        tied = not any(p.ndim >= 2 for p in rest)
+        if self.first or (self.last and tied):
+            used += embedding
+        if self.last:
+            used += rest
+        return used
+
+    def make_cache(self) -> list:
+        """A new request's caches: the model's own, for the kept layers."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)[self.start:self.end + 1]
+
+    def _spare(self, i: int, batch: int) -> Any:
+        from mlx_lm.models.cache import BatchKVCache, KVCache
+
+        return BatchKVCache([0] * batch) if batch > 1 else KVCache()
+
+    def forward(self, x: mx.array, caches: list, pick: mx.array | None = None) -> mx.array:
+        """One forward of this shard. `x`: token ids [B, L] on the first shard, hidden
+        states [B, L, hidden] on the others. `caches`: the kept layers' caches (single or
+        batched). Returns the last kept layer's hidden states [B, L, hidden] (not last),
+        or logits (last shard): [B, L, vocab], or [B, 1, vocab] at `pick` [B]."""
+        io = self._io
+        batch, length = x.shape[0], x.shape[1]
+        if self.first:
+            tokens = x
+        else:
+            io.hidden = x
+            tokens = mx.zeros((batch, length), dtype=mx.int32)  # the embedding stays unused
+        io.pick = pick if self.last else None
+        full = [caches[s] if s is not None else self._spare(i, batch)
+                for i, s in enumerate(self._slot)]
+        try:
+            out = self.model(tokens, cache=full)
+            if not self.last:
+                out = io.output
+        finally:
+            io.hidden = io.output = io.pick = None
+        return out
