@@ -1,0 +1,83 @@
+"""Every listed mlx-lm architecture on every backend gives mlx-lm's own tokens.
+
+Tiny random-weight model directories of each architecture are written out as people have
+them (tests/modeldirs.py); the single-process reference is `mlx_lm.load` plus
+`generate_step` on that directory, in a subprocess with the nodes' BLAS, and never this
+project's loader. The cluster loads the same directory on real node processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from console.client import ClusterError
+from node.synthetic import SYNTHETIC, TINY_ARCHS
+from tests.conftest import ROOT
+from tests.modeldirs import write_model_dir
+from tests.test_cluster import addresses, generate_ids, load
+from tests.test_ring import load_backend
+
+pytestmark = pytest.mark.cluster
+
+PROMPT = [256, *b"parity across splits"]
+N_TOKENS = 16
+TENSOR = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe"}  # mlx-lm has shard() for these
+
+
+def mlx_lm_reference(dirs: dict[str, Path], prompt: list[int], n: int) -> dict[str, list[int]]:
+    """Greedy tokens of each directory by mlx_lm.load + generate_step, all in one
+    subprocess with the same BLAS as the nodes."""
+    from node.blas import openblas_env
+
+    code = ("import json, sys\n"
+            "from pathlib import Path\n"
+            "from tests.modeldirs import reference_tokens\n"
+            "dirs, prompt, n = json.loads(sys.argv[1])\n"
+            "print(json.dumps({a: reference_tokens(Path(d), prompt, n) "
+            "for a, d in dirs.items()}))\n")
+    arg = json.dumps([{a: str(d) for a, d in dirs.items()}, prompt, n])
+    res = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
+                         env=openblas_env(), cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("archs")
+    return {arch: write_model_dir(root / arch, SYNTHETIC[arch]) for arch in TINY_ARCHS}
+
+
+@pytest.fixture(scope="module")
+def expected(arch_dirs: dict[str, Path]) -> dict[str, list[int]]:
+    return mlx_lm_reference(arch_dirs, PROMPT, N_TOKENS)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+async def test_every_split_and_backend_gives_mlx_lm_tokens(cluster3, arch_dirs, expected, arch):
+    addrs = addresses(cluster3)
+    model = str(arch_dirs[arch])
+    want = expected[arch]
+    assert len(want) == N_TOKENS and len(set(want)) > 2  # a reference worth comparing
+
+    plan = await load(addrs[:2], model, "manual:0-1,2-7")  # uneven 2-way
+    assert [(s.start_layer, s.end_layer) for s in plan.shards] == [(0, 1), (2, 7)]
+    assert await generate_ids(addrs[0], PROMPT, N_TOKENS, ignore_eos=True) == want
+
+    plan = await load(addrs, model, "manual:0-4,5-5,6-7")  # uneven 3-way
+    assert await generate_ids(plan.shards[0].address, PROMPT, N_TOKENS, ignore_eos=True) == want
+
+    await load_backend(addrs, model, "mlx-ring:pipeline")
+    assert await generate_ids(addrs[0], PROMPT, N_TOKENS, ignore_eos=True) == want
+
+    if arch in TENSOR:
+        await load_backend(addrs, model, "mlx-ring:tensor")
+        assert await generate_ids(addrs[0], PROMPT, N_TOKENS, ignore_eos=True) == want
+    else:  # refused before anything loads, naming the backends that do work
+        with pytest.raises(ClusterError, match="pipeline or mlx-ring:pipeline"):
+            await load_backend(addrs, model, "mlx-ring:tensor")
