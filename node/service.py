@@ -267,6 +267,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             old_runner, self.runner = self.runner, None  # no new frames reach it
             await old_runner.close(
                 f"plan epoch {plan.epoch} replaced epoch {old_runner.epoch}")
+            del old_runner  # it holds the old shard: its weights go before the new load
         if not same:
             self.shard = None  # drop the old weights before loading new ones
             await loop.run_in_executor(self.executor, _clear_mlx_cache)
