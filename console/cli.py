@@ -178,6 +178,7 @@ def resolve_model(model: str, dtype: str, layers: int):
 def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, strategy: str,
               backend: str = "pipeline"):
     """Plan `model` over the nodes (in their order): a checked PartitionPlan and the source."""
+    from node.errors import ModelError
     from node.models import shape_of, supports_tensor, tensor_refusal
     from node.plan import NodeSpec, PlanError, make_plan, make_tensor_plan, parse_backend
 
@@ -191,7 +192,7 @@ def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, str
                 raise PlanError(tensor_refusal(source))
             return make_tensor_plan(shape_of(source), source.config, specs, model=model), source
         return make_plan(strategy, shape_of(source), specs, model=model), source
-    except PlanError as e:
+    except (PlanError, ModelError) as e:
         raise ClusterError(str(e)) from e
 
 

@@ -228,6 +228,7 @@ def resolve(spec: str, dtype: str = "", layers: int = 0) -> ModelSource:
 
 def _dir_source(spec: str, kind: str, path: Path, dtype: str, form: str) -> ModelSource:
     config = read_config(path)
+    check_architecture(config, spec)
     if not form:
         form = f"q{config['quantization']['bits']}" if "quantization" in config else ""
     return ModelSource(spec, kind, config, path=path, form=form, dtype=dtype)
@@ -300,8 +301,9 @@ def _hub_source(repo: str, dtype: str) -> ModelSource:
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                            "*.model", "*.jinja"]))
+        # config and tokenizer only: each node fetches the weight files of its own layers
+        path = Path(snapshot_download(repo, allow_patterns=["*.json", "*.txt", "*.model",
+                                                            "*.jinja"]))
     except Exception as e:  # network, auth, unknown repo: all the same to the user
         raise ModelError(f"could not download {repo!r} from the hub: {e}") from e
     return _dir_source(repo, "hub", path, dtype, "")

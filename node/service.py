@@ -242,11 +242,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if not tensor:
             _check_plan(plan)
         ours = mine[0]
-        self._loading_epoch = plan.epoch
-        if self.coordinator is not None and not self.coordinator.recovering:
-            # this plan replaces the one it watches; peers are reloading too
-            await self.coordinator.stop()
-            self.coordinator = None
+        # everything that can refuse the plan runs before the loaded one is touched
         loop = asyncio.get_running_loop()
         source = await loop.run_in_executor(self.executor, resolve, plan.model, options.dtype,
                                             options.layers)
@@ -260,6 +256,11 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             self._check_budget(source, ours.start_layer, ours.end_layer, plan.context_length)
         if ring and any(not s.ring_port for s in plan.shards):
             raise ModelError("an mlx-ring plan needs a ring_port for every rank")
+        self._loading_epoch = plan.epoch
+        if self.coordinator is not None and not self.coordinator.recovering:
+            # this plan replaces the one it watches; peers are reloading too
+            await self.coordinator.stop()
+            self.coordinator = None
         old = self.shard
         same = not ring and old is not None and old.source == source and (
             old.start, old.end) == (ours.start_layer, ours.end_layer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,43 @@ async def test_concurrent_requests_share_forwards_and_get_their_own_tokens(clust
     for b, a in zip(before, after):
         steps, rows = a[0] - b[0], a[1] - b[1]
         assert rows > steps, (b, a)  # some forwards served several requests at once
+
+
+async def test_unsplittable_and_broken_models_are_refused_before_anything_loads(
+        cluster3, tmp_path):
+    """A recurrent architecture and broken configs: a sentence from the console before any
+    node is asked, the same sentence from a node asked directly, and the loaded plan keeps
+    serving."""
+    from console.client import NodeClient
+    from protos import cluster_pb2 as pb
+    from tests.modeldirs import BROKEN_KINDS, write_broken_dir
+    from tests.test_cli import mlx_cluster
+
+    addrs = addresses(cluster3)
+    plan = await load(addrs, "synthetic:qwen3", "uniform")
+    served = await generate_ids(addrs[0], PROMPT, 6, ignore_eos=True)
+    expected = {"bad-json": "is not valid JSON", "no-model-type": "names no model_type",
+                "unknown-arch": "has no architecture 'no_such_arch'",
+                "recurrent": "cannot be split by layers"}
+    assert set(expected) == set(BROKEN_KINDS)
+    node = NodeClient(addrs[0])
+    try:
+        for kind in BROKEN_KINDS:
+            broken = write_broken_dir(tmp_path / kind, kind)
+            res = mlx_cluster("load", "--nodes", ",".join(addrs), "--model", str(broken),
+                              env=dict(os.environ))
+            assert res.returncode == 1, (kind, res.stdout)
+            assert expected[kind] in res.stderr, (kind, res.stderr)
+            assert "Traceback" not in res.stderr and "INTERNAL" not in res.stderr
+            direct = pb.Plan(model=str(broken), epoch=plan.epoch + 1, n_layers=8,
+                             strategy="manual", shards=[pb.PlanShard(
+                                 node_id=s.node_id, address=s.address, start_layer=s.start_layer,
+                                 end_layer=s.end_layer) for s in plan.shards])
+            with pytest.raises(ClusterError, match=expected[kind]) as refused:
+                await node.load(direct, pb.ModelOptions())
+            assert "INVALID_ARGUMENT" in str(refused.value)
+        info = await node.info()
+        assert (info.shard.model, info.shard.epoch) == ("synthetic:qwen3", plan.epoch)
+    finally:
+        await node.close()
+    assert await generate_ids(addrs[0], PROMPT, 6, ignore_eos=True) == served

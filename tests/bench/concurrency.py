@@ -8,6 +8,7 @@ aggregate output tokens/s per level, its ratio to concurrency 1, and the mean ba
 the nodes' engines ran (rows per forward), all from this one run.
 
     .venv/bin/python tests/bench/concurrency.py [--model smollm2-135m] [--tokens 64]
+    .venv/bin/python tests/bench/concurrency.py --model synthetic:qwen3-1.7b --layers 8
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import openai  # noqa: E402
 from console import local  # noqa: E402
 from console.cli import load_plan, with_clients  # noqa: E402
 from console.client import NodeClient  # noqa: E402
+from tests.bench.common import add_model_arguments  # noqa: E402
 
 PROMPT = "Count slowly from one to one hundred, one number per line:"
 
@@ -90,14 +92,15 @@ async def run(addresses: list[str], url: str, model: str, levels: list[int], tok
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2,
                         help="requests per level = concurrency x rounds")
     parser.add_argument("--levels", default="1,2,4,8,16")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    print(f"model {args.model}, {args.tokens} tokens per request, {args.rounds} round(s) per "
+    print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, "
+          f"{args.tokens} tokens per request, {args.rounds} round(s) per "
           f"level, 3 local nodes, {os.cpu_count()} CPUs, through the OpenAI gateway",
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +110,7 @@ def main() -> int:
         try:
             addresses = [n["address"] for n in cluster["nodes"]]
             asyncio.run(with_clients(addresses, lambda cl: load_plan(
-                cl, args.model, "", 0, "uniform", progress=lambda m: None)))
+                cl, args.model, args.dtype, args.layers, "uniform", progress=lambda m: None)))
             ready = Path(tmp) / "api.json"
             api = subprocess.Popen([sys.executable, "-m", "console.cli", "serve-api", "--port",
                                     "0", "--nodes", ",".join(addresses), "--ready-file",

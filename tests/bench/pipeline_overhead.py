@@ -6,6 +6,7 @@ activation hop (sender's clock to receiver's clock; valid because all nodes shar
 host), plus the per-token compute vs transfer split seen by the first shard.
 
     .venv/bin/python tests/bench/pipeline_overhead.py [--model smollm2-135m] [--tokens 128]
+    .venv/bin/python tests/bench/pipeline_overhead.py --model synthetic:qwen3-1.7b --layers 8
 
 Both sides run with the same BLAS (OpenBLAS preloaded where installed) and greedy
 decoding with EOS ignored, so they generate the same number of tokens. Runs alternate
@@ -29,15 +30,20 @@ from console import local  # noqa: E402
 from console.cli import load_plan, with_clients  # noqa: E402
 from console.client import NodeClient  # noqa: E402
 from protos import cluster_pb2 as pb  # noqa: E402
-from tests.bench.common import prompt_ids, single_process  # noqa: E402
+from tests.bench.common import (  # noqa: E402
+    add_model_arguments,
+    prompt_ids,
+    single_process,
+)
 
 
 async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: int,
-                      repeats: int) -> tuple[list[float], list[float], dict]:
+                      repeats: int, layers: int = 0,
+                      dtype: str = "") -> tuple[list[float], list[float], dict]:
     """Alternate single-process and pipeline runs so machine noise hits both alike."""
 
     async def run(clients: list[NodeClient]):
-        await load_plan(clients, model, "", 0, "uniform", progress=lambda m: None)
+        await load_plan(clients, model, dtype, layers, "uniform", progress=lambda m: None)
         request = pb.GenerateRequest(prompt_ids=ids, max_tokens=tokens, ignore_eos=True)
 
         async def pipeline_once() -> float:
@@ -49,7 +55,8 @@ async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: 
         await pipeline_once()  # warm-up
         single, piped = [], []
         for i in range(repeats):
-            single.append((await asyncio.to_thread(single_process, model, ids, tokens))[
+            single.append((await asyncio.to_thread(single_process, model, ids, tokens, layers,
+                                                   dtype))[
                 "decode_tokens_per_s"])
             piped.append(await pipeline_once())
             print(f"  run {i + 1}/{repeats}: single {single[-1]:.2f} tok/s, "
@@ -68,14 +75,15 @@ async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--nodes", type=int, default=3)
     args = parser.parse_args()
 
-    ids = prompt_ids(args.model)
-    print(f"model {args.model}, prompt {len(ids)} tokens, {args.tokens} generated tokens, "
+    ids = prompt_ids(args.model, args.layers)
+    print(f"model {args.model}{f' ({args.layers} layers)' if args.layers else ''}, "
+          f"prompt {len(ids)} tokens, {args.tokens} generated tokens, "
           f"{args.repeats} interleaved repeats, {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cluster.json"
@@ -83,7 +91,7 @@ def main() -> int:
         try:
             addresses = [n["address"] for n in cluster["nodes"]]
             single, piped, lat = asyncio.run(interleaved(addresses, args.model, ids, args.tokens,
-                                                         args.repeats))
+                                                         args.repeats, args.layers, args.dtype))
         finally:
             local.down(path)
     s, p = statistics.median(single), statistics.median(piped)
