@@ -29,9 +29,10 @@ a first session:
   mlx-cluster status
   mlx-cluster local down
 
-models: smollm2-135m, synthetic:tiny, synthetic:llama-7b, synthetic:llama-13b, or a local
-MLX/HF model directory. Nodes: --nodes host:port,... or the cluster file from `local up`
-(env MLX_CLUSTER names another one).
+models: smollm2-135m, synthetic:<arch> (llama, qwen3, qwen3_moe, gemma3_text, ... and real
+shapes such as synthetic:qwen3-8b; `mlx-cluster models` lists them), an MLX or HF model
+directory of any mlx-lm architecture, or a hub id. Nodes: --nodes host:port,... or the
+cluster file from `local up` (env MLX_CLUSTER names another one).
 """
 
 

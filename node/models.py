@@ -458,10 +458,18 @@ def layer_files(path: Path, start: int, end: int, n_layers: int) -> list[Path] |
     if not index.exists():
         return None
     weight_map: dict = json.loads(index.read_text()).get("weight_map", {})
+    first, last = start == 0, end == n_layers - 1
+    tied = not any("lm_head" in name for name in weight_map)  # the head is the embedding
     files: set[str] = set()
     for name, file in weight_map.items():
         m = LAYER_KEY.search(name)
-        if m is None or start <= int(m.group(1)) <= end:
+        if m is not None:
+            wanted = start <= int(m.group(1)) <= end
+        elif "embed" in name:
+            wanted = first or (last and tied)
+        else:  # final norm, head
+            wanted = last
+        if wanted:
             files.add(file)
     return sorted(path / f for f in files)
 

@@ -295,3 +295,24 @@ def test_log_probabilities_are_normalised_per_row_of_a_batch():
     logits = shard.runner.forward(tokens, shard.runner.make_cache())[:, -1]
     sums = mx.exp(row_logprobs(logits)).sum(axis=-1)
     assert np.allclose(np.array(sums), 1.0, atol=1e-4)
+
+
+def test_a_shard_needs_only_the_weight_files_of_its_layers(tmp_path):
+    """The weight index tells which files hold a layer range (what a node downloads)."""
+    import json
+
+    from node.models import layer_files
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.embed_tokens.weight": "a.safetensors",
+        "model.layers.0.mlp.up_proj.weight": "a.safetensors",
+        "model.layers.1.mlp.up_proj.weight": "b.safetensors",
+        "model.layers.2.mlp.up_proj.weight": "b.safetensors",
+        "model.layers.3.mlp.up_proj.weight": "c.safetensors",
+        "model.norm.weight": "c.safetensors", "lm_head.weight": "d.safetensors"}}))
+    names = [[f.name for f in layer_files(tmp_path, a, b, 4)] for a, b in
+             [(0, 0), (1, 2), (2, 3), (0, 3)]]
+    assert names == [["a.safetensors"], ["b.safetensors"],
+                     ["b.safetensors", "c.safetensors", "d.safetensors"],
+                     ["a.safetensors", "b.safetensors", "c.safetensors", "d.safetensors"]]
+    assert layer_files(tmp_path / "nowhere", 0, 1, 2) is None
