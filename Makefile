@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: bootstrap openblas test demo protos bench screenshots clean-venv
+.PHONY: bootstrap openblas strace debian-package test demo protos bench screenshots clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,21 +20,30 @@ $(STAMP): pyproject.toml
 # matmuls an order of magnitude faster. Installed when missing and we are root;
 # skipped (nodes fall back to the bundled BLAS) otherwise.
 openblas:
+	@$(MAKE) -s debian-package PKG=libopenblas0-pthread \
+	  WHY="using MLX's bundled BLAS (slower)"
+
+# the test that checks the console never opens a weights file watches it with strace
+strace:
+	@command -v strace >/dev/null 2>&1 || $(MAKE) -s debian-package PKG=strace \
+	  WHY="the weights-file test will be skipped"
+
+debian-package:
 	@if [ "$$(uname -s)" = Linux ] && command -v dpkg >/dev/null 2>&1 \
-	  && ! dpkg -s libopenblas0-pthread >/dev/null 2>&1; then \
+	  && ! dpkg -s $(PKG) >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing libopenblas0-pthread"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
-	    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1; } \
-	    || echo "warning: could not install libopenblas0-pthread; using MLX's bundled BLAS (slower)"; \
+	    echo "installing $(PKG)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(PKG) >/dev/null 2>&1 \
+	    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(PKG) >/dev/null 2>&1; } \
+	    || echo "warning: could not install $(PKG); $(WHY)"; \
 	  else \
-	    echo "note: libopenblas0-pthread missing and not root; using MLX's bundled BLAS (slower)"; \
+	    echo "note: $(PKG) missing and not root; $(WHY)"; \
 	  fi; \
 	fi
 
 bootstrap: $(STAMP) openblas
 
-test: bootstrap
+test: bootstrap strace
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: bootstrap
