@@ -215,7 +215,11 @@ class Engine:
         try:
             self._drain_queue()
         except BaseException as e:  # a bug, or the loop closing under us
-            self._group = None  # its caches may be half-way through a forward
+            if self._group is not None:  # its caches may be half-way through a forward:
+                for r, st in zip(self._group.ids, self._group.states):  # its rows are lost
+                    if self._requests.get(r) is st:
+                        self._requests.pop(r, None)
+            self._group = None
             jobs, self._holding = self._holding, []
             self._draining = False
             while jobs:
@@ -331,7 +335,7 @@ class Engine:
                 h = self._input(job.tokens, job.hidden)
                 ready.append((job, h, self._state(job.request_id, job.position)))
             except Exception as e:
-                job.settle(error=e)
+                job.settle(error=self._failure(e))
         if len(ready) == 1:
             job = ready[0][0]
             # its cache was touched by _state only; run it the ordinary way
@@ -518,7 +522,9 @@ class Engine:
             mx.eval([c.state for group in caches for c in group])  # prefill: caches only
             compute = time.perf_counter() - t0
             return [StepResult(None, drawn.get(k), compute) for k in range(len(lengths))]
-        mx.eval(out)
+        # (the caches too: a cache taken out of a batch is a lazy slice that would hold
+        # the whole batch's tensors until its request steps again)
+        mx.eval(out, [c.state for group in caches for c in group])
         compute = time.perf_counter() - t0
         return [StepResult(w, None, compute) for w in encode_rows(out, lengths)]
 
@@ -626,6 +632,8 @@ class Engine:
         """Rows not in `keep` leave the group; those of requests still held (and
         `restore`'s, held or not: a step of it is running) get their own caches back,
         copied out of the group's."""
+        import mlx.core as mx
+
         group = self._group
         if group is None:
             return
@@ -635,6 +643,7 @@ class Engine:
         for k, (r, state) in enumerate(zip(group.ids, group.states)):
             if r not in keep and (r == restore or self._requests.get(r) is state):
                 state.caches = [cache.extract(k) for cache in group.caches]
+                mx.eval([c.state for c in state.caches])  # not a view of the whole group
         if not stay:
             self._group = None
             return

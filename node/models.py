@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import math
 import os
 import re
@@ -24,6 +25,8 @@ from node.errors import ModelCodeError, ModelError, NodeError
 from node.plan import ModelShape
 from node.sizes import measure_shape
 from node.synthetic import SYNTHETIC, describe
+
+log = logging.getLogger(__name__)
 
 BUNDLED = "smollm2-135m"
 SYNTHETIC_PREFIX = "synthetic:"
@@ -246,13 +249,19 @@ def read_config(path: Path) -> dict:
     if not isinstance(config, dict) or not config.get("model_type"):
         raise ModelError(f"{cfg} names no model_type, so no mlx-lm architecture can build it; "
                          "is this a model directory?")
-    if "num_hidden_layers" not in config:
-        text = config.get("text_config")
-        if isinstance(text, dict) and "num_hidden_layers" in text:
-            config = {**config, "num_hidden_layers": text["num_hidden_layers"]}
-        else:
-            raise ModelError(f"{cfg} has no num_hidden_layers: cannot plan its layers")
+    text = config.get("text_config")
+    if isinstance(text, dict):  # a multimodal wrapper: the text model's sizes count
+        config = {**config, **{k: text[k] for k in (*LIFTED, "max_position_embeddings")
+                               if k in text and k not in config}}
+    missing = [k for k in LIFTED if k not in config]
+    if missing:
+        raise ModelError(f"{cfg} has no {' or '.join(missing)}: cannot plan its layers")
     return config
+
+
+# what a plan, the wire checks and the tokenizer need from a config (multimodal wrappers
+# keep them in text_config)
+LIFTED = ("num_hidden_layers", "hidden_size", "vocab_size")
 
 
 def check_architecture(config: dict, spec: str) -> None:
@@ -341,8 +350,7 @@ class Shard:
     hidden_size: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.hidden_size = int(self.source.config.get("hidden_size")
-                               or self.source.config["text_config"]["hidden_size"])
+        self.hidden_size = int(self.source.config["hidden_size"])
 
     @property
     def n_layers(self) -> int:
@@ -373,7 +381,6 @@ def load_shard(source: ModelSource, start: int, end: int) -> Shard:
     """Layers start..end of `source` (plus the embedding / head where needed), run through
     the model's own forward; only this shard's tensors are read or made."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     from node.shardrun import ShardModel
 
@@ -384,6 +391,9 @@ def load_shard(source: ModelSource, start: int, end: int) -> Shard:
         runner = ShardModel(model, start, end, source.n_layers)
         used = runner.parameters_used()
         mx.eval(used)
+        dtype = _dtype_of(runner.kept_layers[0])
+        shard = Shard(source, model, start, end, tokenizer, dtype,
+                      sum(a.nbytes for a in used), 0.0, runner)
     except NodeError:
         raise
     except Exception as e:  # mlx-lm's code, or a weight file that is short or corrupt
@@ -392,9 +402,20 @@ def load_shard(source: ModelSource, start: int, end: int) -> Shard:
             f"{source.config.get('model_type')} code ({type(e).__name__}: {e}); check that "
             f"the model directory is complete and that mlx-lm {_mlx_lm_version()} supports "
             "it") from e
-    weight_bytes = sum(a.nbytes for _, a in tree_flatten(used))
-    return Shard(source, model, start, end, tokenizer, _dtype_of(runner.kept_layers[0]),
-                 weight_bytes, time.perf_counter() - t0, runner)
+    try:
+        runner.probe(shard.hidden_size, getattr(mx, dtype))
+    except Exception as e:
+        whole = start == 0 and end == source.n_layers - 1
+        raise ModelError(
+            f"{source.spec}: mlx-lm's {source.config.get('model_type')} model "
+            + ("failed its first forward" if whole else
+               f"cannot run layers {start}-{end} on their own (its layers hand each other "
+               "more than the hidden state)")
+            + f" ({type(e).__name__}: {e}); run it on one node"
+            + ("" if whole else " or with --backend mlx-ring:tensor if mlx-lm shards it")
+        ) from e
+    shard.load_seconds = time.perf_counter() - t0
+    return shard
 
 
 def load_tensor_shard(source: ModelSource, group: Any) -> Shard:
@@ -458,6 +479,8 @@ def layer_files(path: Path, start: int, end: int, n_layers: int) -> list[Path] |
     if not index.exists():
         return None
     weight_map: dict = json.loads(index.read_text()).get("weight_map", {})
+    if not any(LAYER_KEY.search(name) for name in weight_map):  # names we cannot place
+        return sorted({path / f for f in weight_map.values()})
     first, last = start == 0, end == n_layers - 1
     tied = not any("lm_head" in name for name in weight_map)  # the head is the embedding
     files: set[str] = set()
@@ -483,8 +506,10 @@ def _dir_model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTo
     assert source.path is not None
     strict = True
     if source.kind == "hub":
-        _fetch_layer_files(source, start, end)
-        strict = False  # other layers' files are not here (and never needed)
+        # other layers' files are not here (and never needed), so mlx-lm's check that every
+        # weight is there would fail; the index placed every one of this shard's tensors
+        # in a file it fetched (names it cannot place make it fetch them all)
+        strict = not _fetch_layer_files(source, start, end)
     try:
         model, _ = load_model(source.path, lazy=True, strict=strict)
         tokenizer = prompt_tokenizer(source)
@@ -495,18 +520,24 @@ def _dir_model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTo
     return model, tokenizer
 
 
-def _fetch_layer_files(source: ModelSource, start: int, end: int) -> None:
-    """Download (once) the weight files that hold this shard's layers."""
+def _fetch_layer_files(source: ModelSource, start: int, end: int) -> bool:
+    """Download (once) the weight files that hold this shard's layers; True when that is
+    only some of the model's files."""
     from huggingface_hub import hf_hub_download
 
     assert source.path is not None
     files = layer_files(source.path, start, end, source.n_layers)
     names = [f.name for f in files] if files is not None else ["model.safetensors"]
-    for name in names:
+    for n, name in enumerate(names, start=1):
+        log.info("%s: downloading %s (%d of %d) for layers %d-%d", source.spec, name, n,
+                 len(names), start, end)
         try:
-            hf_hub_download(source.spec, name)
+            hf_hub_download(source.spec, name)  # into the snapshot `path` is
         except Exception as e:
             raise ModelError(f"could not download {name} of {source.spec!r}: {e}") from e
+    every = {f.name for f in layer_files(source.path, 0, source.n_layers - 1,
+                                         source.n_layers) or []}
+    return bool(every - set(names))
 
 
 def _synthetic_model(source: ModelSource, start: int, end: int) -> Any:
@@ -518,6 +549,10 @@ def _synthetic_model(source: ModelSource, start: int, end: int) -> Any:
     from node.shardrun import layer_list
 
     model = build_model(source.config, source.spec)  # lazy: nothing is computed yet
+    if source.config.get("tie_word_embeddings") and hasattr(model, "sanitize"):
+        # some models settle their tying while sanitizing the weights they load (gemma3:
+        # no lm_head.weight means a tied head); a synthetic model loads none
+        model.sanitize({})
     dtype = getattr(mx, source.dtype)
     layers = layer_list(model)
     for i in range(start, end + 1):

@@ -264,6 +264,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         old = self.shard
         same = not ring and old is not None and old.source == source and (
             old.start, old.end) == (ours.start_layer, ours.end_layer)
+        del old  # (it would keep the old weights alive through the new load)
         if self.runner is not None:
             old_runner, self.runner = self.runner, None  # no new frames reach it
             await old_runner.close(
@@ -375,6 +376,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             old_runner, self.runner = self.runner, None
             self.shard = None
             await old_runner.close("the shard was unloaded")
+            del old_runner  # its shard's weights go back before the cache is cleared
             await asyncio.get_running_loop().run_in_executor(self.executor, _clear_mlx_cache)
         return pb.UnloadShardReply(unloaded=True)
 

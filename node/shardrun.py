@@ -23,7 +23,6 @@ run any model too, there with wrapped layers in a sliced list).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,8 +101,15 @@ class Boundary(_Delegating):
             if get(self, "_exit"):
                 io.output = out
             elif io.pick is not None:  # last shard: the head runs on these positions only
-                out = mx.take_along_axis(out, io.pick[:, None, None], axis=1)
+                if isinstance(out, tuple):  # (hidden states, what the next layer shares)
+                    return (_take(out[0], io.pick), *out[1:])
+                out = _take(out, io.pick)
         return out
+
+
+def _take(hidden: mx.array, positions: mx.array) -> mx.array:
+    """Position positions[b] of each row b of hidden states [B, L, hidden]: [B, 1, hidden]."""
+    return mx.take_along_axis(hidden, positions[:, None, None], axis=1)
 
 
 def layer_list(model: Any) -> list:
@@ -118,22 +124,31 @@ def layer_list(model: Any) -> list:
                      "cannot be split by layers; run it on one node")
 
 
-def _in_layers(name: str) -> bool:
-    return re.search(r"(?:^|\.)layers\.\d+\.", name) is not None
+RECURRENT = ("ArraysCache", "MambaCache")
 
 
 def cache_kinds(model: Any) -> list:
-    """The model's own per-layer caches (mlx-lm's make_prompt_cache); refuses models whose
-    state is not a per-position K/V cache (recurrent layers cannot be split by layers)."""
+    """The model's own per-layer caches (mlx-lm's make_prompt_cache), one per layer and each
+    a per-position key/value cache; anything else is refused with the reason."""
     from mlx_lm.models.cache import make_prompt_cache
 
+    name = type(model).__module__.removeprefix("mlx_lm.models.")
     caches = make_prompt_cache(model)
-    odd = sorted({type(c).__name__ for c in caches} - set(KV_CACHES))
-    if odd:
+    kinds = {type(c).__name__ for c in caches}
+    if kinds & set(RECURRENT):
         raise ModelError(
-            f"mlx-lm's {type(model).__module__} model keeps recurrent state ({', '.join(odd)}), "
-            "not a key/value cache per layer, so it cannot be split by layers across nodes; "
-            "run it on one node")
+            f"mlx-lm's {name} model keeps recurrent state ({', '.join(sorted(kinds))}), not a "
+            "key/value cache per layer, so it cannot be split by layers across nodes; run it "
+            "on one node")
+    if kinds - set(KV_CACHES):
+        raise ModelError(
+            f"mlx-lm's {name} model keeps {', '.join(sorted(kinds - set(KV_CACHES)))} caches, "
+            "which this cluster cannot split or batch yet; run it on one node")
+    n = len(layer_list(model))
+    if len(caches) != n:
+        raise ModelError(
+            f"mlx-lm's {name} model keeps {len(caches)} caches for its {n} layers (layers share "
+            "or repeat them), so it cannot be split by layers across nodes; run it on one node")
     return caches
 
 
@@ -178,21 +193,32 @@ class ShardModel:
 
     def parameters_used(self) -> list:
         """What this shard evaluates: its layers, plus what lies outside the layer list
-        where the shard needs it: the embedding on the first shard, the norm and head on
-        the last (and the embedding there too when the head is tied to it, which is when
-        nothing outside the layers but the embedding is a matrix)."""
+        where the shard needs it: the embedding (every nn.Embedding outside the layers) on
+        the first shard, the rest (norm, head) on the last, and the embedding there too
+        when the head is tied to it. Layers outside the shard are pass-throughs whose
+        weights are not in the model's tree any more."""
+        import mlx.nn as nn
         from mlx.utils import tree_flatten
 
-        used: list = [layer.parameters() for layer in self.kept_layers]
-        outside = [(n, p) for n, p in tree_flatten(self.model.parameters())
-                   if not _in_layers(n)]
-        embedding = [p for n, p in outside if "embed" in n or "wte" in n]
-        rest = [p for n, p in outside if not ("embed" in n or "wte" in n)]
-        tied = not any(p.ndim >= 2 for p in rest)
+        kept = [p for layer in self.kept_layers for _, p in tree_flatten(layer.parameters())]
+        seen = {id(p) for p in kept}
+        embedding: list = []
+        for _, module in self.model.named_modules():
+            if isinstance(module, nn.Embedding | nn.QuantizedEmbedding):
+                embedding += [p for _, p in tree_flatten(module.parameters())
+                              if id(p) not in seen]
+        seen |= {id(p) for p in embedding}
+        rest = [p for _, p in tree_flatten(self.model.parameters()) if id(p) not in seen]
+        tied = getattr(self.model, "tie_word_embeddings", None)  # gemma3 decides it itself
+        if not isinstance(tied, bool):
+            tied = getattr(getattr(self.model, "args", None), "tie_word_embeddings", None)
+        if not isinstance(tied, bool):  # no such setting: tied when there is no projection
+            tied = not any(p.ndim >= 2 for p in rest)
+        used = list(kept)
         if self.first or (self.last and tied):
             used += embedding
-        if self.last:
-            used += rest
+        if self.last:  # a tied model's unused lm_head (gemma3 makes one) stays unread
+            used += [p for p in rest if not (tied and p.ndim >= 2)]
         return used
 
     def make_cache(self) -> list:
@@ -201,10 +227,26 @@ class ShardModel:
 
         return make_prompt_cache(self.model)[self.start:self.end + 1]
 
-    def _spare(self, i: int, batch: int) -> Any:
+    def _spare(self, kept: Any, batch: int) -> Any:
+        """The cache slot of a pass-through layer whose cache kind no kept layer has: never
+        written, but as far along as the kept caches, since model code may read any slot's
+        offset (ministral3 scales attention by cache[0].offset)."""
         from mlx_lm.models.cache import BatchKVCache, KVCache
 
-        return BatchKVCache([0] * batch) if batch > 1 else KVCache()
+        spare = BatchKVCache([0] * batch) if batch > 1 else KVCache()
+        spare.offset = kept.offset
+        for attr in ("left_padding", "_idx"):  # a batch: the same rows, padding and length
+            if batch > 1 and hasattr(kept, attr):
+                setattr(spare, attr, getattr(kept, attr))
+        return spare
+
+    def probe(self, hidden_size: int, dtype: Any) -> None:
+        """One position through this shard with throwaway caches, at load: a model whose
+        layers hand each other more than the hidden state (a tuple, a shared cache) fails
+        here, before any request does."""
+        x = (mx.zeros((1, 1), dtype=mx.int32) if self.first
+             else mx.zeros((1, 1, hidden_size), dtype=dtype))
+        mx.eval(self.forward(x, self.make_cache(), pick=mx.array([0]) if self.last else None))
 
     def forward(self, x: mx.array, caches: list, pick: mx.array | None = None) -> mx.array:
         """One forward of this shard. `x`: token ids [B, L] on the first shard, hidden
@@ -219,8 +261,8 @@ class ShardModel:
             io.hidden = x
             tokens = mx.zeros((batch, length), dtype=mx.int32)  # the embedding stays unused
         io.pick = pick if self.last else None
-        full = [caches[s] if s is not None else self._spare(i, batch)
-                for i, s in enumerate(self._slot)]
+        full = [caches[s] if s is not None else self._spare(caches[0], batch)
+                for s in self._slot]
         try:
             out = self.model(tokens, cache=full)
             if not self.last:
