@@ -40,6 +40,7 @@ class RequestState:
     length: int = 0  # positions its cache holds
     last_used: float = field(default_factory=time.monotonic)
     key: Any = None  # its own random key (sampled requests), split at every token
+    stepped: float = 0.0  # when its last step reached this shard
 
 
 @dataclass
@@ -53,6 +54,11 @@ class _Group:
 
 
 GATHER_RECENT_S = 1.0  # a request is waited for by a forward if it stepped this recently
+# ... or within two ring cycles, on a model whose steps take longer; and the first shard
+# waits for the others' steps up to this share of a cycle (at most MAX_GATHER_S), so that
+# two waves of requests that started apart merge into one batch within a cycle
+CYCLE_SHARE = 0.5
+MAX_GATHER_S = 2.0
 PACK_TOKENS = 2048  # prefill positions packed into one forward beside the decode steps
 ADMIT_ROUNDS = 5  # a burst of new requests is admitted for at most this many admit_s
 PAD_FACTOR = 2  # a decoding group's padding may at most double its KV cache
@@ -192,6 +198,7 @@ class Engine:
         self._on_forward = on_forward  # called on the event loop with each forward's size
         self._group: _Group | None = None  # changed on the MLX thread only
         self._holding: list[_Job] = []  # the MLX thread's jobs out of the queue
+        self._cycle = 0.0  # seconds between a request's steps here (moving average)
         self.max_batch = max_batch
 
     # ---------------------------------------------------------------- async API
@@ -284,14 +291,16 @@ class Engine:
         # (a decode step) or right behind (the first decode step after a prefill, the next
         # chunk of a long prompt); one whose client went away is not waited for long
         now = time.monotonic()
-        expected = {r for r, st in list(self._requests.items())
-                    if now - st.last_used < GATHER_RECENT_S}
+        recent = max(GATHER_RECENT_S, 2 * self._cycle)
+        expected = {r for r, st in list(self._requests.items()) if now - st.last_used < recent}
         waiting = {j.request_id for j in jobs}
         admitting = False
         if expected:
             if expected <= waiting or not self.gather_s:
                 return []
-            deadline = now + self.gather_s
+            paced = self.admit_s > 0  # the first shard sets the pace of the ring
+            deadline = now + (max(self.gather_s, min(CYCLE_SHARE * self._cycle, MAX_GATHER_S))
+                              if paced else self.gather_s)
         elif self.admit_s and not any(j.decode for j in jobs):
             # a burst: wait until no new request came for admit_s, at most ADMIT_ROUNDS
             # times as long in all
@@ -450,7 +459,11 @@ class Engine:
                 f"request {request_id}: frame at position {position} but this shard's cache "
                 f"holds {state.length} positions"
             )
-        state.last_used = time.monotonic()
+        now = time.monotonic()
+        if state.stepped and position:  # a ring cycle: its last step here to this one
+            cycle = now - state.stepped
+            self._cycle = cycle if not self._cycle else 0.8 * self._cycle + 0.2 * cycle
+        state.last_used = state.stepped = now
         return state
 
     def _input(self, tokens: list[int] | None, hidden: Wire | None) -> Any:
