@@ -72,3 +72,15 @@ def test_help_teaches_a_first_session():
     assert res.returncode == 0
     for word in ("local up", "load --model smollm2-135m", "generate", "local down"):
         assert word in res.stdout
+
+
+def test_models_lists_every_architecture_spec():
+    res = mlx_cluster("models", "--json", env=dict(os.environ))
+    assert res.returncode == 0, res.stderr
+    specs = {m["spec"]: m["description"] for m in json.loads(res.stdout)}
+    from node.synthetic import TINY_ARCHS
+
+    for arch in TINY_ARCHS:
+        assert f"synthetic:{arch}" in specs
+    assert "sliding window" in specs["synthetic:gemma3_text"]
+    assert "experts" in specs["synthetic:qwen3-30b-a3b"]
