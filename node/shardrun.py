@@ -182,8 +182,9 @@ class ShardModel:
         for i in range(self.start, self.end + 1):
             layers[i] = Kept(layers[i], self._io, entry=i == self.start and not self.first,
                              final=i == self.end, exit=not self.last)
-        # a pass-through layer's cache slot: a kept layer's cache of the same kind, or
-        # (no kept layer of that kind: its mask is never used) a spare one
+        # a pass-through layer's cache slot: the nearest kept layer's cache of the same
+        # kind, or (no kept layer of that kind, so its mask is never used) a spare one that
+        # only knows the offset (_spare)
         kept = range(self.start, self.end + 1)
         self._slot: list[int | None] = []
         for i in range(self.n_layers):
