@@ -25,6 +25,7 @@ from node.errors import ModelCodeError, ModelError, NodeError
 from node.plan import ModelShape
 from node.sizes import measure_shape
 from node.synthetic import SYNTHETIC, describe
+from node.wire import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ BUNDLED = "smollm2-135m"
 SYNTHETIC_PREFIX = "synthetic:"
 SYNTHETIC_SEED = 0
 
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 def known_specs() -> list[str]:

@@ -32,7 +32,8 @@ import threading
 import time
 from typing import Any, TextIO
 
-DTYPE_CODES = ("float32", "float16", "bfloat16")
+from node.wire import DTYPES
+
 EXIT_GROUP_LOST = 3
 EXIT_PARENT_GONE = 4
 
@@ -174,7 +175,7 @@ def generate_pipeline(shard: Any, group: Any, req: dict, emit: Events,
                 if not last:
                     mx.eval(mx.distributed.send(ctl, rank + 1, group=group))
                 return
-            dtype = getattr(mx, DTYPE_CODES[int(code)])
+            dtype = getattr(mx, DTYPES[int(code)])
             t0 = time.perf_counter()  # waiting for the upstream rank is not compute
             h = mx.distributed.recv((1, int(length), shard.hidden_size), dtype, rank - 1,
                                     group=group)
@@ -194,7 +195,7 @@ def generate_pipeline(shard: Any, group: Any, req: dict, emit: Events,
         else:
             mx.eval(h)
             compute += time.perf_counter() - t0
-            code = DTYPE_CODES.index(str(h.dtype).removeprefix("mlx.core."))
+            code = DTYPES.index(str(h.dtype).removeprefix("mlx.core."))
             mx.eval(mx.distributed.send(mx.array([1.0, length, compute, code]), rank + 1,
                                         group=group))
             mx.eval(mx.distributed.send(h, rank + 1, group=group))

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from node.engine import Engine, Sampling, decode_tensor, encode_tensor
+from node.engine import Engine, Sampling
 from node.errors import BadFrame, FrameGap, ModelError
 from node.models import ByteTokenizer, load_shard, resolve, synthetic_full_model
 from node.synthetic import TINY_ARCHS
+from node.wire import decode_tensor, encode_tensor
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
