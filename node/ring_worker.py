@@ -36,6 +36,7 @@ from node.wire import DTYPES
 
 EXIT_GROUP_LOST = 3
 EXIT_PARENT_GONE = 4
+EXIT_MODEL_FAILED = 5
 
 
 class Events:
@@ -275,6 +276,12 @@ def serve(cfg: dict, emit: Events, t0: float) -> int:
         except RuntimeError as e:  # MLX's ring: a peer went away; the group is gone
             emit("error", msg=f"the ring group is down: {e}")
             return EXIT_GROUP_LOST
+        except Exception as e:  # the model's own code: the other ranks wait in lockstep
+            # for this one, so the group cannot go on; say what failed, not "group down"
+            emit("error", msg=f"{cfg['model']}: the model's code failed on rank "
+                              f"{group.rank()} ({type(e).__name__}: {e}); reload the model, "
+                              "or use --backend pipeline")
+            return EXIT_MODEL_FAILED
 
 
 if __name__ == "__main__":
