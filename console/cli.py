@@ -17,6 +17,8 @@ from typing import Any
 
 from console.client import ClusterError, NodeClient, entry_node, gather_infos, to_dict
 from node.auth import read_token
+from node.faults import KINDS as FAULT_KINDS
+from node.plan import GIB
 from protos import cluster_pb2 as pb
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -137,14 +139,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     rows = asyncio.run(with_clients(node_addresses(args), run))
     lines = []
-    gib = 2**30
     for r in rows:
         if "error" in r:
             lines.append(f"{r['address']:22} DOWN  {r['error']}")
             continue
         caps, shard = r["capabilities"], r.get("shard") or {}
-        mem = (f"mlx {r['mlx_active_bytes'] / gib:5.2f} GiB (rss {r['rss_bytes'] / gib:.2f}) / "
-               f"budget {caps['memory_budget'] / gib:5.2f} GiB")
+        mem = (f"mlx {r['mlx_active_bytes'] / GIB:5.2f} GiB (rss {r['rss_bytes'] / GIB:.2f}) / "
+               f"budget {caps['memory_budget'] / GIB:5.2f} GiB")
         layers = (f"{shard['model']} {shard['start_layer']}-{shard['end_layer']} "
                   f"(epoch {shard['epoch']})") if shard else "no shard"
         ring = shard.get("ring")
@@ -258,7 +259,6 @@ def plan_rows(plan: pb.Plan) -> list[dict]:
 
 
 def format_plan(plan: pb.Plan, budgets: dict[str, int], dtype: str) -> str:
-    gib = 2**30
     from node.plan import backend_label
 
     split = (f" · every layer split {len(plan.shards)} ways"
@@ -271,8 +271,8 @@ def format_plan(plan: pb.Plan, budgets: dict[str, int], dtype: str) -> str:
     for r in plan_rows(plan):
         lines.append(f"{r['name'][:12]:12} {r['address']:21} "
                      f"{r['start_layer']:>3}-{r['end_layer']:<3}  {r['bar']:30}  "
-                     f"{r['param_bytes'] / gib:5.2f} GiB {r['kv_bytes'] / gib:5.2f} GiB "
-                     f"{r['total_bytes'] / gib:5.2f} GiB {budgets[r['node']] / gib:5.2f} GiB")
+                     f"{r['param_bytes'] / GIB:5.2f} GiB {r['kv_bytes'] / GIB:5.2f} GiB "
+                     f"{r['total_bytes'] / GIB:5.2f} GiB {budgets[r['node']] / GIB:5.2f} GiB")
     return "\n".join(lines)
 
 
@@ -539,8 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "A,B [--direction to|from|both], memory-pressure --gib G; each "
                                 "with --duration S and --seed N")
     inj.add_argument("node", help="node name, id or host:port")
-    inj.add_argument("fault", choices=["kill", "hang", "latency", "loss", "slow-compute",
-                                       "bandwidth", "partition", "memory-pressure"])
+    inj.add_argument("fault", choices=FAULT_KINDS)
     inj.add_argument("--ms", type=float, default=0.0, help="latency: delay per frame (ms)")
     inj.add_argument("--jitter", type=float, default=0.0, help="latency: +- jitter (ms)")
     inj.add_argument("--p", type=float, default=0.0, help="loss: drop probability")
@@ -712,11 +711,10 @@ def cmd_discover(args: argparse.Namespace) -> int:
         static += read_peers_file(args.peers_file)
     found = asyncio.run(discover(args.timeout, static, not args.no_mdns,
                                  args.interface or None, CONNECTION))
-    gib = 2**30
     rows = [to_dict(i) for i in found]
     text = "\n".join(
         f"{i.name[:16]:16} {i.address:22} id {i.node_id}  {i.capabilities.mlx_device}/"
-        f"{i.capabilities.blas}  budget {i.capabilities.memory_budget / gib:.1f} GiB"
+        f"{i.capabilities.blas}  budget {i.capabilities.memory_budget / GIB:.1f} GiB"
         + (f"  {i.shard.model} {i.shard.start_layer}-{i.shard.end_layer}"
            if i.HasField("shard") else "") for i in found)
     emit(args, {"nodes": rows}, text or f"no nodes found in {args.timeout:.0f} s")

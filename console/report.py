@@ -16,8 +16,7 @@ from pathlib import Path
 
 from console.bench import SCHEMA, validate_results
 from console.client import ClusterError
-
-GIB = 2**30
+from node.plan import GIB
 
 
 def load_results(paths: list[Path]) -> list[dict]:

@@ -9,8 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 import psutil
 
 from node.blas import blas_in_use
+from node.plan import GIB
 
-GIB = 1024**3
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": GIB, "t": 1000**4,
           "tb": 1000**4, "tib": 1024**4}

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 
 from node.errors import NodeError
+from node.plan import GIB
 
 KINDS = ("kill", "hang", "latency", "loss", "slow-compute", "bandwidth", "partition",
          "memory-pressure")
@@ -100,7 +101,7 @@ def validate(kind: str, ms: float, jitter_ms: float, p: float, factor: float,
     if kind == "memory-pressure":
         import psutil
 
-        room = (psutil.virtual_memory().available - 2**30) / 2**30
+        room = (psutil.virtual_memory().available - GIB) / GIB
         if not 0 < gib <= room:
             raise BadFault(f"memory-pressure needs 0 < --gib <= {max(0.0, room):.1f} (what "
                            "is available now, less 1 GiB)")
@@ -127,7 +128,7 @@ class FaultBook:
         fault = Fault(uuid.uuid4().hex[:8], kind, ms, jitter_ms, p, factor, duration_s, seed,
                       time.monotonic(), kbps, tuple(peers), direction, gib)
         if kind == "memory-pressure":
-            fault.ballast = bytearray(int(gib * 1024**3))
+            fault.ballast = bytearray(int(gib * GIB))
             for i in range(0, len(fault.ballast), 4096):  # touch every page: really resident
                 fault.ballast[i] = 1
         self._faults[fault.id] = fault

@@ -46,7 +46,7 @@ from node.models import (
     tensor_refusal,
 )
 from node.pipeline import CHANNEL_OPTIONS, Pipeline, unbatch
-from node.plan import tensor_split_problem
+from node.plan import GIB, tensor_split_problem
 from node.ring import RingGroup, free_port
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
@@ -323,11 +323,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         budget = self.memory_budget
         params, kv = shape_of(source).shard_bytes(start, end, context or None)
         if params + kv > budget:
-            gib = 1024**3
             raise OverBudget(
-                f"layers {start}-{end} of {source.spec} need {(params + kv) / gib:.2f} GiB "
-                f"({params / gib:.2f} GiB weights + {kv / gib:.2f} GiB KV cache) but this node's "
-                f"memory budget is {budget / gib:.2f} GiB; plan with --strategy memory or "
+                f"layers {start}-{end} of {source.spec} need {(params + kv) / GIB:.2f} GiB "
+                f"({params / GIB:.2f} GiB weights + {kv / GIB:.2f} GiB KV cache) but this node's "
+                f"memory budget is {budget / GIB:.2f} GiB; plan with --strategy memory or "
                 f"start the node with a larger --memory-budget")
 
     async def load_local(self, plan: pb.Plan, options: pb.ModelOptions) -> None:

@@ -10,7 +10,6 @@ import pytest
 from tests.test_cli import mlx_cluster
 
 pytestmark = pytest.mark.cluster
-GIB = 2**30
 
 
 def test_plan_load_and_resident_memory_with_budgets(small_cluster, tmp_path):

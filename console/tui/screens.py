@@ -11,10 +11,11 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Markdown, Select, Static
 
 from console.client import ClusterError, to_dict
+from node.faults import KINDS as FAULTS
+from node.plan import BACKENDS, GIB
+from node.plan import STRATEGIES as ALL_STRATEGIES
 
-STRATEGIES = ["memory", "uniform", "ring-memory-weighted", "speed"]
-BACKENDS = ["pipeline", "mlx-ring:tensor", "mlx-ring:pipeline"]
-GIB = 2**30
+STRATEGIES = [s for s in ALL_STRATEGIES if not s.startswith("manual")]  # (typed, not picked)
 
 
 class LoadScreen(ModalScreen[str | None]):
@@ -197,9 +198,6 @@ class NodeDetailScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
-FAULTS = ["kill", "hang", "latency", "loss", "slow-compute", "bandwidth", "memory-pressure"]
-
-
 class FaultScreen(ModalScreen):
     """Pick a fault and its parameters for the selected node (needs --allow-faults)."""
 
@@ -215,7 +213,8 @@ class FaultScreen(ModalScreen):
             yield Select([(f, f) for f in FAULTS], value="latency", allow_blank=False,
                          id="kind")
             yield Input("ms=50 duration=30", id="params",
-                        placeholder="ms=50 jitter=5 p=0.1 factor=3 kbps=100 gib=1 duration=30")
+                        placeholder="ms=50 jitter=5 p=0.1 factor=3 kbps=100 gib=1 duration=30 "
+                                    "peers=ID,ID direction=both")
             with Horizontal(classes="buttons"):
                 yield Button("Inject", id="inject", variant="error")
                 yield Button("Cancel", id="cancel")
@@ -234,7 +233,11 @@ class FaultScreen(ModalScreen):
                  "kbps": "kbps", "gib": "gib", "duration": "duration_s"}
         for part in self.query_one("#params", Input).value.split():
             key, _, value = part.partition("=")
-            if key in names:
+            if key == "peers":  # partition: node ids or addresses
+                spec.peers.extend(p for p in value.split(",") if p)
+            elif key == "direction":
+                spec.direction = value
+            elif key in names:
                 try:
                     setattr(spec, names[key], float(value))
                 except ValueError:

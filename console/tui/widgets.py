@@ -10,13 +10,13 @@ from textual.widgets import DataTable, Sparkline, Static
 from textual_plotext import PlotextPlot
 
 from node.histogram import Histogram
+from node.plan import GIB
 
 COLOURS = ["#4e9a06", "#3465a4", "#c4a000", "#75507b", "#06989a", "#cc0000", "#ce5c00",
            "#8ae234", "#729fcf", "#fce94f", "#ad7fa8", "#34e2e2", "#ef2929", "#fcaf3e",
            "#888a85", "#5c3566"]
 STATE_STYLE = {"up": "bold green", "suspect": "bold yellow", "down": "bold red",
                "connecting": "dim"}
-GIB = 2**30
 
 
 def colour_for(index: int) -> str:

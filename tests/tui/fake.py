@@ -7,9 +7,9 @@ from collections import deque
 
 from console.monitor import Event, NodeView
 from node.histogram import Histogram
+from node.plan import GIB
 from protos import cluster_pb2 as pb
 
-GIB = 2**30
 T0 = 1_764_000_000.0  # a fixed wall-clock time for event stamps
 
 
