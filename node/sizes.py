@@ -22,16 +22,12 @@ from node.plan import DTYPE_BYTES, ModelShape
 
 
 def build_model(config: dict) -> Any:
-    """mlx-lm's model for `config`, quantized as its `quantization` entry says. Lazy: no
-    parameter is computed until someone evaluates it (this module never does)."""
-    from mlx_lm.utils import _get_classes
+    """mlx-lm's model for `config` (node.models.build_model), quantized as its
+    `quantization` entry says. Lazy: no parameter is computed until someone evaluates it
+    (this module never does)."""
+    from node.models import build_model as build
 
-    try:
-        model_class, args_class = _get_classes(config=config)
-        model = model_class(args_class.from_dict(config))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ModelError(f"mlx-lm cannot build a {config.get('model_type')!r} model from "
-                         f"this config: {e}") from e
+    model = build(config, str(config.get("model_type")))
     _quantize(model, config)
     return model
 
