@@ -94,7 +94,8 @@ def prompt_ids(vocab: int, n: int, seed: int, avoid: set[int]) -> list[int]:
 
 def workload_prompts(model: str, count: int, tokens: int, seed: int) -> list[list[int]]:
     """`count` seeded prompts of exactly `tokens` ids from the model's vocabulary."""
-    from node.models import prompt_tokenizer, resolve
+    from node.models import resolve
+    from node.tokenizers import prompt_tokenizer
 
     source = resolve(model)
     avoid = set(prompt_tokenizer(source).eos_ids)

@@ -234,7 +234,8 @@ class Gateway:
         """The loaded model's tokenizer and context length, read once (off the loop)."""
         if model not in self._tokenizers:
             from node.errors import ModelError
-            from node.models import prompt_tokenizer, resolve
+            from node.models import resolve
+            from node.tokenizers import prompt_tokenizer
 
             def read():
                 source = resolve(model)

@@ -10,7 +10,6 @@ model object and runs its own forward over its layer range (node/shardrun.py).
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import math
@@ -19,12 +18,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from node.errors import ModelCodeError, ModelError, NodeError
 from node.plan import ModelShape
-from node.sizes import measure_shape
+from node.sizes import build_model, measure_shape, mlx_lm_version
 from node.synthetic import SYNTHETIC, describe
+from node.tokenizers import ByteTokenizer, PromptTokenizer, prompt_tokenizer
 from node.wire import DTYPES
 
 log = logging.getLogger(__name__)
@@ -55,113 +55,6 @@ def cache_root() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("mlx-cluster-console")) / "models"
-
-
-# ------------------------------------------------------------------ tokenizers
-
-
-class Detokenizer(Protocol):
-    def add_token(self, token: int) -> None: ...
-    def finalize(self) -> None: ...
-    @property
-    def last_segment(self) -> str: ...
-
-
-class PromptTokenizer(Protocol):
-    eos_ids: set[int]
-
-    def encode(self, text: str, chat: bool) -> list[int]: ...
-    def encode_messages(self, messages: list[dict]) -> list[int]: ...
-    def detokenizer(self) -> Detokenizer: ...
-
-
-class ByteDetokenizer:
-    """Streams UTF-8 text out of byte tokens, holding back partial characters."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = ""
-
-    def add_token(self, token: int) -> None:
-        if token < 256:
-            self._pending += self._decoder.decode(bytes([token]))
-
-    def finalize(self) -> None:
-        self._pending += self._decoder.decode(b"", final=True)
-
-    @property
-    def last_segment(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
-
-
-class ByteTokenizer:
-    """The synthetic models' tokenizer: one token per UTF-8 byte, plus BOS/EOS/PAD.
-
-    Hand-written because it is four lines of logic; a `tokenizers` BPE would need a
-    vocabulary file for no gain on random-weight models.
-    """
-
-    BOS, EOS, PAD = 256, 257, 258
-
-    def __init__(self) -> None:
-        self.eos_ids = {self.EOS}
-
-    def encode(self, text: str, chat: bool) -> list[int]:
-        if chat:
-            text = f"<|user|>\n{text}\n<|assistant|>\n"
-        return [self.BOS, *text.encode("utf-8")]
-
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        """A conversation in the same tags `encode(text, chat=True)` uses for one turn."""
-        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
-        return [self.BOS, *f"{text}<|assistant|>\n".encode()]
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-    def detokenizer(self) -> ByteDetokenizer:
-        return ByteDetokenizer()
-
-
-class MlxLmTokenizer:
-    """mlx-lm's TokenizerWrapper behind the small interface the pipeline uses."""
-
-    def __init__(self, wrapper: Any) -> None:
-        self._tok = wrapper
-        self.eos_ids = set(wrapper.eos_token_ids)
-
-    def encode(self, text: str, chat: bool) -> list[int]:
-        if chat and getattr(self._tok, "chat_template", None):
-            ids = self._tok.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True
-            )
-            return list(ids)
-        bos = self._tok.bos_token
-        # as mlx_lm.generate does: add BOS unless the text already starts with it
-        add_bos = bos is None or not text.startswith(bos)
-        return list(self._tok.encode(text, add_special_tokens=add_bos))
-
-    def encode_messages(self, messages: list[dict]) -> list[int]:
-        """A conversation through the model's chat template, ready for the reply."""
-        if getattr(self._tok, "chat_template", None):
-            return list(self._tok.apply_chat_template(messages, add_generation_prompt=True))
-        return self.encode("\n".join(m["content"] for m in messages), chat=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
-
-    def detokenizer(self) -> Detokenizer:
-        return self._tok.detokenizer
-
-
-def prompt_tokenizer(source: ModelSource) -> PromptTokenizer:
-    """The tokenizer of a resolved model, without loading any weights."""
-    if source.kind == "synthetic":
-        return ByteTokenizer()
-    from mlx_lm.utils import load_tokenizer
-
-    return MlxLmTokenizer(load_tokenizer(source.path))
 
 
 # ------------------------------------------------------------------ specs
@@ -281,29 +174,6 @@ def check_architecture(config: dict, spec: str) -> None:
         raise ModelError(f"{spec}: {e}") from None
 
 
-def build_model(config: dict, spec: str) -> Any:
-    """mlx-lm's own Model for a config, parameters lazy (nothing is computed)."""
-    from mlx_lm.utils import _get_classes
-
-    try:
-        model_class, args_class = _get_classes(config)
-    except ValueError as e:  # mlx-lm: "Model type ... not supported."
-        raise ModelError(f"{spec}: mlx-lm {_mlx_lm_version()} has no architecture "
-                         f"{config.get('model_type')!r} ({e}); upgrade mlx-lm or use another "
-                         "model") from None
-    try:
-        return model_class(args_class.from_dict(config))
-    except Exception as e:  # the model's own code rejects the config
-        raise ModelError(f"{spec}: mlx-lm cannot build a {config.get('model_type')} model "
-                         f"from this config ({type(e).__name__}: {e})") from e
-
-
-def _mlx_lm_version() -> str:
-    from importlib.metadata import version
-
-    return version("mlx-lm")
-
-
 def _hub_source(repo: str, dtype: str) -> ModelSource:
     if os.environ.get("HF_HUB_OFFLINE"):
         raise ModelError(f"{repo!r} is not a local directory and HF_HUB_OFFLINE is set")
@@ -400,7 +270,7 @@ def load_shard(source: ModelSource, start: int, end: int) -> Shard:
         raise ModelCodeError(
             f"{source.spec}: loading layers {start}-{end} failed in mlx-lm's "
             f"{source.config.get('model_type')} code ({type(e).__name__}: {e}); check that "
-            f"the model directory is complete and that mlx-lm {_mlx_lm_version()} supports "
+            f"the model directory is complete and that mlx-lm {mlx_lm_version()} supports "
             "it") from e
     try:
         runner.probe(shard.hidden_size, getattr(mx, dtype))

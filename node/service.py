@@ -39,7 +39,6 @@ from node.models import (
     Shard,
     check_range,
     load_shard,
-    prompt_tokenizer,
     resolve,
     shape_of,
     supports_tensor,
@@ -48,6 +47,7 @@ from node.models import (
 from node.pipeline import CHANNEL_OPTIONS, Pipeline, unbatch
 from node.plan import GIB, tensor_split_problem
 from node.ring import RingGroup, free_port
+from node.tokenizers import prompt_tokenizer
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 

@@ -21,13 +21,33 @@ from node.errors import ModelError
 from node.plan import DTYPE_BYTES, ModelShape
 
 
-def build_model(config: dict) -> Any:
-    """mlx-lm's model for `config` (node.models.build_model), quantized as its
-    `quantization` entry says. Lazy: no parameter is computed until someone evaluates it
-    (this module never does)."""
-    from node.models import build_model as build
+def build_model(config: dict, spec: str) -> Any:
+    """mlx-lm's own Model for a config, parameters lazy (nothing is computed)."""
+    from mlx_lm.utils import _get_classes
 
-    model = build(config, str(config.get("model_type")))
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:  # mlx-lm: "Model type ... not supported."
+        raise ModelError(f"{spec}: mlx-lm {mlx_lm_version()} has no architecture "
+                         f"{config.get('model_type')!r} ({e}); upgrade mlx-lm or use another "
+                         "model") from None
+    try:
+        return model_class(args_class.from_dict(config))
+    except Exception as e:  # the model's own code rejects the config
+        raise ModelError(f"{spec}: mlx-lm cannot build a {config.get('model_type')} model "
+                         f"from this config ({type(e).__name__}: {e})") from e
+
+
+def mlx_lm_version() -> str:
+    from importlib.metadata import version
+
+    return version("mlx-lm")
+
+
+def build_quantized(config: dict) -> Any:
+    """mlx-lm's model for `config`, quantized as its `quantization` entry says. Lazy: no
+    parameter is computed until someone evaluates it (this module never does)."""
+    model = build_model(config, str(config.get("model_type")))
     _quantize(model, config)
     return model
 
@@ -132,7 +152,7 @@ def measure_shape(config: dict, dtype: str = "", context: int = 0) -> ModelShape
 
     if dtype and dtype not in DTYPE_BYTES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-    model = build_model(config)
+    model = build_quantized(config)
     layers = _layers(model)
     cast = DTYPE_BYTES.get(dtype, 0)
 

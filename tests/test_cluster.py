@@ -8,7 +8,8 @@ import pytest
 
 from console.cli import load_plan, with_clients
 from console.client import NodeClient
-from node.models import prompt_tokenizer, resolve
+from node.models import resolve
+from node.tokenizers import prompt_tokenizer
 from protos import cluster_pb2 as pb
 from tests.conftest import reference_tokens
 

@@ -12,8 +12,9 @@ from mlx.utils import tree_flatten
 
 from node.engine import Engine, Sampling
 from node.errors import BadFrame, FrameGap, ModelError
-from node.models import ByteTokenizer, load_shard, resolve, synthetic_full_model
+from node.models import load_shard, resolve, synthetic_full_model
 from node.synthetic import TINY_ARCHS
+from node.tokenizers import ByteTokenizer
 from node.wire import decode_tensor, encode_tensor
 
 

@@ -15,7 +15,8 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 def prompt_ids(model: str, layers: int = 0) -> list[int]:
-    from node.models import prompt_tokenizer, resolve
+    from node.models import resolve
+    from node.tokenizers import prompt_tokenizer
 
     return prompt_tokenizer(resolve(model, layers=layers)).encode(PROMPT, chat=True)
 
