@@ -5,6 +5,8 @@ WatchMetrics stream per node, and turns what arrives into plain state: node rows
 suspect / down, memory, CPU, tokens/s, heartbeat age), the newest plan, sliding-window
 latency histograms merged across nodes, a throughput history and an event log. The
 Textual app only renders this state; tests and scripts can read it directly.
+`MonitorSource` is what the dashboard (console/tui/) uses of it, and all it uses: the
+widget tests' fake (tests/tui/fake.py) implements the same protocol.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import grpc
 
@@ -55,6 +58,40 @@ class Event:
     at: float
     kind: str
     text: str
+
+
+@runtime_checkable
+class MonitorSource(Protocol):
+    """Exactly what the dashboard reads and calls on its data source: ClusterMonitor in the
+    app, a seeded fake in the widget tests. Widgets only read; the app also logs, starts,
+    stops, switches the discovery source and asks for clients to act on."""
+
+    nodes: dict[str, NodeView]  # by address
+    events: deque[Event]  # the newest events, oldest first
+    throughput: deque[tuple[float, float]]  # (monotonic time, cluster tokens/s)
+    tokens_total: int
+    mdns: bool  # the discovery source: zeroconf and/or static addresses
+    static: list[str]
+
+    def on_change(self, callback: Callable[[], None]) -> None: ...
+
+    def log(self, kind: str, text: str) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def switch_source(self, addresses: list[str] | None, mdns: bool) -> None: ...
+
+    async def refresh_infos(self) -> None: ...
+
+    def plan(self) -> pb.Plan | None: ...
+
+    def window(self, series: str) -> Histogram: ...
+
+    def hop_series(self) -> list[tuple[str, str, Histogram]]: ...
+
+    def up_clients(self) -> list[NodeClient]: ...
 
 
 class ClusterMonitor:

@@ -1,10 +1,16 @@
-"""A seeded, frozen stand-in for ClusterMonitor, for widget and snapshot tests only."""
+"""A seeded, frozen stand-in for ClusterMonitor, for widget and snapshot tests only.
+
+It implements console.monitor.MonitorSource, the protocol the dashboard uses
+(tests/tui/test_monitor_source.py checks both conform).
+"""
 
 from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Callable
 
+from console.client import NodeClient
 from console.monitor import Event, NodeView
 from node.histogram import Histogram
 from node.plan import GIB
@@ -20,12 +26,12 @@ class FrozenNode(NodeView):
 
 
 class FakeMonitor:
-    """Same attributes the widgets read; no network, no clock."""
+    """A MonitorSource with fixed data: no network, no clock."""
 
     def __init__(self, n: int = 3, loaded: bool = True, tensor: bool = False) -> None:
         rng = random.Random(42)
         self.mdns, self.static = False, [f"127.0.0.1:5005{i}" for i in range(n)]
-        self.nodes = {}
+        self.nodes: dict[str, NodeView] = {}
         self._plan = None
         ranges = [(0, 29)] * n if tensor else [(0, 9), (10, 19), (20, 29)][:n]
         if loaded:
@@ -88,23 +94,23 @@ class FakeMonitor:
         self.events = deque(Event(T0 + i, k, t) for i, (k, t) in enumerate(texts))
         self.event_count = len(self.events)
 
-    def on_change(self, callback) -> None:
+    def on_change(self, callback: Callable[[], None]) -> None:
         pass
 
     def log(self, kind: str, text: str) -> None:
         self.events.append(Event(T0 + len(self.events), kind, text))
         self.event_count += 1
 
-    def plan(self):
+    def plan(self) -> pb.Plan | None:
         return self._plan
 
     def window(self, series: str) -> Histogram:
         return self.hists.get(series, Histogram())
 
-    def hop_series(self):
+    def hop_series(self) -> list[tuple[str, str, Histogram]]:
         return self.hops
 
-    def up_clients(self):
+    def up_clients(self) -> list[NodeClient]:
         return []
 
     async def start(self) -> None:
@@ -112,6 +118,12 @@ class FakeMonitor:
 
     async def stop(self) -> None:
         pass
+
+    async def switch_source(self, addresses: list[str] | None, mdns: bool) -> None:
+        """Only remembers the source: the fake's nodes stay as they are."""
+        self.static, self.mdns = list(addresses or []), mdns
+        self.log("info", "discovery source: " + ("zeroconf" if mdns else "static ")
+                 + ", ".join(self.static))
 
     async def refresh_infos(self) -> None:
         pass
