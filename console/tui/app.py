@@ -9,6 +9,8 @@ the UI never blocks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -32,8 +34,10 @@ from console.tui.widgets import (
     NodesTable,
     PartitionBar,
     ThroughputPanel,
-    ThroughputSpark,
 )
+
+if TYPE_CHECKING:
+    from console.monitor import MonitorSource
 
 NARROW = 100
 BENCH_REQUESTS = 12
@@ -57,9 +61,10 @@ class ClusterApp(App):
         Binding("q", "quit", "Quit", id="quit"),
     ]
 
-    def __init__(self, monitor, start_monitor: bool = True, refresh_hz: float = 2.0) -> None:
+    def __init__(self, monitor: MonitorSource, start_monitor: bool = True,
+                 refresh_hz: float = 2.0) -> None:
         super().__init__()
-        self.monitor = monitor
+        self.monitor: MonitorSource = monitor
         self.start_monitor = start_monitor
         self.refresh_hz = refresh_hz
         self._dirty = True
@@ -70,8 +75,7 @@ class ClusterApp(App):
             yield NodesTable(id="nodes")
             with Vertical(id="side"):
                 yield PartitionBar(id="partition")
-                yield ThroughputPanel(id="throughput")
-                yield ThroughputSpark([0.0], id="spark")
+                yield ThroughputPanel(id="throughput")  # holds the sparkline, #spark
         with Horizontal(id="bottom"):
             yield LatencyPanel(id="latency")
             with Vertical(id="right"):

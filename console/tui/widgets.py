@@ -1,16 +1,22 @@
-"""Dashboard panels. Each renders state from a ClusterMonitor (or a fake with the same
-attributes in tests); none of them does I/O."""
+"""Dashboard panels. Each renders state from a MonitorSource (console/monitor.py: the
+ClusterMonitor, or the seeded fake in tests); none of them does I/O."""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
 from textual.widgets import DataTable, Sparkline, Static
 from textual_plotext import PlotextPlot
 
 from node.histogram import Histogram
 from node.plan import GIB
+
+if TYPE_CHECKING:
+    from console.monitor import MonitorSource
 
 COLOURS = ["#4e9a06", "#3465a4", "#c4a000", "#75507b", "#06989a", "#cc0000", "#ce5c00",
            "#8ae234", "#729fcf", "#fce94f", "#ad7fa8", "#34e2e2", "#ef2929", "#fcaf3e",
@@ -43,7 +49,7 @@ class NodesTable(DataTable):
         for column in self.COLUMNS:
             self.add_column(column, key=column)
 
-    def refresh_from(self, monitor) -> None:
+    def refresh_from(self, monitor: MonitorSource) -> None:
         plan = monitor.plan()
         order = {s.node_id: i for i, s in enumerate(plan.shards)} if plan else {}
         for address, view in monitor.nodes.items():
@@ -84,9 +90,9 @@ class NodesTable(DataTable):
 class Rerendered(Static):
     """A Static that renders again from the last monitor when its size changes."""
 
-    _monitor = None
+    _monitor: MonitorSource | None = None
 
-    def refresh_from(self, monitor) -> None:
+    def refresh_from(self, monitor: MonitorSource) -> None:
         self._monitor = monitor
         self.render_from(monitor)
 
@@ -94,14 +100,14 @@ class Rerendered(Static):
         if self._monitor is not None:
             self.render_from(self._monitor)
 
-    def render_from(self, monitor) -> None:
+    def render_from(self, monitor: MonitorSource) -> None:
         raise NotImplementedError
 
 
 class PartitionBar(Rerendered):
     """All layers of the loaded model as one bar, each node's range in its colour."""
 
-    def render_from(self, monitor) -> None:
+    def render_from(self, monitor: MonitorSource) -> None:
         plan = monitor.plan()
         if plan is None:
             self.border_title = "Partition"
@@ -162,7 +168,7 @@ class LatencyPanel(PlotextPlot):
 
     _drawn: tuple = ()
 
-    def refresh_from(self, monitor) -> None:
+    def refresh_from(self, monitor: MonitorSource) -> None:
         itl, ttft = monitor.window("token_latency"), monitor.window("ttft")
         drawn = (itl.total, itl.sum_s, ttft.total, ttft.sum_s, self.size)
         if drawn == self._drawn:
@@ -215,7 +221,7 @@ def histogram_bars(h: Histogram, max_bars: int = 40) -> tuple[list[float], list[
 class HopPanel(Static):
     """Per-hop (node pair) one-way latency and per-node compute."""
 
-    def refresh_from(self, monitor) -> None:
+    def refresh_from(self, monitor: MonitorSource) -> None:
         rows = [Text.assemble((f"{a[:9]}→{b[:9]}", "bold"),
                               f" p50 {ms(h.percentile(50))} p99 {ms(h.percentile(99))}",
                               (f" n={h.total}", "dim"))
@@ -227,24 +233,32 @@ class HopPanel(Static):
         self.update(Text("\n").join(rows))
 
 
-class ThroughputPanel(Static):
-    def refresh_from(self, monitor) -> None:
+class ThroughputPanel(Vertical):
+    """Cluster tokens/s, totals and requests in flight over a sparkline of tokens/s: one
+    bordered panel that holds both, so the sparkline is drawn inside its border."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="throughput-text")
+        yield ThroughputSpark([0.0], id="spark")
+
+    def refresh_from(self, monitor: MonitorSource) -> None:
         now = monitor.throughput[-1][1] if monitor.throughput else 0.0
         up = [v for v in monitor.nodes.values() if v.state == "up"]
         # requests in flight: the plan's entry node holds every one (API or CLI alike)
         flight = max((v.snapshot.active_requests for v in up if v.snapshot), default=0)
         batch = max((v.batch for v in up), default=0.0)
-        self.update(Text.assemble(("tokens/s ", "dim"), (f"{now:6.1f}", "bold cyan"),
-                                  ("  total ", "dim"), (f"{monitor.tokens_total}", "bold"),
-                                  ("  nodes up ", "dim"), (f"{len(up)}/{len(monitor.nodes)}",
-                                                           "bold"),
-                                  ("\nin flight ", "dim"), (f"{flight}", "bold"),
-                                  ("  batch ", "dim"), (f"×{batch:.1f}" if batch else "—",
-                                                        "bold")))
+        self.query_one("#throughput-text", Static).update(Text.assemble(
+            ("tokens/s ", "dim"), (f"{now:6.1f}", "bold cyan"),
+            ("  total ", "dim"), (f"{monitor.tokens_total}", "bold"),
+            ("  nodes up ", "dim"), (f"{len(up)}/{len(monitor.nodes)}", "bold"),
+            ("\nin flight ", "dim"), (f"{flight}", "bold"),
+            ("  batch ", "dim"), (f"×{batch:.1f}" if batch else "—", "bold")))
 
 
 class ThroughputSpark(Sparkline):
-    def refresh_from(self, monitor) -> None:
+    """The cluster's tokens/s over the last 120 samples (ThroughputPanel holds it)."""
+
+    def refresh_from(self, monitor: MonitorSource) -> None:
         self.data = [v for _, v in monitor.throughput][-120:] or [0.0]
 
 
@@ -255,7 +269,7 @@ class EventsPanel(Rerendered):
               "load": "cyan", "info": "white", "recovery": "bold magenta",
               "fault": "bold yellow", "bench": "cyan"}
 
-    def render_from(self, monitor) -> None:
+    def render_from(self, monitor: MonitorSource) -> None:
         region = self.content_region  # inside the border: what can show
         rows = max(1, region.height or 10)
         width = max(20, region.width or 78)
