@@ -257,8 +257,8 @@ def test_console_uses_only_public_node_modules():
 
 
 def test_the_allow_list_names_real_modules():
-    """Catches a renamed or removed public module (node.peers is allowed ahead of time)."""
-    missing = sorted(set(CONSOLE_MAY_IMPORT) - set(project_modules()) - {"node.peers"})
+    """Catches a renamed or removed public module."""
+    missing = sorted(set(CONSOLE_MAY_IMPORT) - set(project_modules()))
     assert not missing, f"CONSOLE_MAY_IMPORT names modules that do not exist: {missing}"
 
 
