@@ -150,16 +150,3 @@ async def gather_infos(clients: list[NodeClient]) -> list[pb.NodeInfo | ClusterE
             raise r
         out.append(r)
     return out
-
-
-def entry_node(infos: list[pb.NodeInfo]) -> pb.NodeInfo:
-    """The node holding layer 0 of the newest loaded plan (where Generate goes)."""
-    loaded = [i for i in infos if i.HasField("shard")]
-    if not loaded:
-        raise ClusterError("no model is loaded; run: mlx-cluster load --model smollm2-135m")
-    epoch = max(i.shard.epoch for i in loaded)
-    for info in loaded:  # the plan's first shard: layer 0, or rank 0 of an mlx-ring group
-        if info.shard.epoch == epoch and info.plan.shards and (
-                info.plan.shards[0].node_id == info.node_id):
-            return info
-    raise ClusterError(f"no node holds layer 0 of plan epoch {epoch}; reload the model")

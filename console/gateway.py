@@ -18,125 +18,33 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from console.client import ClusterError, NodeClient, entry_node, gather_infos, to_dict
+from console import ops
+from console.client import ClusterError, NodeClient, gather_infos, to_dict
+from console.openai_api import ApiError, Sampling, StopText, usage
+from console.ops import Connection
 from protos import cluster_pb2 as pb
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 52415  # exo's, so clients configured for exo work unchanged
 MAX_BODY_BYTES = 1024 * 1024
-MAX_STOP = 4  # as OpenAI's API
 ENTRY_TTL_S = 2.0
-
-
-class ApiError(Exception):
-    """An error for the client, in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.code, self.param = status, kind, code, param
-
-    def response(self) -> web.Response:
-        return web.json_response({"error": {"message": str(self), "type": self.kind,
-                                            "param": self.param, "code": self.code}},
-                                 status=self.status)
-
-
-@dataclass
-class Sampling:
-    """What a request asks for, checked."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str] = field(default_factory=list)
-
-    @classmethod
-    def parse(cls, body: dict, default_max: int) -> Sampling:
-        def number(name: str, default: float, low: float, high: float) -> float:
-            value = body.get(name)
-            if value is None:
-                return default
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (
-                    math.isfinite(value) and low <= value <= high):
-                raise ApiError(400, f"{name} must be a number from {low} to {high}",
-                               param=name)
-            return float(value)
-
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is None:
-            max_tokens = default_max
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ApiError(400, "max_tokens must be a positive integer", param="max_tokens")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or not -2**63 <= seed < 2**63):
-            raise ApiError(400, "seed must be a 64-bit integer", param="seed")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(
-                isinstance(s, str) and s for s in stop):
-            raise ApiError(400, f"stop must be a string or up to {MAX_STOP} non-empty strings",
-                           param="stop")
-        return cls(max_tokens, number("temperature", 0.0, 0.0, 2.0),
-                   number("top_p", 1.0, 0.0, 1.0), seed, stop)
-
-    def proto(self) -> pb.SamplingParams:
-        params = pb.SamplingParams(temperature=self.temperature,
-                                   top_p=0.0 if self.top_p >= 1.0 else self.top_p)
-        if self.seed is not None:
-            params.seed = self.seed
-        return params
-
-
-class StopText:
-    """Cuts the text at the first stop string; holds back what could begin one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        """Text safe to send now."""
-        if self.stopped:
-            return ""
-        self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            self.stopped = True
-            out, self.pending = self.pending[:cut], ""
-            return out
-        keep = max((k for s in self.stops for k in range(1, len(s))
-                    if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[:len(self.pending) - keep]
-        self.pending = self.pending[len(out):]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
 
 
 class Gateway:
     """The HTTP app and the cluster it fronts."""
 
     def __init__(self, addresses: list[str], token: str | None = None,
-                 client_options: dict | None = None, default_max_tokens: int = 256,
+                 connection: Connection | None = None, default_max_tokens: int = 256,
                  max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.addresses = addresses
         self.token = token
-        self.client_options = client_options or {}
+        self.connection = connection or Connection()
         self.default_max_tokens = default_max_tokens
         self.max_body_bytes = max_body_bytes
         self.clients: list[NodeClient] = []
@@ -162,7 +70,7 @@ class Gateway:
 
     async def _open(self, app: web.Application) -> None:
         # gRPC channels belong to the running loop: made here, not before the app runs
-        self.clients = [NodeClient(a, **self.client_options) for a in self.addresses]
+        self.clients = [self.connection.client(a) for a in self.addresses]
 
     async def _close(self, app: web.Application) -> None:
         await asyncio.gather(*(c.close() for c in self.clients))
@@ -219,16 +127,14 @@ class Gateway:
         return found
 
     async def _find_entry(self) -> tuple[NodeClient, pb.NodeInfo]:
-        infos = await gather_infos(self.clients)
-        up = [(c, i) for c, i in zip(self.clients, infos) if not isinstance(i, ClusterError)]
-        if not up:
-            raise ApiError(503, "no cluster node answers; start them (mlx-cluster local up "
-                                "or mlx-node serve)", kind="server_error", code="cluster_down")
         try:
-            info = entry_node([i for _, i in up])
+            return await ops.entry_client(self.clients)
+        except ops.NoNodeUp as e:
+            raise ApiError(503, "no cluster node answers; start them (mlx-cluster local up "
+                                "or mlx-node serve)", kind="server_error",
+                           code="cluster_down") from e
         except ClusterError as e:
             raise ApiError(503, str(e), kind="server_error", code="model_not_loaded") from e
-        return next(c for c, i in up if i.node_id == info.node_id), info
 
     async def _tokenizer(self, model: str):
         """The loaded model's tokenizer and context length, read once (off the loop)."""
@@ -297,16 +203,14 @@ class Gateway:
         if not isinstance(model, str) or not model:
             raise ApiError(400, "give the model to load: {\"model\": \"smollm2-135m\"}",
                            param="model")
-        from console.cli import load_plan
-
         live = [c for c, i in zip(self.clients, await gather_infos(self.clients))
                 if not isinstance(i, ClusterError)]
         if not live:
             raise ApiError(503, "no cluster node answers", kind="server_error")
-        plan, shards = await load_plan(live, model, str(body.get("dtype", "")), 0,
-                                       str(body.get("strategy", "memory")),
-                                       progress=lambda m: log.info("%s", m.strip()),
-                                       backend=str(body.get("backend", "pipeline")))
+        plan, shards = await ops.load_plan(live, model, str(body.get("dtype", "")), 0,
+                                           str(body.get("strategy", "memory")),
+                                           progress=lambda m: log.info("%s", m.strip()),
+                                           backend=str(body.get("backend", "pipeline")))
         self._entry_cache = None
         return web.json_response({"plan": to_dict(plan), "shards": [to_dict(s) for s in shards]})
 
@@ -378,13 +282,13 @@ class Gateway:
                 completion += 1
                 text = stop.feed(event.token.text)
                 if stop.stopped:
-                    yield text, "stop", _usage(len(request.prompt_ids), completion)
+                    yield text, "stop", usage(len(request.prompt_ids), completion)
                     return  # leaving the stream cancels it: the nodes free the caches
                 yield text, None, None
             else:
                 done = event.done
                 yield (stop.feed(done.tail_text) + stop.flush(), done.finish_reason,
-                       _usage(done.prompt_tokens, done.completion_tokens))
+                       usage(done.prompt_tokens, done.completion_tokens))
                 return
 
     async def _collect(self, http: web.Request, client: NodeClient,
@@ -457,18 +361,13 @@ class Gateway:
         return response
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
-
-
 def serve(addresses: list[str], host: str, port: int, token: str | None = None,
-          client_options: dict | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+          connection: Connection | None = None, max_body_bytes: int = MAX_BODY_BYTES,
           on_ready=None) -> None:
     """Run the gateway until SIGINT/SIGTERM; `on_ready(url)` once it listens."""
     import signal
 
-    gateway = Gateway(addresses, token, client_options, max_body_bytes=max_body_bytes)
+    gateway = Gateway(addresses, token, connection, max_body_bytes=max_body_bytes)
 
     async def main() -> None:
         runner = web.AppRunner(gateway.app())

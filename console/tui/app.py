@@ -17,6 +17,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header
 
+from console import ops
 from console.client import ClusterError
 from console.tui.commands import ClusterCommands
 from console.tui.screens import (
@@ -132,14 +133,12 @@ class ClusterApp(App):
 
     @work(exclusive=True, group="load")
     async def load_model(self, model: str, strategy: str, backend: str = "pipeline") -> None:
-        from console.cli import load_plan
-
         self.monitor.log("load", f"loading {model} ({backend}, {strategy}) ...")
         self.notify(f"loading {model} ...", timeout=3)
         try:
-            plan, shards = await load_plan(self.monitor.up_clients(), model, "", 0, strategy,
-                                           progress=lambda m: self.monitor.log("load", m.strip()),
-                                           backend=backend)
+            plan, shards = await ops.load_plan(
+                self.monitor.up_clients(), model, "", 0, strategy,
+                progress=lambda m: self.monitor.log("load", m.strip()), backend=backend)
         except ClusterError as e:
             self.monitor.log("error", f"load failed: {e}")
             self.notify(str(e), severity="error", timeout=8)
@@ -220,17 +219,13 @@ class ClusterApp(App):
         """A short benchmark on the loaded plan: the latency panels fill as it runs."""
         import asyncio
 
-        from console.bench import run_level, summarise, workload_prompts
-        from console.client import entry_node, gather_infos
+        from console.workload import run_level, summarise, workload_prompts
 
-        clients = self.monitor.up_clients()
-        infos = [i for i in await gather_infos(clients) if not isinstance(i, ClusterError)]
         try:
-            entry = entry_node(infos)
+            client, entry = await ops.entry_client(self.monitor.up_clients())
         except ClusterError as e:
             self.notify(str(e), severity="error")
             return
-        client = next(c for c in clients if c.address == entry.address)
         prompts = await asyncio.to_thread(workload_prompts, entry.plan.model, BENCH_REQUESTS,
                                           32, 0)
         self.monitor.log("bench", f"benchmark: {BENCH_REQUESTS} requests x 32 tokens, "
@@ -269,11 +264,11 @@ class ClusterApp(App):
                                              False)
 
 
-def run_dashboard(addresses: list[str] | None, mdns: bool, client_options: dict,
+def run_dashboard(addresses: list[str] | None, mdns: bool, connection: ops.Connection,
                   interfaces: list[str] | None = None) -> int:
     from console.monitor import ClusterMonitor
 
     monitor = ClusterMonitor(addresses, mdns=mdns, interfaces=interfaces,
-                             client_options=client_options)
+                             client_options=connection.options())
     ClusterApp(monitor).run()
     return 0

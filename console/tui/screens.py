@@ -10,7 +10,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Markdown, Select, Static
 
-from console.client import ClusterError, to_dict
+from console import ops
+from console.client import ClusterError, gather_infos, to_dict
 from node.faults import KINDS as FAULTS
 from node.plan import BACKENDS, GIB
 from node.plan import STRATEGIES as ALL_STRATEGIES
@@ -62,15 +63,12 @@ class LoadScreen(ModalScreen[str | None]):
 
     @work(exclusive=True, group="preview")
     async def run_preview(self, model: str, strategy: str, backend: str) -> None:
-        from console.cli import partition
-        from console.client import gather_infos
-
         infos = [i for i in await gather_infos(self.monitor.up_clients())
                  if not isinstance(i, ClusterError)]
         try:
             if not infos:
                 raise ClusterError("no node is up")
-            plan, source = partition(infos, model, "", 0, strategy, backend)
+            plan, source = ops.partition(infos, model, "", 0, strategy, backend)
         except ClusterError as e:
             self.query_one("#preview", Static).update(Text(str(e), style="bold red"))
             self.query_one("#load-button", Button).disabled = True
@@ -135,7 +133,6 @@ class GenerateScreen(ModalScreen[None]):
 
     @work(exclusive=True, group="generate")
     async def stream(self, prompt: str, chat: bool) -> None:
-        from console.cli import generate
         from protos import cluster_pb2 as pb
 
         def show(piece: str) -> None:
@@ -144,14 +141,14 @@ class GenerateScreen(ModalScreen[None]):
 
         request = pb.GenerateRequest(prompt=prompt, chat=chat, max_tokens=64)
         try:
-            result = await generate(self.monitor.up_clients(), request, show)
+            result = await ops.generate(self.monitor.up_clients(), request, show)
         except ClusterError as e:
             self.query_one("#stats", Static).update(Text(str(e), style="bold red"))
             self.monitor.log("error", f"generate: {e}")
             return
-        stats = (f"{result['completion_tokens']} tokens · {result['finish_reason']} · TTFT "
-                 f"{result['ttft_s'] * 1000:.0f} ms · {result['tokens_per_s']:.1f} tok/s · "
-                 f"{len(result['shards'])} shards")
+        stats = (f"{result.completion_tokens} tokens · {result.finish_reason} · TTFT "
+                 f"{result.ttft_s * 1000:.0f} ms · {result.tokens_per_s:.1f} tok/s · "
+                 f"{len(result.shards)} shards")
         self.query_one("#stats", Static).update(Text(stats, style="green"))
         self.monitor.log("info", f"generated {stats}")
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from console import local
-from console.cli import generate
 from console.monitor import ClusterMonitor
+from console.ops import generate
 from console.tui.app import ClusterApp
 from protos import cluster_pb2 as pb
 
