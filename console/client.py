@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node.auth import open_channel, read_token, token_metadata
-from node.pipeline import CHANNEL_OPTIONS
+from node.peers import CHANNEL_OPTIONS
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 

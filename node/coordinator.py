@@ -24,8 +24,9 @@ import time
 
 import grpc
 
-from node.auth import open_channel
-from node.plan import NodeSpec, PlanError, backend_label, make_plan, make_tensor_plan
+from node.auth import token_metadata
+from node.placement import place, to_proto
+from node.plan import NodeSpec, PlanError, backend_label
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 
@@ -41,7 +42,7 @@ class Coordinator:
         self.interval_s = interval_s
         self.misses = misses
         self._task: asyncio.Task | None = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = servicer.peers  # the node's one channel per peer (node/peers.py)
         self._recovering = False
         self._down_since: float | None = None  # rank 0's ring worker exited
         self._down_reason = ""
@@ -65,20 +66,9 @@ class Coordinator:
             return
         if self._task is not None:
             self._task.cancel()
-        await self._close_channels()
-
-    async def _close_channels(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            await channel.close()
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            from node.pipeline import CHANNEL_OPTIONS
-
-            self._channels[address] = open_channel(address, CHANNEL_OPTIONS,
-                                                   self.servicer.peer_ca)
-        return self._channels[address]
+        return self._channels.get(address)
 
     @property
     def recovering(self) -> bool:
@@ -125,7 +115,8 @@ class Coordinator:
                         await self._recover(dead, now, detect_s)
                     finally:
                         self._recovering = False
-                        await self._close_channels()
+                        for peer in dead:  # nothing should keep reconnecting to them
+                            self._channels.forget(peer.address)
                     return  # the new plan's coordinator takes over
         except asyncio.CancelledError:
             raise
@@ -133,7 +124,7 @@ class Coordinator:
             log.exception("coordinator stopped")
 
     async def _recover(self, dead: list[pb.PlanShard], t_down: float, detect_s: float) -> None:
-        from node.models import resolve, shape_of
+        from node.models import resolve
 
         record = pb.Recovery(from_epoch=self.plan.epoch, lost=[p.node_id for p in dead],
                              detect_s=detect_s, at_unix=time.time())
@@ -142,9 +133,7 @@ class Coordinator:
         if self.ring:
             why = f"rank(s) {names} lost" if dead else (
                 f"rank 0's worker stopped: {self._down_reason}")
-            from node.ring import RingGroup
-
-            if isinstance(self.servicer.runner, RingGroup):
+            if self.servicer.runner is not None:
                 self.servicer.runner.mark_down(f"the mlx-ring group is down: {why}")
             if not self.plan.auto_reform:
                 record.error = (f"the mlx-ring group is down ({why}); MLX groups cannot lose "
@@ -166,34 +155,22 @@ class Coordinator:
                                                 self.options.layers)
             strategy = self.plan.strategy
             if not strategy or strategy.startswith("manual:"):
-                strategy = "memory"
+                strategy = "memory"  # a manual split was for the nodes that are gone
             specs = [NodeSpec(s.node_id, b, s.name, s.address)
                      for s, (b, _) in zip(survivors, infos)]
-            context = self.plan.context_length or None
-            if self.ring and (self.plan.parallel or "tensor") == "tensor":
-                new = make_tensor_plan(shape_of(source), source.config, specs, context,
-                                       self.plan.model)
-                strategy = new.strategy
-            else:
-                new = make_plan(strategy, shape_of(source), specs, context=context,
-                                model=self.plan.model)
+            new = place(source, specs, strategy,
+                        backend_label(self.plan.backend, self.plan.parallel or "tensor"),
+                        self.plan.model, self.plan.context_length or None)
         except (PlanError, Exception) as e:  # noqa: B014 - PlanError named for the reader
             record.error = f"cannot re-plan {self.plan.model} onto the survivors: {e}"
             log.error("%s", record.error)
             self.servicer.recovery_failed(record)
             await self._stop_ring_survivors(record)
             return
-        ports = {s.node_id: port for s, (_, port) in zip(survivors, infos)}
-        proto = pb.Plan(model=self.plan.model, epoch=self.plan.epoch + 1,
-                        n_layers=new.n_layers, strategy=strategy, context_length=new.context,
-                        backend=self.plan.backend, parallel=self.plan.parallel,
-                        auto_reform=self.plan.auto_reform,
-                        shards=[pb.PlanShard(node_id=s.node.node_id, address=s.node.address,
-                                             name=s.node.name, start_layer=s.start,
-                                             end_layer=s.end, param_bytes=s.param_bytes,
-                                             kv_bytes=s.kv_bytes,
-                                             ring_port=ports[s.node.node_id] if self.ring else 0)
-                                for s in new.shards])
+        proto = to_proto(new, self.plan.model, self.plan.epoch + 1,
+                         backend_label(self.plan.backend, self.plan.parallel or "tensor"),
+                         {s.node_id: port for s, (_, port) in zip(survivors, infos)},
+                         self.plan.auto_reform)
         t_planned = time.monotonic()
         record.to_epoch, record.replan_s = proto.epoch, t_planned - t_down
         others = [s for s in proto.shards if s.node_id != self.servicer.node_id]
@@ -230,15 +207,11 @@ class Coordinator:
                              return_exceptions=True)
 
     async def _unload_remote(self, address: str) -> None:
-        from node.auth import token_metadata
-
         stub = pb_grpc.NodeServiceStub(self._channel(address))
         await stub.UnloadShard(pb.UnloadShardRequest(epoch=self.plan.epoch), timeout=10.0,
                                metadata=token_metadata(self.servicer.token))
 
     async def _load_remote(self, address: str, plan: pb.Plan) -> None:
-        from node.auth import token_metadata
-
         stub = pb_grpc.NodeServiceStub(self._channel(address))
         await stub.LoadShard(pb.LoadShardRequest(plan=plan, options=self.options),
                              timeout=300.0, metadata=token_metadata(self.servicer.token))

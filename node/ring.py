@@ -29,16 +29,15 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import grpc
 import psutil
 
-from node.auth import open_channel
-from node.errors import BadFrame, ModelError, NodeError, RequestTimeout
+from node.errors import BadFrame, ModelError, NodeError
 from node.metrics import NodeMetrics
 from node.models import ModelSource
-from node.pipeline import CHANNEL_OPTIONS, TokenStream, check_request
+from node.peers import PeerChannels
+from node.runner import serve_request
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 
@@ -78,8 +77,8 @@ class RingGroup:
                  source: ModelSource, tokenizer, metrics: NodeMetrics,
                  request_timeout_s: float = 120.0,
                  on_down: Callable[[RingGroup], None] | None = None,
-                 metadata: tuple[tuple[str, str], ...] = (), peer_ca: Path | None = None
-                 ) -> None:
+                 metadata: tuple[tuple[str, str], ...] = (),
+                 peers: PeerChannels | None = None) -> None:
         self.plan = plan
         self.epoch = plan.epoch
         self.options = options
@@ -106,14 +105,13 @@ class RingGroup:
         self._ps: psutil.Process | None = None
         self._hostfile = ""
         self._ready: asyncio.Future | None = None
-        self._pending: dict[str, asyncio.Queue] = {}
+        self.pending: dict[str, asyncio.Queue] = {}
         self._tasks: list[asyncio.Task] = []
         self._stderr: deque[str] = deque(maxlen=20)
         self._closing = False
         self._stopping: asyncio.Task | None = None  # mark_down's close, kept referenced
         self._metadata = metadata
-        self._peer_ca = peer_ca
-        self._channels: list[grpc.aio.Channel] = []
+        self._peers = peers or PeerChannels()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -175,9 +173,6 @@ class RingGroup:
                 await proc.wait()
         for task in self._tasks:
             task.cancel()
-        channels, self._channels = self._channels, []
-        for channel in channels:
-            await channel.close()
         if self._hostfile:
             with contextlib.suppress(OSError):
                 os.unlink(self._hostfile)
@@ -206,7 +201,7 @@ class RingGroup:
     def _event(self, event: dict) -> None:
         kind = event.get("ev")
         if kind == "tok":
-            queue = self._pending.get(event.get("id", ""))
+            queue = self.pending.get(event.get("id", ""))
             if queue is not None:
                 queue.put_nowait((int(event["tok"]), float(event["c"]), float(event["lp"])))
             self.metrics.observe("step_compute", float(event["c"]))
@@ -214,7 +209,7 @@ class RingGroup:
             self.metrics.observe("step_compute", float(event["c"]))
         elif kind == "end":
             self.mlx_active = int(event.get("active", self.mlx_active))
-            queue = self._pending.get(event.get("id", ""))
+            queue = self.pending.get(event.get("id", ""))
             if queue is not None:
                 queue.put_nowait(None)
         elif kind == "formed":
@@ -257,7 +252,7 @@ class RingGroup:
             self.on_down(self)
 
     def _fail_pending(self, error: Exception) -> None:
-        for queue in self._pending.values():
+        for queue in self.pending.values():
             queue.put_nowait(error)
 
     def mark_down(self, reason: str) -> None:
@@ -270,9 +265,15 @@ class RingGroup:
 
     # ------------------------------------------------------------ requests (rank 0)
 
+    patient_first_token = True  # the worker serves one request at a time
+
     @property
     def active_requests(self) -> int:
-        return len(self._pending)
+        return len(self.pending)
+
+    @property
+    def held_bytes(self) -> int:
+        return self.mlx_active  # the weights live in the worker process
 
     def free_idle(self, max_idle_s: float) -> list[str]:
         return []  # the worker holds one request's caches at a time and frees them itself
@@ -286,65 +287,45 @@ class RingGroup:
             raise RingDown(f"the ring group is down: {self.error or 'no worker'}")
         self.proc.stdin.write((json.dumps(message) + "\n").encode())
 
-    async def generate(self, request: pb.GenerateRequest, already: list[int] = (),
-                       emitted_chars: int = 0) -> AsyncIterator[pb.GenerateEvent]:
-        """Serve one request through the group (rank 0 only). After a fail-over the tokens
-        the client already has are part of the prompt, and generation continues."""
+    def generate(self, request: pb.GenerateRequest, already: list[int] = (),
+                 emitted_chars: int = 0) -> AsyncIterator[pb.GenerateEvent]:
+        """Serve one request through the group (rank 0 only; node/runner.py's loop, with
+        this backend). After a fail-over the tokens the client already has are part of
+        the prompt, and generation continues."""
         assert self.tokenizer is not None
-        ids, max_tokens, timeout = await check_request(request, self.tokenizer, self.source,
-                                                       self.request_timeout_s)
-        already = list(already)[:max_tokens]
-        stream = TokenStream(self.tokenizer, request, len(ids), max_tokens, already,
-                             emitted_chars, self.metrics)
-        if not stream.more:
-            raise BadFrame("nothing left to generate after the replayed tokens")
-        queue: asyncio.Queue = asyncio.Queue()
-        rid = stream.request_id
+        return serve_request(self, request, already, emitted_chars)
+
+    async def begin(self, request_id: str, prompt: list[int], already: list[int],
+                    request: pb.GenerateRequest, budget: int) -> None:
         sampling = request.sampling
-        seed = sampling.seed if sampling.HasField("seed") else random.randrange(2**31)
-        self._pending[rid] = queue
-        self.metrics.inc("requests_started")
-        ended = False
-        try:
-            # shielded: once a rank is woken, rank 0 must take part in the collective too
-            await asyncio.shield(self._start_request({
-                "op": "gen", "id": rid, "tokens": ids + already,
-                "max": max_tokens - len(already), "temp": sampling.temperature,
-                "top_p": sampling.top_p, "seed": seed % 2**31,
-                "eos": sorted(self.tokenizer.eos_ids), "ignore_eos": request.ignore_eos}))
-            if self.state in ("ready", "serving"):  # it may have gone down meanwhile
-                self.state = "serving"
-            while True:
-                # a first token may wait behind the group's earlier requests (one at a time)
-                wait = stream.timeout(timeout) if stream.generated > len(already) else timeout
-                item = await self._next(queue, wait)
-                if item is None:
-                    ended = True
-                    break
-                token, compute_s, logprob = item
-                event = stream.accept(token, compute_s, logprob)
-                if event is None:
-                    continue  # end of sequence; the worker ends the request next
-                yield event
-            yield stream.done(self.epoch)
-        except BaseException:
-            self.metrics.inc("requests_failed")
-            raise
-        finally:
-            self._pending.pop(rid, None)
-            if not self._pending and self.state == "serving":
-                self.state = "ready"
-            if not ended and self.state != "down":
-                with contextlib.suppress(NodeError, OSError):
-                    self._send({"op": "cancel", "id": rid})
+        # the worker draws from a key made from the seed, as the engine does (node/sampling)
+        seed = sampling.seed if sampling.HasField("seed") and sampling.seed >= 0 else (
+            random.getrandbits(63))  # every rank must draw alike: rank 0 picks the seed
+        # shielded: once a rank is woken, rank 0 must take part in the collective too
+        await asyncio.shield(self._start_request({
+            "op": "gen", "id": request_id, "tokens": prompt + already, "max": budget,
+            "temp": sampling.temperature, "top_p": sampling.top_p, "seed": seed,
+            "eos": sorted(self.tokenizer.eos_ids), "ignore_eos": request.ignore_eos}))
+        if self.state in ("ready", "serving"):  # it may have gone down meanwhile
+            self.state = "serving"
+
+    def next(self, request_id: str, token: int, position: int,
+             sampling: pb.SamplingParams) -> None:
+        return None  # the worker feeds its tokens back in itself
+
+    def end(self, request_id: str, finished: bool) -> None:
+        """A request that ran to its end was ended by the worker too (same rule: max tokens
+        or end of sequence); any other is cancelled there."""
+        if not self.pending and self.state == "serving":
+            self.state = "ready"
+        if not finished and self.state != "down":
+            with contextlib.suppress(NodeError, OSError):
+                self._send({"op": "cancel", "id": request_id})
 
     async def _start_request(self, message: dict) -> None:
         """Wake every other rank (through its node service), then hand rank 0 the request.
         A rank that cannot be woken breaks the group: this worker stops, so the others'
         collectives fail instead of waiting for a partner that never comes."""
-        if not self._channels:
-            self._channels = [open_channel(s.address, CHANNEL_OPTIONS, self._peer_ca)
-                              for s in self.plan.shards[1:]]
         wake = pb.RingWakeRequest(epoch=self.epoch)
 
         async def wake_one(channel: grpc.aio.Channel) -> None:
@@ -359,7 +340,8 @@ class RingGroup:
                     await asyncio.sleep(0.1)
             raise RingDown(f"rank still loading after {WAKE_TRIES * 0.1:.0f} s")
 
-        results = await asyncio.gather(*(wake_one(c) for c in self._channels),
+        results = await asyncio.gather(*(wake_one(self._peers.get(s.address))
+                                         for s in self.plan.shards[1:]),
                                        return_exceptions=True)
         failed = [f"rank {i} {s.name or s.address}: "
                   f"{r.details() if isinstance(r, grpc.aio.AioRpcError) else r}"
@@ -376,16 +358,6 @@ class RingGroup:
         if self.rank == 0:
             raise BadFrame("rank 0 is woken by requests, not by RingWake")
         self._send({"op": "wake"})
-
-    async def _next(self, queue: asyncio.Queue, timeout: float):
-        try:
-            item = await asyncio.wait_for(queue.get(), timeout)
-        except TimeoutError:
-            raise RequestTimeout(f"no token from the ring group within {timeout:.0f} s"
-                                 ) from None
-        if isinstance(item, Exception):
-            raise item
-        return item
 
     # ------------------------------------------------------------ reporting
 

@@ -111,14 +111,21 @@ def load(cfg: dict, group: Any):
     return load_shard(source, cfg["start"], cfg["end"])
 
 
+def request_sampler(req: dict) -> Any:
+    """The request's sampler, drawing from its own key as every backend does
+    (node/sampling.py), so a seeded request gives the same tokens on each."""
+    from node.sampling import RequestSampler, Sampling
+
+    return RequestSampler(Sampling(req["temp"], req["top_p"], req["seed"]))
+
+
 def generate_tensor(shard: Any, group: Any, req: dict, emit: Events,
                     cancelled: set[str]) -> None:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
 
-    mx.random.seed(req["seed"])  # the same on every rank, so every rank samples alike
-    sampler = make_sampler(temp=req["temp"], top_p=req["top_p"])
+    # the same seed on every rank, so every rank samples alike
+    sampler = request_sampler(req)
     rank0 = group.rank() == 0
     eos = set(req["eos"])
     t_prev = time.perf_counter()
@@ -141,9 +148,8 @@ def generate_tensor(shard: Any, group: Any, req: dict, emit: Events,
 def generate_pipeline(shard: Any, group: Any, req: dict, emit: Events,
                       cancelled: set[str]) -> None:
     import mlx.core as mx
-    from mlx_lm.sample_utils import make_sampler
 
-    from node.engine import row_logprobs
+    from node.sampling import row_logprobs
 
     rank, size = group.rank(), group.size()
     first, last = rank == 0, rank == size - 1
@@ -156,8 +162,7 @@ def generate_pipeline(shard: Any, group: Any, req: dict, emit: Events,
 
     eos = set(req["eos"])
     if last:
-        mx.random.seed(req["seed"])
-        sampler = make_sampler(temp=req["temp"], top_p=req["top_p"])
+        sampler = request_sampler(req)
     tokens, n = list(req["tokens"]), 0
     while True:
         t0 = time.perf_counter()

@@ -20,48 +20,33 @@ import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from node import __version__
+from node import __version__, failover
 from node.auth import TokenInterceptor, token_metadata
 from node.capabilities import capabilities, default_memory_budget
 from node.coordinator import Coordinator
-from node.engine import Engine
+from node.dataplane import serve_forward
+from node.engine import Engine, windows
 from node.errors import (
     EpochNotLoaded,
     ModelError,
     NodeError,
     NotLoaded,
-    OverBudget,
     StaleEpoch,
 )
 from node.faults import FaultBook, exit_now
 from node.metrics import NodeMetrics
-from node.models import (
-    Shard,
-    check_range,
-    load_shard,
-    resolve,
-    shape_of,
-    supports_tensor,
-    tensor_refusal,
-)
-from node.pipeline import CHANNEL_OPTIONS, Pipeline, unbatch
-from node.plan import GIB, tensor_split_problem
+from node.models import Shard, check_range, load_shard, resolve
+from node.peers import CHANNEL_OPTIONS, PeerChannels
+from node.pipeline import Pipeline
+from node.placement import check, check_budget
 from node.ring import RingGroup, free_port
+from node.runner import Runner
 from node.tokenizers import prompt_tokenizer
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "mlxcluster.NodeService"
-MAX_RETRIES = 3  # fail-overs one request may go through
-FAILOVER_WAIT_S = 60.0  # how long a request waits for the survivors to reload
-# how long a shard waits for the decode steps of the other requests it holds, so that they
-# share one forward: the first shard sets the pace of the ring (requests leave it
-# together); the others only let the burst its upstream sent arrive
-GATHER_FIRST_S = 0.25
-GATHER_NEXT_S = 0.02
-ADMIT_S = 0.01  # the first shard: the quiet time that ends a burst of new requests
-MAX_FRAMES_IN_HAND = 1024  # per Forward stream
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -80,13 +65,14 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.node_id = node_id
         self.token = token
         self.peer_ca = peer_ca
+        self.peers = PeerChannels(peer_ca)  # one channel per peer, for every use
         self.tls = tls
         self.faults = FaultBook(allow_faults)
         self.stop = asyncio.Event()  # set by Shutdown (and by signals in node.cli)
         self.coordinator: Coordinator | None = None
         self.recoveries: list[pb.Recovery] = []
         self._epoch_changed = asyncio.Condition()
-        self._recovery_error: str = ""
+        self.recovery_error: str = ""
         self._loading_epoch = 0  # the epoch of the plan being loaded (heartbeats report it)
         self.name = name
         self.address = ""
@@ -102,7 +88,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         # one thread for every MLX call: loads and forwards never run concurrently
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
         self.shard: Shard | None = None  # gRPC pipeline: the weights this process holds
-        self.runner: Pipeline | RingGroup | None = None
+        self.runner: Runner | None = None
         self.ring_port = ring_port  # 0: a free port is picked for each plan
         self._load_lock = asyncio.Lock()
         self._process = psutil.Process()
@@ -111,15 +97,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     # ------------------------------------------------------------ info
 
     def _shard_info(self) -> pb.ShardInfo | None:
-        if isinstance(self.runner, RingGroup):
-            return self.runner.shard_info()
-        if self.shard is None or self.runner is None:
-            return None
-        s = self.shard
-        return pb.ShardInfo(model=s.source.spec, start_layer=s.start, end_layer=s.end,
-                            n_layers=s.n_layers, epoch=self.runner.epoch, dtype=s.dtype,
-                            form=s.source.form or s.dtype, weight_bytes=s.weight_bytes,
-                            context_length=s.source.context_length, load_seconds=s.load_seconds)
+        return self.runner.shard_info() if self.runner is not None else None
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context) -> pb.HeartbeatReply:
         await self.faults.wait_if_hung()
@@ -170,10 +148,14 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             cpu_percent=self._process.cpu_percent(), rss_bytes=self._process.memory_info().rss,
             requests_retried=c["requests_retried"], recoveries=c["recoveries"])
 
+    @property
+    def loading(self) -> bool:
+        return self._load_lock.locked()
+
     def _state(self) -> str:
         if self._load_lock.locked():
             return "loading"
-        if isinstance(self.runner, RingGroup) and self.runner.state == "down":
+        if self.runner is not None and self.runner.state == "down":
             return "down"
         if self.runner is not None and self.runner.active_requests:
             return "serving"
@@ -211,9 +193,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             yield snap
 
     def _mlx_active(self, mx) -> int:
-        if isinstance(self.runner, RingGroup):  # the weights live in the worker process
-            return mx.get_active_memory() + self.runner.mlx_active
-        return mx.get_active_memory()
+        """MLX memory in use for this node: this process's and its plan's elsewhere (an
+        mlx-ring worker's)."""
+        return mx.get_active_memory() + (self.runner.held_bytes if self.runner else 0)
 
     # ------------------------------------------------------------ load / unload
 
@@ -239,8 +221,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if plan.backend not in ("", "pipeline", "mlx-ring"):
             raise ModelError(f"unknown backend {plan.backend!r} in the plan")
         tensor = ring and (plan.parallel or "tensor") == "tensor"
-        if not tensor:
-            _check_plan(plan)
+        check(plan)
         ours = mine[0]
         # everything that can refuse the plan runs before the loaded one is touched
         loop = asyncio.get_running_loop()
@@ -251,9 +232,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                              f"{source.n_layers}")
         check_range(ours.start_layer, ours.end_layer, source.n_layers)
         if tensor:
-            _check_tensor_plan(plan, source)
+            check(plan, source)
         else:
-            self._check_budget(source, ours.start_layer, ours.end_layer, plan.context_length)
+            check_budget(source, ours.start_layer, ours.end_layer, plan.context_length,
+                         self.memory_budget)
         if ring and any(not s.ring_port for s in plan.shards):
             raise ModelError("an mlx-ring plan needs a ring_port for every rank")
         self._loading_epoch = plan.epoch
@@ -279,7 +261,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 tokenizer = await loop.run_in_executor(self.executor, prompt_tokenizer, source)
             group = RingGroup(self.node_id, plan, options, source, tokenizer, self.metrics,
                               self.request_timeout_s, on_down=self._ring_down,
-                              metadata=token_metadata(self.token), peer_ca=self.peer_ca)
+                              metadata=token_metadata(self.token), peers=self.peers)
             await group.start()
             self.runner, load_seconds = group, group.load_seconds
         else:
@@ -287,13 +269,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 self.shard = await loop.run_in_executor(self.executor, load_shard, source,
                                                         ours.start_layer, ours.end_layer)
             assert self.shard is not None
-            first, alone = ours.start_layer == 0, len(plan.shards) == 1
+            gather_s, admit_s = windows(ours.start_layer == 0, len(plan.shards) == 1)
             engine = Engine(self.shard, self.executor, on_forward=self._count_forward,
-                            gather_s=0.0 if alone else GATHER_FIRST_S if first else
-                            GATHER_NEXT_S, admit_s=ADMIT_S if first and not alone else 0.0)
-            self.runner = Pipeline(self.node_id, plan, engine,
-                                   self.metrics, self.request_timeout_s,
-                                   token_metadata(self.token), self.faults, self.peer_ca)
+                            gather_s=gather_s, admit_s=admit_s)
+            self.runner = Pipeline(self.node_id, plan, engine, self.metrics, self.peers,
+                                   self.request_timeout_s, token_metadata(self.token),
+                                   self.faults)
             load_seconds = self.shard.load_seconds
         if self.coordinator is not None:
             await self.coordinator.stop()
@@ -301,7 +282,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if self.runner.is_first and len(plan.shards) > 1:
             self.coordinator = Coordinator(self, plan, options)
             self.coordinator.start()
-        self._recovery_error = ""
+        self.recovery_error = ""
         async with self._epoch_changed:
             self._epoch_changed.notify_all()
         log.info("loaded %s layers %d-%d (epoch %d, %s) in %.1f s", plan.model,
@@ -318,17 +299,6 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if self.coordinator is not None and group is self.runner:
             self.coordinator.group_down(group.error)
 
-    def _check_budget(self, source, start: int, end: int, context: int) -> None:
-        """Refuse, before loading anything, a shard that would not fit this node's budget."""
-        budget = self.memory_budget
-        params, kv = shape_of(source).shard_bytes(start, end, context or None)
-        if params + kv > budget:
-            raise OverBudget(
-                f"layers {start}-{end} of {source.spec} need {(params + kv) / GIB:.2f} GiB "
-                f"({params / GIB:.2f} GiB weights + {kv / GIB:.2f} GiB KV cache) but this node's "
-                f"memory budget is {budget / GIB:.2f} GiB; plan with --strategy memory or "
-                f"start the node with a larger --memory-budget")
-
     async def load_local(self, plan: pb.Plan, options: pb.ModelOptions) -> None:
         """Load a plan on this node (the coordinator's own share of a re-plan)."""
         async with self._load_lock:
@@ -340,7 +310,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     def recovery_failed(self, record: pb.Recovery) -> None:
         self.recoveries.append(record)
-        self._recovery_error = record.error
+        self.recovery_error = record.error
         self.metrics.inc("recoveries_failed")
         asyncio.get_running_loop().create_task(self._notify_epoch())
 
@@ -348,10 +318,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         async with self._epoch_changed:
             self._epoch_changed.notify_all()
 
-    async def _wait_for_epoch_after(self, epoch: int, timeout_s: float) -> bool:
+    async def wait_for_epoch_after(self, epoch: int, timeout_s: float) -> bool:
         """True once a plan newer than `epoch` is loaded here; False on failure/timeout."""
         def ready() -> bool:
-            return bool(self._recovery_error) or (
+            return bool(self.recovery_error) or (
                 self.runner is not None and self.runner.epoch > epoch)
 
         try:
@@ -359,7 +329,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 await asyncio.wait_for(self._epoch_changed.wait_for(ready), timeout_s)
         except TimeoutError:
             return False
-        return not self._recovery_error
+        return not self.recovery_error
 
     async def UnloadShard(self, request: pb.UnloadShardRequest, context) -> pb.UnloadShardReply:
         async with self._load_lock:
@@ -382,56 +352,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     # ------------------------------------------------------------ data plane
 
     async def Forward(self, request_iterator, context) -> AsyncIterator[pb.ForwardReply]:
-        """Frames of one request are handled in order; frames of different requests at
-        once, so that their decode steps can share a forward in the engine (a stream
-        handled one frame at a time would never let two requests meet)."""
-        replies: asyncio.Queue[pb.ForwardReply | None] = asyncio.Queue()
+        """The data plane: frames from the upstream neighbour (node/dataplane.py)."""
         broken: list[str] = []
-        chains: dict[str, asyncio.Task] = {}  # request id -> its newest frame's task
-        loop = asyncio.get_running_loop()
-        # backpressure: past this many frames in hand the stream is not read, so the frames
-        # wait on the sender's side (gRPC flow control) instead of as tasks here
-        room = asyncio.Semaphore(MAX_FRAMES_IN_HAND)
-
-        async def after(previous: asyncio.Task | None, frame: pb.ForwardFrame) -> None:
-            try:
-                if previous is not None:
-                    await asyncio.wait([previous])  # its outcome was reported by itself
-                await self._frame(frame, replies)
-            finally:
-                room.release()
-
-        def forget(request_id: str, task: asyncio.Task) -> None:
-            if chains.get(request_id) is task:
-                del chains[request_id]
-
-        async def read() -> None:
-            try:
-                async for message in request_iterator:
-                    self.metrics.inc("forward_messages")
-                    for frame in unbatch(message):
-                        await room.acquire()
-                        task = loop.create_task(after(chains.get(frame.request_id), frame))
-                        chains[frame.request_id] = task
-                        task.add_done_callback(lambda t, r=frame.request_id: forget(r, t))
-                if chains:  # the upstream closed the stream: let its frames finish
-                    await asyncio.wait(list(chains.values()))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the stream itself broke (peer gone, undecodable bytes)
-                log.info("forward stream ended: %r", e)
-                broken.append(repr(e))
-            finally:
-                for task in chains.values():
-                    task.cancel()
-                replies.put_nowait(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-        finally:
-            reader.cancel()
+        async for reply in serve_forward(request_iterator, self._frame, self.metrics, broken):
+            yield reply
         if broken:
             self.metrics.inc("frames_rejected")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -457,10 +381,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def RingWake(self, request: pb.RingWakeRequest, context) -> pb.RingWakeReply:
         runner = self.runner
         try:
-            loaded = runner.epoch if isinstance(runner, RingGroup) else 0
+            loaded = runner.epoch if runner is not None else 0
             if request.epoch > loaded and self._load_lock.locked():
                 raise EpochNotLoaded(f"this node is still loading epoch {request.epoch}")
-            if not isinstance(runner, RingGroup):
+            if runner is None:
                 raise NotLoaded("this node holds no mlx-ring plan")
             if request.epoch != runner.epoch:
                 raise StaleEpoch(f"wake for plan epoch {request.epoch}, but this node holds "
@@ -473,63 +397,13 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context) -> AsyncIterator[pb.GenerateEvent]:
         await self.faults.wait_if_hung()
-        behind_since = 0.0  # start of the current run of "peer still loading" answers
-        resumed_at = 0.0  # when a fail-over to a new plan completed, until the next token
-        already: list[int] = []  # tokens the client has, replayed after a fail-over
-        emitted = 0  # characters of text the client has
-        retries = 0
-        while True:
-            runner = self.runner
-            try:
-                if runner is None:
-                    raise NotLoaded("no model is loaded; run: mlx-cluster load --model SPEC")
-                if not runner.is_first:
-                    info = self._shard_info()
-                    raise NotLoaded(f"this node holds layers {info.start_layer}-"
-                                    f"{info.end_layer}; send Generate to the first shard at "
-                                    f"{runner.entry_address}")
-                async for event in runner.generate(request, already, emitted):
-                    if event.HasField("token"):
-                        behind_since = 0.0
-                        already.append(event.token.token_id)
-                        emitted += len(event.token.text)
-                        if resumed_at:
-                            self._note_resumed(time.monotonic() - resumed_at)
-                            resumed_at = 0.0
-                    yield event
-                return
-            except NodeError as e:
-                recovering = (self.coordinator is not None and self.coordinator.recovering
-                              ) or self._load_lock.locked() or (
-                    runner is not None and self.runner is not runner)
-                lost = e.code in ("DEADLINE_EXCEEDED", "DATA_LOSS")  # frames went missing
-                behind = e.code == "ABORTED"  # a peer is still loading the new epoch
-                retryable = lost or behind or (
-                    e.code in ("UNAVAILABLE", "FAILED_PRECONDITION") and (
-                        recovering or self.coordinator is not None))
-                if behind:
-                    behind_since = behind_since or time.monotonic()
-                    if time.monotonic() - behind_since < FAILOVER_WAIT_S:
-                        retries = min(retries, MAX_RETRIES - 1)  # a load, not a fault
-                if not retryable or retries >= MAX_RETRIES:
-                    await _abort(context, e)
-                retries += 1
-                self.metrics.inc("requests_retried")
-                log.warning("request retried after: %s", e)
-                if behind:
-                    await asyncio.sleep(0.2)
-                    continue
-                if lost and not recovering:
-                    continue  # replay on the same plan
-                if not await self._wait_for_epoch_after(runner.epoch if runner else 0,
-                                                        FAILOVER_WAIT_S):
-                    await _abort(context, NodeError(
-                        f"{e}; no recovery: {self._recovery_error or 'timed out waiting'}"))
-                resumed_at = time.monotonic()
-            except Exception as e:
-                await _abort(context, e)
+        try:
+            async for event in failover.generate(self, request):
+                yield event
+        except Exception as e:
+            await _abort(context, e)
 
-    def _note_resumed(self, seconds: float) -> None:
+    def note_resumed(self, seconds: float) -> None:
         if self.recoveries and not self.recoveries[-1].first_token_s:
             self.recoveries[-1].first_token_s = seconds
         if self.recoveries:
@@ -590,32 +464,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             await self.coordinator.stop()
         if self.runner is not None:
             await self.runner.close("the node is shutting down")
+        await self.peers.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _check_plan(plan: pb.Plan) -> None:
-    """Shards must be contiguous, in order, and cover every layer exactly once."""
-    expected = 0
-    for s in plan.shards:
-        if s.start_layer != expected or s.end_layer < s.start_layer:
-            raise ModelError(f"plan shards must be contiguous from layer 0: shard "
-                             f"{s.start_layer}-{s.end_layer} should start at {expected}")
-        expected = s.end_layer + 1
-    if expected != plan.n_layers:
-        raise ModelError(f"plan covers layers 0-{expected - 1} but the model has {plan.n_layers}")
-
-
-def _check_tensor_plan(plan: pb.Plan, source) -> None:
-    """Tensor parallel: every rank holds every layer, and the model's heads must split."""
-    if any((s.start_layer, s.end_layer) != (0, plan.n_layers - 1) for s in plan.shards):
-        raise ModelError("a tensor-parallel plan gives every rank all layers "
-                         f"0-{plan.n_layers - 1}")
-    if not supports_tensor(source):
-        raise ModelError(tensor_refusal(source))
-    problem = tensor_split_problem(source.config, len(plan.shards))
-    if problem:
-        raise ModelError(f"{plan.model} cannot be split tensor-parallel over "
-                         f"{len(plan.shards)} ranks: {problem}")
 
 
 def _clear_mlx_cache() -> None:

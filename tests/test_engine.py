@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from node.engine import Engine, Sampling
+from node.engine import Engine
+from node.sampling import Sampling
 from node.errors import BadFrame, FrameGap, ModelError
 from node.models import load_shard, resolve, synthetic_full_model
 from node.synthetic import TINY_ARCHS
@@ -159,11 +160,11 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(a
                 out[steps[0]] = value(await decode(engine, *steps[0]))
                 steps = steps[1:]
             if n == 6 and batched:  # a forward of prefills alone leaves the group as it is
-                held = list(engine._group.ids)
+                held = list(engine.batch.group.ids)
                 chunk = ({"tokens": [256, 7, 8, 9]} if shard.is_first else
                          {"hidden": encode_tensor(mx.ones((1, 4, shard.hidden_size)))})
                 await asyncio.gather(*(engine.step(f"other{j}", 0, **chunk) for j in range(2)))
-                assert sizes[-1] == 2 and engine._group.ids == held
+                assert sizes[-1] == 2 and engine.batch.group.ids == held
             calls = [prefill(engine, i) if k < 0 else decode(engine, i, k) for i, k in steps]
             results = (await asyncio.gather(*calls) if batched else [await c for c in calls])
             out.update({key: value(r) for key, r in zip(steps, results)})
@@ -173,7 +174,7 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(a
         for i in range(len(prompts)):
             engine.free(f"r{i}")
         await asyncio.get_running_loop().run_in_executor(executor, lambda: None)
-        assert engine._group is None  # the freed rows left the group: caches released
+        assert engine.batch.group is None  # the freed rows left the group: caches released
         return out
 
     forwards: list[list[int]] = []  # the forward sizes of each round
@@ -256,7 +257,7 @@ def test_a_much_longer_cache_decodes_beside_the_group_not_padding_it():
             results = await asyncio.gather(*steps) if batched else [await c for c in steps]
             for name, r in zip(prompts, results):
                 out[name].append(r.token)
-        return out, (engine._group.ids if engine._group else [])
+        return out, (engine.batch.group.ids if engine.batch.group else [])
 
     alone, _ = asyncio.run(run(batched=False))
     together, grouped = asyncio.run(run(batched=True))
@@ -290,7 +291,7 @@ def test_seeded_sampling_repeats_whether_or_not_the_request_shares_forwards():
 
 def test_log_probabilities_are_normalised_per_row_of_a_batch():
     """Samplers (top-p) read exp(logprobs) as each request's own distribution."""
-    from node.engine import row_logprobs
+    from node.sampling import row_logprobs
 
     shard = load_shard(resolve("synthetic:tiny"), 0, 7)
     tokens = mx.array([[256, 72], [256, 73], [256, 74]])

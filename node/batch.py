@@ -1,0 +1,453 @@
+"""One shard's steps for many requests: each request's KV caches, the decode group, and
+the model's own forward over them. Runs on the node's MLX thread only (node/engine.py
+schedules it).
+
+Every forward is the model's own mlx-lm code over the shard's layers (node/shardrun.py),
+with mlx-lm's caches: a request alone keeps its own, requests that decode together share
+mlx-lm's batch caches (`BatchKVCache`, `BatchRotatingKVCache`: merge, extend, filter,
+extract), and prefill chunks of several requests share one right-padded forward as
+mlx-lm's `BatchGenerator` pads prompts. Sampling is `generate_step`'s (logits of the last
+position, log-softmax, then the sampler; node/sampling.py), so a split model gives the
+same tokens as the whole one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.errors import BadFrame, ContextOverflow, FrameGap, ModelCodeError, NodeError
+from node.models import Shard
+from node.sampling import RequestSampler, Sampling, sample_rows
+from node.wire import Wire, decode_tensor, encode_rows
+
+
+@dataclass
+class Step:
+    """One request's step: the positions it computes and its input."""
+
+    request_id: str
+    position: int
+    tokens: list[int] | None = None  # token ids (first shard)
+    hidden: Wire | None = None  # a frame's hidden states (later shards)
+    sample: Sampling | None = None  # sample a token from this step's last position
+
+    @property
+    def size(self) -> int:
+        """Positions this step computes (1 for a decode step; 0 for a malformed frame,
+        which fails when its input is read)."""
+        if self.tokens is not None:
+            return len(self.tokens)
+        if self.hidden is not None and len(self.hidden[1]) == 3:
+            return int(self.hidden[1][1])
+        return 0
+
+    @property
+    def decode(self) -> bool:
+        """One position: a decode step (a row of the group's batched attention)."""
+        return self.size == 1
+
+
+@dataclass
+class StepResult:
+    hidden: Wire | None  # hidden states for the next shard, already serialised
+    token: int | None  # sampled token (last shard, sample=True)
+    compute_s: float
+
+
+@dataclass
+class RequestState:
+    caches: list  # its own KV cache per layer (empty while its row is in the _Group)
+    length: int = 0  # positions its cache holds
+    last_used: float = field(default_factory=time.monotonic)
+    sampler: RequestSampler | None = None  # its own random key (sampled requests)
+    stepped: float = 0.0  # when its last step reached this shard
+
+
+@dataclass
+class _Group:
+    """Requests that decode together, their KV caches side by side in mlx-lm's
+    BatchKVCache (one per layer): a forward of exactly these rows writes and reads every
+    row's cache at once. A request leaving (or stepping alone) gets its own cache back."""
+    ids: list[str]
+    states: list[RequestState]  # the request state each row belongs to
+    caches: list
+
+
+class ShardBatch:
+    """The request states of one shard and the forwards over them. `run` is called on the
+    MLX thread; `free`, `free_idle`, `stale_rows` and the read-only views may be called on
+    the event loop (they only remove entries or read)."""
+
+    def __init__(self, shard: Shard, pad_factor: float = 2.0) -> None:
+        self.shard = shard
+        self.pad_factor = pad_factor  # a decoding group's padding may at most scale its KV
+        self.requests: dict[str, RequestState] = {}
+        self.group: _Group | None = None
+        self.cycle = 0.0  # seconds between a request's steps here (moving average)
+
+    # ---------------------------------------------------------------- MLX thread
+
+    def run(self, steps: list[Step]) -> list[StepResult | Exception]:
+        """The steps of one forward (one per request); each gets its result or its own
+        error. A step whose input or position is wrong fails alone, before the forward; a
+        failed forward fails every step in it."""
+        if len(steps) == 1:
+            return [self._run_one(steps[0])]
+        out: list[StepResult | Exception | None] = [None] * len(steps)
+        ready: list[tuple[int, Any, RequestState]] = []
+        for k, step in enumerate(steps):
+            try:
+                h = self._input(step.tokens, step.hidden)
+                ready.append((k, h, self._state(step.request_id, step.position)))
+            except Exception as e:
+                out[k] = self.failure(e)
+        if len(ready) == 1:  # its cache was touched by _state only: run it the ordinary way
+            k = ready[0][0]
+            out[k] = self._run_one(steps[k])
+        elif ready:
+            try:
+                results = self._step_batch([steps[k].request_id for k, _, _ in ready],
+                                           [h for _, h, _ in ready], [st for _, _, st in ready],
+                                           [steps[k].sample for k, _, _ in ready])
+            except Exception as e:
+                # their caches may be part-way through the forward: forget them (and the
+                # group), so that a later frame of theirs gets a clear error, not wrong caches
+                self.lost([steps[k].request_id for k, _, _ in ready])
+                error = self.failure(e)
+                for k, _, _ in ready:
+                    out[k] = error
+            else:
+                now = time.monotonic()
+                for (k, _, state), result in zip(ready, results):
+                    state.length, state.last_used = steps[k].position + steps[k].size, now
+                    out[k] = result
+        return out  # type: ignore[return-value]
+
+    def _run_one(self, step: Step) -> StepResult | Exception:
+        try:
+            result = self._step(step.request_id, step.position, step.tokens, step.hidden,
+                                step.sample)
+        except Exception as e:  # the request's own error: its caller reports it
+            return self.failure(e)
+        state = self.requests.get(step.request_id)
+        if state is not None:
+            state.length = step.position + step.size
+            state.last_used = time.monotonic()
+        return result
+
+    def lost(self, request_ids: list[str]) -> None:
+        """A forward failed part-way: these requests' caches (and the group's) are gone."""
+        group, self.group = self.group, None
+        for r, st in zip(group.ids, group.states) if group else ():
+            if self.requests.get(r) is st:
+                self.requests.pop(r, None)
+        for r in request_ids:
+            self.requests.pop(r, None)
+
+    def _state(self, request_id: str, position: int) -> RequestState:
+        state = self.requests.get(request_id)
+        if state is None:
+            if position != 0:
+                raise FrameGap(
+                    f"request {request_id} is unknown here and the frame starts at position "
+                    f"{position}; a new request must start at 0 (was it freed after a timeout?)"
+                )
+            state = RequestState(self.shard.runner.make_cache())
+            self.requests[request_id] = state
+        elif state.length < position:
+            raise FrameGap(
+                f"request {request_id}: frame at position {position} but this shard's cache "
+                f"holds {state.length} positions: frames were lost on the way")
+        elif state.length != position:
+            raise BadFrame(
+                f"request {request_id}: frame at position {position} but this shard's cache "
+                f"holds {state.length} positions"
+            )
+        now = time.monotonic()
+        if state.stepped and position:  # a ring cycle: its last step here to this one
+            cycle = now - state.stepped
+            self.cycle = cycle if not self.cycle else 0.8 * self.cycle + 0.2 * cycle
+        state.last_used = state.stepped = now
+        return state
+
+    def _input(self, tokens: list[int] | None, hidden: Wire | None) -> Any:
+        """A step's input: token ids [1, L] (first shard) or a frame's hidden states
+        [1, L, hidden]."""
+        import mlx.core as mx
+
+        shard = self.shard
+        if tokens is not None:
+            if not shard.is_first:
+                raise BadFrame("token input sent to a shard that does not hold the embedding")
+            vocab = int(shard.source.config["vocab_size"])
+            if any(t >= vocab or t < 0 for t in tokens):
+                raise BadFrame(f"token id out of range for vocabulary of {vocab}")
+            if not tokens:
+                raise BadFrame("a step needs at least one token")
+            return mx.array(tokens, dtype=mx.int32)[None]
+        if hidden is not None:
+            h = decode_tensor(*hidden)
+            if h.ndim != 3 or h.shape[1] < 1:
+                raise BadFrame(f"hidden states of shape {list(h.shape)}: a step needs "
+                               f"[1, positions >= 1, hidden]")
+            return h
+        raise BadFrame("a step needs either tokens or hidden states")
+
+    def _step(self, request_id: str, position: int, tokens: list[int] | None,
+              hidden: Wire | None, sample: Sampling | None) -> StepResult:
+        t0 = time.perf_counter()
+        x = self._input(tokens, hidden)
+        state = self._state(request_id, position)
+        self._ungroup_one(request_id)  # stepping alone: its own cache
+        try:
+            return self._finish([x.shape[1]], [state], [sample],
+                                self._forward(x, state.caches, [x.shape[1]], [sample]),
+                                [state.caches], t0)[0]
+        except Exception:  # its caches may be part-way through: forget the request
+            self.requests.pop(request_id, None)
+            raise
+
+    def _forward(self, x: Any, caches: list, lengths: list[int],
+                 samples: list[Sampling | None]) -> Any:
+        """The model's own forward over this shard's layers for rows of `x`; on the last
+        shard only the sampled rows' last positions reach the head (a prefill chunk that
+        samples nothing needs no head at all)."""
+        import mlx.core as mx
+
+        runner = self.shard.runner
+        if self.shard.is_last:
+            pick = mx.array([n - 1 for n in lengths]) if any(
+                sm is not None for sm in samples) else mx.array([0] * len(lengths))
+            return runner.forward(x, caches, pick=pick)
+        return runner.forward(x, caches)
+
+    def _finish(self, lengths: list[int], states: list[RequestState],
+                samples: list[Sampling | None], out: Any, caches: list,
+                t0: float) -> list[StepResult]:
+        """Evaluate one forward's output: tokens for the sampled rows (last shard), or
+        each row's hidden states for the next shard, already serialised."""
+        import mlx.core as mx
+
+        if self.shard.is_last:
+            wanted = [k for k, sm in enumerate(samples) if sm is not None]
+            drawn: dict[int, int] = {}
+            if wanted:
+                logits = out[mx.array(wanted), 0] if len(wanted) < len(samples) else out[:, 0]
+                tokens = self._sample_rows(logits, [states[k] for k in wanted],
+                                           [samples[k] for k in wanted])  # evaluates
+                drawn = dict(zip(wanted, tokens))
+            mx.eval([c.state for group in caches for c in group])  # prefill: caches only
+            compute = time.perf_counter() - t0
+            return [StepResult(None, drawn.get(k), compute) for k in range(len(lengths))]
+        # (the caches too: a cache taken out of a batch is a lazy slice that would hold
+        # the whole batch's tensors until its request steps again)
+        mx.eval(out, [c.state for group in caches for c in group])
+        compute = time.perf_counter() - t0
+        return [StepResult(w, None, compute) for w in encode_rows(out, lengths)]
+
+    def _step_batch(self, ids: list[str], inputs: list[Any], states: list[RequestState],
+                    samples: list[Sampling | None]) -> list[StepResult]:
+        """Several requests' steps: the decode steps (one position each) are the rows of
+        the group and share one forward over mlx-lm's batch caches; the prefill chunks (and
+        a decode step too long for the group) share another, right-padded as mlx-lm's
+        BatchGenerator pads prompts (each chunk's caches merged for it and taken back
+        after). Both forwards are evaluated together."""
+        import mlx.core as mx
+
+        t0 = time.perf_counter()
+        rows = [i for i, h in enumerate(inputs) if h.shape[1] == 1]
+        chunks = [i for i, h in enumerate(inputs) if h.shape[1] != 1]
+        # a decode step whose cache is much longer than the others' steps with the chunks:
+        # in the group every row is padded to the longest (mlx-lm's BatchKVCache)
+        while len(rows) > 1 and not fits_padding([states[i].length for i in rows], self.pad_factor):
+            longest = max(rows, key=lambda i: states[i].length)
+            rows.remove(longest)
+            chunks.insert(0, longest)
+        for i in chunks:
+            self._ungroup_one(ids[i])
+        # (a forward of chunks alone leaves the group as it is, for the next decode steps)
+        group = self._regroup([ids[i] for i in rows], [states[i] for i in rows]) if rows \
+            else None
+        parts: list[tuple[list[int], Any, list]] = []  # (rows of inputs, output, caches)
+        if group is not None:
+            where = {r: k for k, r in enumerate(group.ids)}
+            rows.sort(key=lambda i: where[ids[i]])  # the group's row order
+            x = mx.concatenate([inputs[i] for i in rows], axis=0)
+            parts.append((rows, self._forward(x, group.caches, [1] * len(rows),
+                                              [samples[i] for i in rows]), [group.caches]))
+        if len(chunks) == 1:
+            i = chunks[0]
+            parts.append(([i], self._forward(inputs[i], states[i].caches,
+                                             [inputs[i].shape[1]], [samples[i]]),
+                          [states[i].caches]))
+        elif chunks:
+            parts.append(self._chunks_forward(chunks, inputs, states, samples))
+        results: dict[int, StepResult] = {}
+        for which, out, caches in parts:
+            done = self._finish([inputs[i].shape[1] for i in which],
+                                [states[i] for i in which], [samples[i] for i in which],
+                                out, caches, t0)
+            results.update(zip(which, done))
+        return [results[i] for i in range(len(inputs))]
+
+    def _chunks_forward(self, which: list[int], inputs: list[Any], states: list[RequestState],
+                        samples: list[Sampling | None]) -> tuple[list[int], Any, list]:
+        """Prefill chunks of several requests as one forward: their caches merged into
+        mlx-lm's batch caches, the inputs right-padded to the longest (`prepare` /
+        `finalize` move the padding to the left, as BatchGenerator does); every request
+        then gets its own caches back (`extract`)."""
+        import mlx.core as mx
+
+        lengths = [inputs[i].shape[1] for i in which]
+        longest = max(lengths)
+        pad = [longest - n for n in lengths]
+        n_layers = len(states[which[0]].caches)
+        batch = [states[which[0]].caches[layer].merge([states[i].caches[layer] for i in which])
+                 for layer in range(n_layers)]
+        rows = []
+        for i, p in zip(which, pad):
+            x = inputs[i]
+            rows.append(mx.pad(x, [(0, 0), (0, p)] + [(0, 0)] * (x.ndim - 2)) if p else x)
+        if max(pad):
+            for cache in batch:
+                cache.prepare(lengths=lengths, right_padding=pad)
+        out = self._forward(mx.concatenate(rows, axis=0), batch, lengths,
+                            [samples[i] for i in which])
+        if max(pad):
+            for cache in batch:
+                cache.finalize()
+        for k, i in enumerate(which):
+            states[i].caches = [cache.extract(k) for cache in batch]
+        return which, out, [states[i].caches for i in which]
+
+    def _regroup(self, ids: list[str], states: list[RequestState]) -> _Group | None:
+        """The group made of exactly these decode rows: rows not among them get their own
+        caches back, new ones join (mlx-lm's BatchKVCache.merge / extend / filter)."""
+        group = self.group
+        rows = dict(zip(group.ids, group.states)) if group else {}
+        # a row stays if it is this very request (an id freed and used again is not)
+        self._ungroup(keep={r for r, st in zip(ids, states) if rows.get(r) is st})
+        group = self.group
+        held = set(group.ids) if group else set()
+        new = [(r, st) for r, st in zip(ids, states) if r not in held]
+        if new:
+            # mlx-lm's merge of each layer's cache kind (BatchKVCache, BatchRotatingKVCache)
+            merged = [new[0][1].caches[layer].merge([st.caches[layer] for _, st in new])
+                      for layer in range(self.shard.end - self.shard.start + 1)]
+            if group is None:
+                group = self.group = _Group([], [], merged)
+            else:
+                for cache, more in zip(group.caches, merged):
+                    cache.extend(more)
+            group.ids += [r for r, _ in new]
+            group.states += [st for _, st in new]
+            for _, st in new:
+                st.caches = []  # the group holds them now
+        return group
+
+    def _ungroup(self, keep: set[str], restore: str = "") -> None:
+        """Rows not in `keep` leave the group; those of requests still held (and
+        `restore`'s, held or not: a step of it is running) get their own caches back,
+        copied out of the group's."""
+        import mlx.core as mx
+
+        group = self.group
+        if group is None:
+            return
+        stay = [k for k, r in enumerate(group.ids) if r in keep]
+        if len(stay) == len(group.ids):
+            return
+        for k, (r, state) in enumerate(zip(group.ids, group.states)):
+            if r not in keep and (r == restore or self.requests.get(r) is state):
+                state.caches = [cache.extract(k) for cache in group.caches]
+                mx.eval([c.state for c in state.caches])  # not a view of the whole group
+        if not stay:
+            self.group = None
+            return
+        for cache in group.caches:
+            cache.filter(stay)
+        group.ids = [group.ids[k] for k in stay]
+        group.states = [group.states[k] for k in stay]
+
+    def _ungroup_one(self, request_id: str) -> None:
+        group = self.group
+        if group is not None and request_id in group.ids:
+            self._ungroup(keep=set(group.ids) - {request_id}, restore=request_id)
+
+    def _sample_rows(self, logits: Any, states: list[RequestState],
+                     samples: list[Sampling]) -> list[int]:
+        """One token for each sampled row, each from its request's own key."""
+        for state, sample in zip(states, samples):
+            if state.sampler is None:
+                state.sampler = RequestSampler(sample)
+        return sample_rows(logits, [state.sampler for state in states])
+
+    # ---------------------------------------------------------------- event loop
+
+    def free(self, request_id: str) -> bool:
+        return self.requests.pop(request_id, None) is not None
+
+    def free_idle(self, max_idle_s: float) -> list[str]:
+        now = time.monotonic()
+        # list(): the MLX thread may add a request while the event loop looks
+        stale = [r for r, s in list(self.requests.items()) if now - s.last_used > max_idle_s]
+        for r in stale:
+            self.requests.pop(r, None)
+        return stale
+
+    def stale_rows(self) -> bool:
+        """Whether the group holds rows of requests freed since (`prune` releases them)."""
+        group = self.group
+        return group is not None and any(self.requests.get(r) is not st
+                                         for r, st in zip(group.ids, group.states))
+
+    def prune(self) -> None:
+        """MLX thread: rows of freed requests leave the group, releasing their caches."""
+        group = self.group
+        if group is not None:
+            self._ungroup(keep={r for r, st in zip(group.ids, group.states)
+                                if self.requests.get(r) is st})
+
+    def recent(self, within_s: float) -> set[str]:
+        """Requests that stepped here within the last `within_s` seconds."""
+        now = time.monotonic()
+        return {r for r, st in list(self.requests.items()) if now - st.last_used < within_s}
+
+    def cache_offset(self, request_id: str) -> int:
+        state = self.requests.get(request_id)
+        return state.length if state else 0
+
+    def failure(self, error: Exception) -> Exception:
+        """A forward's error as the caller should see it: ours as they are; one raised by
+        the model's own code named, with the shard it ran on (never a bare INTERNAL)."""
+        if isinstance(error, NodeError):
+            return error
+        shard = self.shard
+        return ModelCodeError(
+            f"{shard.source.spec}: the model's code failed running layers {shard.start}-"
+            f"{shard.end} ({type(error).__name__}: {error}); the request was dropped and the "
+            "node keeps serving; if it repeats, reload the model or report it")
+
+
+    def check_activation(self, shape: list[int], dtype: str, position: int) -> None:
+        """Validate an incoming hidden-state frame before decoding it."""
+        hidden = self.shard.hidden_size
+        if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != hidden:
+            raise BadFrame(f"activation shape {list(shape)} is wrong: expected [1, L, {hidden}]")
+        if dtype != self.shard.dtype:
+            raise BadFrame(f"activation dtype {dtype} is wrong: this shard computes in "
+                           f"{self.shard.dtype}")
+        if position + shape[1] > self.shard.source.context_length:
+            raise ContextOverflow(
+                f"positions {position}..{position + shape[1] - 1} exceed the context length "
+                f"{self.shard.source.context_length}"
+            )
+
+
+def fits_padding(lengths: list[int], pad_factor: float = 2.0) -> bool:
+    """Whether caches of these lengths may share one BatchKVCache: padded to the longest,
+    they hold at most `pad_factor` times their own positions (plus one allocation step of
+    256 positions per row, which every cache rounds up to anyway)."""
+    return len(lengths) * max(lengths) <= pad_factor * sum(lengths) + 256 * len(lengths)
