@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from node.errors import NodeError
 from node.plan import GIB
+from protos import cluster_pb2 as pb
 
 KINDS = ("kill", "hang", "latency", "loss", "slow-compute", "bandwidth", "partition",
          "memory-pressure")
@@ -151,6 +152,14 @@ class FaultBook:
             del self._faults[f.id]
         self._update_hang()
         return list(self._faults.values())
+
+    def messages(self) -> list[pb.ActiveFault]:
+        """The active faults as the service reports them."""
+        now = time.monotonic()
+        return [pb.ActiveFault(id=f.id, remaining_s=f.remaining(now), spec=pb.FaultSpec(
+            kind=f.kind, ms=f.ms, jitter_ms=f.jitter_ms, p=f.p, factor=f.factor,
+            duration_s=f.duration_s, seed=f.seed, kbps=f.kbps, peers=f.peers,
+            direction=f.direction, gib=f.gib)) for f in self.active()]
 
     def _update_hang(self) -> None:
         if not any(f.kind == "hang" for f in self._faults.values()):

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from node.histogram import Histogram
+from protos import cluster_pb2 as pb
 
 
 @dataclass
@@ -51,3 +52,24 @@ class NodeMetrics:
                 sum_s=h.sum_s - sum_s, max_s=h.max_s)
             out[name] = delta
         return out
+
+    def message(self, node_id: str, active_requests: int, cpu_percent: float,
+                rss_bytes: int) -> pb.Metrics:
+        """The totals as GetMetrics answers them."""
+        c = self.counters
+        return pb.Metrics(
+            node_id=node_id, requests_started=c["requests_started"],
+            requests_completed=c["requests_completed"], requests_failed=c["requests_failed"],
+            tokens_generated=c["tokens_generated"], frames_in=c["frames_in"],
+            frames_out=c["frames_out"], bytes_in=c["bytes_in"], bytes_out=c["bytes_out"],
+            frames_rejected=c["frames_rejected"],
+            latencies=[pb.LatencySummary(**s) for s in self.summaries()],
+            active_requests=active_requests, cpu_percent=cpu_percent, rss_bytes=rss_bytes,
+            requests_retried=c["requests_retried"], recoveries=c["recoveries"])
+
+
+def histogram_messages(histograms: dict[str, Histogram]) -> list[pb.Histogram]:
+    """Histograms (e.g. deltas_since's) as WatchMetrics sends them: their buckets."""
+    return [pb.Histogram(name=n, buckets=[i for i, _ in h.pairs()],
+                         counts=[c for _, c in h.pairs()], sum_s=h.sum_s, max_s=h.max_s)
+            for n, h in histograms.items()]

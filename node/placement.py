@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from node.errors import ModelError, OverBudget
-from node.models import ModelSource, shape_of, supports_tensor, tensor_refusal
+from node.errors import ModelError, OverBudget, StaleEpoch
+from node.models import ModelSource, check_range, shape_of, supports_tensor, tensor_refusal
 from node.plan import (
     GIB,
     NodeSpec,
@@ -114,3 +114,35 @@ def check_budget(source: ModelSource, start: int, end: int, context: int, budget
             f"({params / GIB:.2f} GiB weights + {kv / GIB:.2f} GiB KV cache) but this node's "
             f"memory budget is {budget / GIB:.2f} GiB; plan with --strategy memory or "
             f"start the node with a larger --memory-budget")
+
+
+def own_shard(plan: pb.Plan, node_id: str, loaded_epoch: int) -> pb.PlanShard:
+    """This node's shard of a plan it was asked to load, after the checks that need no
+    model: one shard for this node, an epoch not older than the loaded one, a known
+    backend, and ranges that make sense for it."""
+    mine = [s for s in plan.shards if s.node_id == node_id]
+    if len(mine) != 1:
+        raise ModelError(f"the plan names this node ({node_id}) {len(mine)} times; "
+                         "each node must hold exactly one shard")
+    if plan.epoch < loaded_epoch:
+        raise StaleEpoch(f"plan epoch {plan.epoch} is older than the loaded epoch "
+                         f"{loaded_epoch}")
+    if plan.backend not in ("", "pipeline", "mlx-ring"):
+        raise ModelError(f"unknown backend {plan.backend!r} in the plan")
+    check(plan)
+    return mine[0]
+
+
+def check_source(plan: pb.Plan, ours: pb.PlanShard, source: ModelSource, budget: int) -> None:
+    """The checks that need the model: its layer count, this shard's range, a tensor
+    plan's split, this node's budget, and a ring port for every mlx-ring rank."""
+    if source.n_layers != plan.n_layers:
+        raise ModelError(f"the plan says {plan.n_layers} layers but {plan.model} has "
+                         f"{source.n_layers}")
+    check_range(ours.start_layer, ours.end_layer, source.n_layers)
+    if plan.backend == "mlx-ring" and (plan.parallel or "tensor") == "tensor":
+        check(plan, source)
+    else:
+        check_budget(source, ours.start_layer, ours.end_layer, plan.context_length, budget)
+    if plan.backend == "mlx-ring" and any(not s.ring_port for s in plan.shards):
+        raise ModelError("an mlx-ring plan needs a ring_port for every rank")

@@ -28,17 +28,16 @@ from node.dataplane import serve_forward
 from node.engine import Engine, windows
 from node.errors import (
     EpochNotLoaded,
-    ModelError,
     NodeError,
     NotLoaded,
     StaleEpoch,
 )
 from node.faults import FaultBook, exit_now
-from node.metrics import NodeMetrics
-from node.models import Shard, check_range, load_shard, resolve
+from node.metrics import NodeMetrics, histogram_messages
+from node.models import Shard, load_shard, resolve
 from node.peers import CHANNEL_OPTIONS, PeerChannels
 from node.pipeline import Pipeline
-from node.placement import check, check_budget
+from node.placement import check_source, own_shard
 from node.ring import RingGroup, free_port
 from node.runner import Runner
 from node.tokenizers import prompt_tokenizer
@@ -126,7 +125,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                            rss_bytes=self._process.memory_info().rss,
                            faults_allowed=self.faults.allowed, advertising=self.advertising,
                            auth_required=self.token is not None, tls=self.tls,
-                           faults=self._active_faults(), recoveries=self.recoveries,
+                           faults=self.faults.messages(), recoveries=self.recoveries,
                            ring_port=self.ring_port or free_port(self.address.rsplit(":", 1)[0]
                                                                  or "127.0.0.1"))
         shard = self._shard_info()
@@ -136,17 +135,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         return info
 
     async def GetMetrics(self, request: pb.MetricsRequest, context) -> pb.Metrics:
-        c = self.metrics.counters
-        return pb.Metrics(
-            node_id=self.node_id, requests_started=c["requests_started"],
-            requests_completed=c["requests_completed"], requests_failed=c["requests_failed"],
-            tokens_generated=c["tokens_generated"], frames_in=c["frames_in"],
-            frames_out=c["frames_out"], bytes_in=c["bytes_in"], bytes_out=c["bytes_out"],
-            frames_rejected=c["frames_rejected"],
-            latencies=[pb.LatencySummary(**s) for s in self.metrics.summaries()],
-            active_requests=self.runner.active_requests if self.runner else 0,
-            cpu_percent=self._process.cpu_percent(), rss_bytes=self._process.memory_info().rss,
-            requests_retried=c["requests_retried"], recoveries=c["recoveries"])
+        return self.metrics.message(self.node_id,
+                                    self.runner.active_requests if self.runner else 0,
+                                    self._process.cpu_percent(),
+                                    self._process.memory_info().rss)
 
     @property
     def loading(self) -> bool:
@@ -183,9 +175,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 memory_budget=self.memory_budget,
                 active_requests=self.runner.active_requests if self.runner else 0,
                 counters=dict(self.metrics.counters),
-                deltas=[pb.Histogram(name=n, buckets=[i for i, _ in h.pairs()],
-                                     counts=[c for _, c in h.pairs()], sum_s=h.sum_s,
-                                     max_s=h.max_s) for n, h in deltas.items()])
+                deltas=histogram_messages(deltas))
             shard = self._shard_info()
             if shard is not None:
                 snap.shard.CopyFrom(shard)
@@ -210,34 +200,13 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         return pb.LoadShardReply(shard=info)
 
     async def _load(self, plan: pb.Plan, options: pb.ModelOptions) -> None:
-        mine = [s for s in plan.shards if s.node_id == self.node_id]
-        if len(mine) != 1:
-            raise ModelError(f"the plan names this node ({self.node_id}) {len(mine)} times; "
-                             "each node must hold exactly one shard")
-        if self.runner is not None and plan.epoch < self.runner.epoch:
-            raise StaleEpoch(f"plan epoch {plan.epoch} is older than the loaded epoch "
-                             f"{self.runner.epoch}")
-        ring = plan.backend == "mlx-ring"
-        if plan.backend not in ("", "pipeline", "mlx-ring"):
-            raise ModelError(f"unknown backend {plan.backend!r} in the plan")
-        tensor = ring and (plan.parallel or "tensor") == "tensor"
-        check(plan)
-        ours = mine[0]
         # everything that can refuse the plan runs before the loaded one is touched
+        ours = own_shard(plan, self.node_id, self.runner.epoch if self.runner else 0)
+        ring = plan.backend == "mlx-ring"
         loop = asyncio.get_running_loop()
         source = await loop.run_in_executor(self.executor, resolve, plan.model, options.dtype,
                                             options.layers)
-        if source.n_layers != plan.n_layers:
-            raise ModelError(f"the plan says {plan.n_layers} layers but {plan.model} has "
-                             f"{source.n_layers}")
-        check_range(ours.start_layer, ours.end_layer, source.n_layers)
-        if tensor:
-            check(plan, source)
-        else:
-            check_budget(source, ours.start_layer, ours.end_layer, plan.context_length,
-                         self.memory_budget)
-        if ring and any(not s.ring_port for s in plan.shards):
-            raise ModelError("an mlx-ring plan needs a ring_port for every rank")
+        check_source(plan, ours, source, self.memory_budget)
         self._loading_epoch = plan.epoch
         if self.coordinator is not None and not self.coordinator.recovering:
             # this plan replaces the one it watches; peers are reloading too
@@ -411,13 +380,6 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     # ------------------------------------------------------------ faults, shutdown
 
-    def _active_faults(self) -> list[pb.ActiveFault]:
-        now = time.monotonic()
-        return [pb.ActiveFault(id=f.id, remaining_s=f.remaining(now), spec=pb.FaultSpec(
-            kind=f.kind, ms=f.ms, jitter_ms=f.jitter_ms, p=f.p, factor=f.factor,
-            duration_s=f.duration_s, seed=f.seed, kbps=f.kbps, peers=f.peers,
-            direction=f.direction, gib=f.gib)) for f in self.faults.active()]
-
     async def InjectFault(self, request: pb.FaultRequest, context) -> pb.FaultReply:
         spec = request.fault
         try:
@@ -430,7 +392,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         log.warning("fault injected: %s %s", fault.kind, fault.id)
         if fault.kind == "kill":
             asyncio.get_running_loop().call_later(0.05, exit_now)
-        return pb.FaultReply(active=self._active_faults())
+        return pb.FaultReply(active=self.faults.messages())
 
     async def HealFaults(self, request: pb.HealRequest, context) -> pb.FaultReply:
         try:
@@ -438,7 +400,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         except Exception as e:
             await _abort(context, e)
         log.info("healed %d fault(s)", len(healed))
-        return pb.FaultReply(active=self._active_faults())
+        return pb.FaultReply(active=self.faults.messages())
 
     async def Shutdown(self, request: pb.ShutdownRequest, context) -> pb.ShutdownReply:
         log.warning("shutdown requested: %s", request.reason or "no reason given")
