@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, eventually_sync
 
 # isolate everything a test run writes from the user's own cache and cluster file;
 # set at import so the node processes the tests spawn inherit it
@@ -88,15 +88,18 @@ def reference_run(model: str, prompt_ids: list[int], max_tokens: int,
 
 def spawn_node(ready_file: Path, *args: str, timeout_s: float = 30.0):
     """One `mlx-node serve --port 0` process; returns (Popen, ready-file dict)."""
-    import time
-
     proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--port", "0",
                              "--ready-file", str(ready_file), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout_s
-    while not ready_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"node did not start: {args}")
-        time.sleep(0.05)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"node exited with {proc.returncode} before it was ready: {args}")
+        return ready_file.exists()
+
+    try:
+        eventually_sync(ready, timeout_s, f"a node to start with {args}")
+    except BaseException:
+        proc.kill()
+        raise
     return proc, json.loads(ready_file.read_text())

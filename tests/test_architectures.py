@@ -19,10 +19,18 @@ import pytest
 
 from console.client import ClusterError
 from node.synthetic import SYNTHETIC, TINY_ARCHS
-from tests.conftest import ROOT
-from tests.modeldirs import write_model_dir
-from tests.test_cluster import addresses, generate_ids, load
-from tests.test_ring import load_backend
+from protos import cluster_pb2 as pb
+from tests.helpers import (
+    ROOT,
+    addresses,
+    forward_counters,
+    generate_ids,
+    load,
+    load_backend,
+    mlx_cluster,
+    node,
+)
+from tests.modeldirs import BROKEN_KINDS, write_broken_dir, write_model_dir
 
 pytestmark = pytest.mark.cluster
 
@@ -90,8 +98,6 @@ async def test_concurrent_requests_share_forwards_and_get_their_own_tokens(clust
     """Several requests in flight on a non-llama model (gemma3's prompts outrun its
     sliding window): each gets exactly the tokens it gets alone, and the nodes ran
     forwards with several rows (mlx-lm's batch caches through the model's own code)."""
-    from tests.test_gateway import forward_counters
-
     addrs = addresses(cluster3)
     await load(addrs, f"synthetic:{arch}", "manual:0-2,3-5,6-7")
     prompts = [[256, *f"request {i}: {'x' * (3 * i)}".encode()] for i in range(4)]
@@ -112,11 +118,6 @@ async def test_unsplittable_and_broken_models_are_refused_before_anything_loads(
     """A recurrent architecture and broken configs: a sentence from the console before any
     node is asked, the same sentence from a node asked directly, and the loaded plan keeps
     serving."""
-    from console.client import NodeClient
-    from protos import cluster_pb2 as pb
-    from tests.modeldirs import BROKEN_KINDS, write_broken_dir
-    from tests.test_cli import mlx_cluster
-
     addrs = addresses(cluster3)
     plan = await load(addrs, "synthetic:qwen3", "uniform")
     served = await generate_ids(addrs[0], PROMPT, 6, ignore_eos=True)
@@ -124,8 +125,7 @@ async def test_unsplittable_and_broken_models_are_refused_before_anything_loads(
                 "unknown-arch": "has no architecture 'no_such_arch'",
                 "recurrent": "cannot be split by layers"}
     assert set(expected) == set(BROKEN_KINDS)
-    node = NodeClient(addrs[0])
-    try:
+    async with node(addrs[0]) as client:
         for kind in BROKEN_KINDS:
             broken = write_broken_dir(tmp_path / kind, kind)
             res = mlx_cluster("load", "--nodes", ",".join(addrs), "--model", str(broken),
@@ -138,10 +138,8 @@ async def test_unsplittable_and_broken_models_are_refused_before_anything_loads(
                                  node_id=s.node_id, address=s.address, start_layer=s.start_layer,
                                  end_layer=s.end_layer) for s in plan.shards])
             with pytest.raises(ClusterError, match=expected[kind]) as refused:
-                await node.load(direct, pb.ModelOptions())
+                await client.load(direct, pb.ModelOptions())
             assert "INVALID_ARGUMENT" in str(refused.value)
-        info = await node.info()
+        info = await client.info()
         assert (info.shard.model, info.shard.epoch) == ("synthetic:qwen3", plan.epoch)
-    finally:
-        await node.close()
     assert await generate_ids(addrs[0], PROMPT, 6, ignore_eos=True) == served

@@ -8,8 +8,9 @@ import re
 
 import pytest
 
-from console.bench import percentiles, validate_results
-from tests.test_cli import mlx_cluster
+from console.bench import validate_results
+from console.workload import percentiles
+from tests.helpers import mlx_cluster
 
 pytestmark = pytest.mark.cluster
 

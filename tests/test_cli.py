@@ -10,14 +10,9 @@ import sys
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT, mlx_cluster
 
 pytestmark = pytest.mark.cluster
-
-
-def mlx_cluster(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "console.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
 def test_local_up_load_generate_paris_then_down(tmp_path):

@@ -6,35 +6,13 @@ import asyncio
 
 import pytest
 
-from console.cli import load_plan, with_clients
-from console.client import NodeClient
+from console import ops
 from node.models import resolve
 from node.tokenizers import prompt_tokenizer
-from protos import cluster_pb2 as pb
 from tests.conftest import reference_tokens
+from tests.helpers import addresses, eventually, generate_ids, load
 
 pytestmark = pytest.mark.cluster
-
-
-def addresses(cluster: dict) -> list[str]:
-    return [n["address"] for n in cluster["nodes"]]
-
-
-async def load(addrs: list[str], model: str, strategy: str = "uniform", layers: int = 0):
-    plan, shards = await with_clients(
-        addrs, lambda cl: load_plan(cl, model, "", layers, strategy, progress=lambda m: None))
-    return plan
-
-
-async def generate_ids(address: str, prompt_ids: list[int], max_tokens: int,
-                       ignore_eos: bool = False) -> list[int]:
-    client = NodeClient(address)
-    try:
-        request = pb.GenerateRequest(prompt_ids=prompt_ids, max_tokens=max_tokens,
-                                     ignore_eos=ignore_eos)
-        return [e.token.token_id async for e in client.generate(request) if e.HasField("token")]
-    finally:
-        await client.close()
 
 
 async def test_smollm2_split_10_10_10_equals_single_process(cluster3):
@@ -77,15 +55,12 @@ async def test_concurrent_requests_match_sequential_and_free_caches(cluster3):
     assert concurrent == sequential
     assert len({tuple(s) for s in sequential}) > 1  # different prompts, different outputs
 
-    async def active(clients):
-        for _ in range(50):  # release frames travel the ring asynchronously
-            infos = await asyncio.gather(*(c.info() for c in clients))
-            if all(i.active_requests == 0 for i in infos):
-                return 0
-            await asyncio.sleep(0.1)
-        return sum(i.active_requests for i in infos)
+    async def idle(clients) -> bool:
+        infos = await asyncio.gather(*(c.info() for c in clients))
+        return all(i.active_requests == 0 for i in infos)
 
-    assert await with_clients(addrs, active) == 0
+    async with ops.connect(addrs) as clients:  # release frames travel the ring asynchronously
+        await eventually(lambda: idle(clients), 5, "every node to free its request caches")
 
 
 async def test_loading_again_replaces_the_plan_with_a_new_epoch(cluster3):
@@ -94,10 +69,8 @@ async def test_loading_again_replaces_the_plan_with_a_new_epoch(cluster3):
     second = await load(addrs, "synthetic:tiny", "manual:0-3,4-5,6-7")
     assert second.epoch == first.epoch + 1
 
-    async def shards(clients):
-        return [(i.shard.start_layer, i.shard.end_layer, i.shard.epoch)
-                for i in await asyncio.gather(*(c.info() for c in clients))]
-
-    got = await with_clients(addrs, shards)
+    async with ops.connect(addrs) as clients:
+        infos = await asyncio.gather(*(c.info() for c in clients))
+    got = [(i.shard.start_layer, i.shard.end_layer, i.shard.epoch) for i in infos]
     assert got == [(0, 3, second.epoch), (4, 5, second.epoch), (6, 7, second.epoch)]
     assert len(await generate_ids(addrs[0], [256, 104, 105], 8, ignore_eos=True)) == 8

@@ -9,18 +9,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 
-from console.client import NodeClient
-from protos import cluster_pb2 as pb
-from tests.conftest import ROOT
-from tests.test_cli import mlx_cluster
-from tests.test_cluster import addresses, load
+from console import ops
+from tests.helpers import (
+    ROOT,
+    addresses,
+    eventually,
+    eventually_sync,
+    forward_counters,
+    load,
+    mlx_cluster,
+)
 
 pytestmark = pytest.mark.cluster
 QUESTION = "What is the capital of France?"
@@ -35,25 +39,15 @@ def gateway(cluster3, tmp_path: Path):
          ",".join(addresses(cluster3)), "--ready-file", str(ready), "--max-body-bytes",
          "65536"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.05)
+
+    def listening() -> bool:
+        assert proc.poll() is None, proc.stderr.read()
+        return ready.exists()
+
+    eventually_sync(listening, 30, "the gateway to listen")
     yield json.loads(ready.read_text())["url"]
     proc.send_signal(signal.SIGTERM)
     proc.wait(10)
-
-
-async def forward_counters(address: str) -> tuple[int, ...]:
-    """(forwards run, requests served by them, frames in, messages they came in) on one
-    node."""
-    node = NodeClient(address)
-    try:
-        snap = await node.stub.WatchMetrics(pb.WatchRequest(hz=50)).read()
-        return tuple(snap.counters[name] for name in (
-            "forward_steps", "forward_rows", "frames_in", "forward_messages"))
-    finally:
-        await node.close()
 
 
 async def test_openai_client_gets_the_text_mlx_cluster_generate_gets(cluster3, gateway):
@@ -133,14 +127,12 @@ async def test_bad_requests_get_openai_errors_and_the_cluster_keeps_serving(clus
                 if seen >= 3:
                     break
             response.close()  # drop the connection mid-stream
-    nodes = [NodeClient(a) for a in addrs]
-    for _ in range(100):
-        infos = [await n.info() for n in nodes]
-        if all(i.active_requests == 0 for i in infos):
-            break
-        await asyncio.sleep(0.1)
-    await asyncio.gather(*(n.close() for n in nodes))
-    assert [i.active_requests for i in infos] == [0, 0, 0]
+    async with ops.connect(addrs) as nodes:
+        async def idle() -> bool:
+            infos = await asyncio.gather(*(n.info() for n in nodes))
+            return all(i.active_requests == 0 for i in infos)
+
+        await eventually(idle, 10, "every node to drop the abandoned request")
     after = await client.completions.create(model="synthetic:tiny", prompt="still there?",
                                             max_tokens=4)
     assert after.usage.completion_tokens >= 1

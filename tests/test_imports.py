@@ -16,6 +16,7 @@ import node.advertise, node.auth, node.faults, node.histogram, node.metrics, nod
 import node.ring, node.ring_worker, node.coordinator
 node_only = sorted(m for m in sys.modules if m == "console" or m.startswith("console."))
 import console.cli, console.local, console.client, console.discovery, console.monitor
+import console.ops, console.parser, console.bench, console.gateway, console.report
 print(json.dumps({"node_imports_console": node_only,
                   "ui": sorted(m for m in ("textual", "plotext") if m in sys.modules)}))
 """

@@ -12,16 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT, addresses, eventually_sync, generate_ids, mlx_cluster
 from tests.modeldirs import write_model_dir
 from tests.test_architectures import mlx_lm_reference
-from tests.test_cli import mlx_cluster
-from tests.test_cluster import addresses, generate_ids
 
 pytestmark = pytest.mark.cluster
 
@@ -90,13 +87,15 @@ async def test_each_node_holds_its_share_and_the_console_opens_no_weights(
                                   "--ready-file", str(ready)),
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     started: dict = {}
+
+    def listening() -> bool:
+        assert api.poll() is None, api.stderr.read()
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            started.update(json.loads(ready.read_text()))  # (written, not yet complete)
+        return bool(started)
+
     try:
-        deadline = time.monotonic() + 60
-        while not started:
-            assert api.poll() is None and time.monotonic() < deadline, api.stderr.read()
-            time.sleep(0.05)
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                started = json.loads(ready.read_text())  # (written, not yet complete)
+        eventually_sync(listening, 60, "the gateway to listen")
         import aiohttp
 
         async with aiohttp.ClientSession() as http:

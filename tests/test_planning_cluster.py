@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.test_cli import mlx_cluster
+from tests.helpers import mlx_cluster
 
 pytestmark = pytest.mark.cluster
 

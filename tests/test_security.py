@@ -10,18 +10,15 @@ import grpc
 import psutil
 import pytest
 
-from console.cli import load_plan
-from console.client import ClusterError, NodeClient
+from console import ops
+from console.client import ClusterError
+from console.ops import Connection
 from protos import cluster_pb2 as pb
 from tests.conftest import spawn_node
-from tests.test_cluster import addresses
+from tests.helpers import addresses, eventually, node
 
 pytestmark = pytest.mark.cluster
 TOKEN = "s3cret-token-for-tests"
-
-
-async def clients(addrs: list[str], token: str | None) -> list[NodeClient]:
-    return [NodeClient(a, token=token) for a in addrs]
 
 
 async def test_mutating_rpcs_need_the_token(small_cluster, tmp_path):
@@ -33,85 +30,80 @@ async def test_mutating_rpcs_need_the_token(small_cluster, tmp_path):
     addrs = addresses(faulty)
 
     for token in ("", "wrong-token"):
-        anon = await clients(addrs, token)
-        info = await anon[0].info()  # read-only calls stay open
-        assert info.auth_required and info.faults_allowed
-        plan = pb.Plan(model="synthetic:tiny", epoch=1, n_layers=8, shards=[
-            pb.PlanShard(node_id=info.node_id, address=info.address, start_layer=0,
-                         end_layer=7)])
-        attempts = [anon[0].load(plan, pb.ModelOptions()), anon[0].unload(),
-                    anon[0].inject(pb.FaultSpec(kind="latency", ms=5)), anon[0].heal(),
-                    anon[0].shutdown()]
-        for attempt in attempts:
-            with pytest.raises(ClusterError, match="UNAUTHENTICATED.*cluster token"):
-                await attempt
-        # the data plane too
-        call = anon[0].stub.Forward(metadata=anon[0].metadata)
-        # no write: the server rejects the stream as it opens (a write racing that
-        # rejection can surface as INTERNAL on the client instead)
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await call.read()
-        assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
-        after = await anon[0].info()
-        assert not after.HasField("shard") and not after.faults  # nothing changed
-        for c in anon:
-            await c.close()
+        async with ops.connect(addrs, Connection(token=token)) as anon:
+            info = await anon[0].info()  # read-only calls stay open
+            assert info.auth_required and info.faults_allowed
+            plan = pb.Plan(model="synthetic:tiny", epoch=1, n_layers=8, shards=[
+                pb.PlanShard(node_id=info.node_id, address=info.address, start_layer=0,
+                             end_layer=7)])
+            attempts = [anon[0].load(plan, pb.ModelOptions()), anon[0].unload(),
+                        anon[0].inject(pb.FaultSpec(kind="latency", ms=5)), anon[0].heal(),
+                        anon[0].shutdown()]
+            for attempt in attempts:
+                with pytest.raises(ClusterError, match="UNAUTHENTICATED.*cluster token"):
+                    await attempt
+            # the data plane too
+            call = anon[0].stub.Forward(metadata=anon[0].metadata)
+            # no write: the server rejects the stream as it opens (a write racing that
+            # rejection can surface as INTERNAL on the client instead)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.read()
+            assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
+            after = await anon[0].info()
+            assert not after.HasField("shard") and not after.faults  # nothing changed
 
-    good = await clients(addrs, TOKEN)
-    plan, _ = await load_plan(good, "synthetic:tiny", "", 0, "uniform", progress=lambda m: None)
-    assert len(plan.shards) == 2
-    request = pb.GenerateRequest(prompt_ids=[256, 65, 66], max_tokens=6, ignore_eos=True)
-    # generate is open, and the nodes pass the token to each other on Forward
-    open_client = NodeClient(addrs[0], token="")
-    tokens = [e async for e in open_client.generate(request) if e.HasField("token")]
-    assert len(tokens) == 6
-    reply = await good[1].inject(pb.FaultSpec(kind="latency", ms=20, duration_s=30, seed=1))
-    assert [f.spec.kind for f in reply.active] == ["latency"]
-    assert [f.spec.kind for f in (await good[1].info()).faults] == ["latency"]
-    assert not (await good[1].heal()).active
+    with_token = Connection(token=TOKEN)
+    async with ops.connect(addrs, with_token) as good:
+        plan, _ = await ops.load_plan(good, "synthetic:tiny", "", 0, "uniform",
+                                      progress=lambda m: None)
+        assert len(plan.shards) == 2
+        request = pb.GenerateRequest(prompt_ids=[256, 65, 66], max_tokens=6, ignore_eos=True)
+        # generate is open, and the nodes pass the token to each other on Forward
+        async with node(addrs[0], Connection(token="")) as open_client:
+            tokens = [e async for e in open_client.generate(request) if e.HasField("token")]
+        assert len(tokens) == 6
+        reply = await good[1].inject(pb.FaultSpec(kind="latency", ms=20, duration_s=30,
+                                                  seed=1))
+        assert [f.spec.kind for f in reply.active] == ["latency"]
+        assert [f.spec.kind for f in (await good[1].info()).faults] == ["latency"]
+        assert not (await good[1].heal()).active
 
-    (strict_client,) = await clients(addresses(strict), TOKEN)
-    with pytest.raises(ClusterError, match="PERMISSION_DENIED.*--allow-faults"):
-        await strict_client.inject(pb.FaultSpec(kind="kill"))
-    assert await strict_client.healthy()
+    async with node(addresses(strict)[0], with_token) as strict_client:
+        with pytest.raises(ClusterError, match="PERMISSION_DENIED.*--allow-faults"):
+            await strict_client.inject(pb.FaultSpec(kind="kill"))
+        assert await strict_client.healthy()
+        pid = strict["nodes"][0]["pid"]
+        assert await strict_client.shutdown("test")
 
-    pid = strict["nodes"][0]["pid"]
-    assert await strict_client.shutdown("test")
-    for _ in range(100):
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-            break
-        await asyncio.sleep(0.1)
-    else:
-        pytest.fail("node did not stop after Shutdown")
-    for c in [*good, strict_client, open_client]:
-        await c.close()
+    def stopped() -> bool:
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    await eventually(stopped, 10, "the node to stop after Shutdown")
 
 
 async def test_latency_fault_slows_tokens_and_heals(small_cluster):
     cluster = await asyncio.to_thread(small_cluster, 2, node_args=["--allow-faults"])
-    cl = await clients(addresses(cluster), None)
-    await load_plan(cl, "synthetic:tiny", "", 0, "uniform", progress=lambda m: None)
-    request = pb.GenerateRequest(prompt_ids=[256, 65], max_tokens=8, ignore_eos=True)
+    async with ops.connect(addresses(cluster)) as cl:
+        await ops.load_plan(cl, "synthetic:tiny", "", 0, "uniform", progress=lambda m: None)
+        request = pb.GenerateRequest(prompt_ids=[256, 65], max_tokens=8, ignore_eos=True)
 
-    async def duration() -> float:
-        t0 = time.perf_counter()
-        async for _ in cl[0].generate(request):
-            pass
-        return time.perf_counter() - t0
+        async def duration() -> float:
+            t0 = time.perf_counter()
+            async for _ in cl[0].generate(request):
+                pass
+            return time.perf_counter() - t0
 
-    base = await duration()
-    await cl[1].inject(pb.FaultSpec(kind="latency", ms=50))
-    slowed = await duration()
-    assert slowed > base + 8 * 0.05 * 0.8  # each of 8 tokens crosses node 1 once
-    hops = {s.name: s for s in (await cl[1].metrics()).latencies}
-    assert hops["hop"].p99_s >= 0.045  # the delay shows in node 1's hop histogram
-    await cl[1].heal()
-    with pytest.raises(ClusterError, match="needs --ms"):
-        await cl[1].inject(pb.FaultSpec(kind="latency"))
-    with pytest.raises(ClusterError, match="unknown fault"):
-        await cl[1].inject(pb.FaultSpec(kind="meteor"))
-    for c in cl:
-        await c.close()
+        base = await duration()
+        await cl[1].inject(pb.FaultSpec(kind="latency", ms=50))
+        slowed = await duration()
+        assert slowed > base + 8 * 0.05 * 0.8  # each of 8 tokens crosses node 1 once
+        hops = {s.name: s for s in (await cl[1].metrics()).latencies}
+        assert hops["hop"].p99_s >= 0.045  # the delay shows in node 1's hop histogram
+        await cl[1].heal()
+        with pytest.raises(ClusterError, match="needs --ms"):
+            await cl[1].inject(pb.FaultSpec(kind="latency"))
+        with pytest.raises(ClusterError, match="unknown fault"):
+            await cl[1].inject(pb.FaultSpec(kind="meteor"))
 
 
 async def test_tls_between_console_and_nodes_and_between_nodes(tmp_path):
@@ -134,18 +126,17 @@ async def test_tls_between_console_and_nodes_and_between_nodes(tmp_path):
                                                   "--state-dir", str(tmp_path / f"s{i}"))
             procs.append(proc)
             addrs.append(ready["address"])
-        plain = NodeClient(addrs[0], timeout_s=2.0)
-        with pytest.raises(ClusterError):
-            await plain.info()
-        await plain.close()
-        secure = [NodeClient(a, token=TOKEN, tls_ca=cert) for a in addrs]
-        assert (await secure[0].info()).tls
-        await load_plan(secure, "synthetic:tiny", "", 0, "uniform", progress=lambda m: None)
-        request = pb.GenerateRequest(prompt_ids=[256, 72, 105], max_tokens=5, ignore_eos=True)
-        got = [e async for e in secure[0].generate(request) if e.HasField("token")]
-        assert len(got) == 5  # activations crossed a TLS Forward stream between the nodes
-        for c in secure:
-            await c.close()
+        async with node(addrs[0], timeout_s=2.0) as plain:
+            with pytest.raises(ClusterError):
+                await plain.info()
+        async with ops.connect(addrs, Connection(token=TOKEN, tls_ca=cert)) as secure:
+            assert (await secure[0].info()).tls
+            await ops.load_plan(secure, "synthetic:tiny", "", 0, "uniform",
+                                progress=lambda m: None)
+            request = pb.GenerateRequest(prompt_ids=[256, 72, 105], max_tokens=5,
+                                         ignore_eos=True)
+            got = [e async for e in secure[0].generate(request) if e.HasField("token")]
+            assert len(got) == 5  # activations crossed a TLS Forward stream between the nodes
     finally:
         for p in procs:
             p.terminate()

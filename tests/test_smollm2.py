@@ -12,7 +12,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -69,12 +68,11 @@ def test_unknown_form_is_refused(tmp_path: pathlib.Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_best_form_is_f32_on_cpu() -> None:
+def test_best_form_is_f32_on_cpu_and_q4_on_a_gpu() -> None:
     import mlx.core as mx
 
-    assert smollm2.best_form() in smollm2.FORMS
-    if mx.default_device().type == mx.DeviceType.cpu:
-        assert smollm2.best_form() == "f32"
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    assert smollm2.best_form() == ("f32" if on_cpu else "q4")
 
 
 @pytest.mark.parametrize("form", smollm2.FORMS)
@@ -153,10 +151,8 @@ def test_q4_loads_lazily_with_mlx_lm_classes(q4_dir: pathlib.Path) -> None:
 def test_second_call_does_not_reconvert(cache_root: pathlib.Path, q4_dir: pathlib.Path) -> None:
     weights = q4_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    started = time.perf_counter()
     assert smollm2.ensure_converted(cache_root, "q4") == q4_dir
-    assert time.perf_counter() - started < 0.5
-    assert weights.stat().st_mtime_ns == before
+    assert weights.stat().st_mtime_ns == before  # the same file, not written again
 
 
 def test_half_written_dir_is_replaced(tmp_path: pathlib.Path) -> None:

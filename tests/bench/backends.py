@@ -25,9 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from console import local  # noqa: E402
-from console.cli import load_plan, with_clients  # noqa: E402
-from console.client import NodeClient  # noqa: E402
+from console import local, ops  # noqa: E402
 from node.plan import BACKENDS  # noqa: E402
 from protos import cluster_pb2 as pb  # noqa: E402
 from tests.bench.common import prompt_ids, single_process  # noqa: E402
@@ -38,11 +36,17 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
 
-async def run_backend(clients: list[NodeClient], backend: str, model: str, ids: list[int],
+async def run_backend(addresses: list[str], backend: str, model: str, ids: list[int],
                       tokens: int, repeats: int) -> dict:
-    await load_plan(clients, model, "", 0, "uniform", progress=lambda m: None,
-                    backend=backend)
-    entry = clients[0]  # the plan's first shard / rank 0 (nodes in plan order)
+    async with ops.connect(addresses) as clients:
+        await ops.load_plan(clients, model, "", 0, "uniform", progress=lambda m: None,
+                            backend=backend)
+        entry, _ = await ops.entry_client(clients)
+        return await timed_runs(entry, backend, ids, tokens, repeats)
+
+
+async def timed_runs(entry, backend: str, ids: list[int], tokens: int, repeats: int) -> dict:
+    """A warm-up, then `repeats` timed generations on the plan's entry node."""
     warm = pb.GenerateRequest(prompt_ids=ids, max_tokens=4, ignore_eos=True)
     async for _ in entry.generate(warm):
         pass
@@ -85,9 +89,8 @@ def main() -> int:
         try:
             addresses = [n["address"] for n in cluster["nodes"]]
             for backend in backends:
-                results[backend] = asyncio.run(with_clients(addresses, lambda cl, b=backend:
-                                               run_backend(cl, b, args.model, ids,
-                                                           args.tokens, args.repeats)))
+                results[backend] = asyncio.run(run_backend(addresses, backend, args.model, ids,
+                                                           args.tokens, args.repeats))
         finally:
             local.down(path)
     singles.append(single_process(args.model, ids, args.tokens))

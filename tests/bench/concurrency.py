@@ -29,9 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import openai  # noqa: E402
 
-from console import local  # noqa: E402
-from console.cli import load_plan, with_clients  # noqa: E402
-from console.client import NodeClient  # noqa: E402
+from console import local, ops  # noqa: E402
 from tests.bench.common import add_model_arguments  # noqa: E402
 
 PROMPT = "Count slowly from one to one hundred, one number per line:"
@@ -41,15 +39,17 @@ async def forward_counters(addresses: list[str]) -> list[tuple[int, int]]:
     from protos import cluster_pb2 as pb
 
     out = []
-    for address in addresses:
-        client = NodeClient(address)
-        try:
+    async with ops.connect(addresses) as clients:
+        for client in clients:
             snap = await client.stub.WatchMetrics(pb.WatchRequest(hz=50)).read()
             out.append((snap.counters.get("forward_steps", 0),
                         snap.counters.get("forward_rows", 0)))
-        finally:
-            await client.close()
     return out
+
+
+async def load(addresses: list[str], model: str, dtype: str, layers: int) -> None:
+    async with ops.connect(addresses) as clients:
+        await ops.load_plan(clients, model, dtype, layers, "uniform", progress=lambda m: None)
 
 
 async def level(api: openai.AsyncOpenAI, model: str, concurrency: int, requests: int,
@@ -109,8 +109,7 @@ def main() -> int:
         api = None
         try:
             addresses = [n["address"] for n in cluster["nodes"]]
-            asyncio.run(with_clients(addresses, lambda cl: load_plan(
-                cl, args.model, args.dtype, args.layers, "uniform", progress=lambda m: None)))
+            asyncio.run(load(addresses, args.model, args.dtype, args.layers))
             ready = Path(tmp) / "api.json"
             api = subprocess.Popen([sys.executable, "-m", "console.cli", "serve-api", "--port",
                                     "0", "--nodes", ",".join(addresses), "--ready-file",

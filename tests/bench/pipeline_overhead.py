@@ -26,9 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from console import local  # noqa: E402
-from console.cli import load_plan, with_clients  # noqa: E402
-from console.client import NodeClient  # noqa: E402
+from console import local, ops  # noqa: E402
 from protos import cluster_pb2 as pb  # noqa: E402
 from tests.bench.common import (  # noqa: E402
     add_model_arguments,
@@ -41,9 +39,8 @@ async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: 
                       repeats: int, layers: int = 0,
                       dtype: str = "") -> tuple[list[float], list[float], dict]:
     """Alternate single-process and pipeline runs so machine noise hits both alike."""
-
-    async def run(clients: list[NodeClient]):
-        await load_plan(clients, model, dtype, layers, "uniform", progress=lambda m: None)
+    async with ops.connect(addresses) as clients:
+        await ops.load_plan(clients, model, dtype, layers, "uniform", progress=lambda m: None)
         request = pb.GenerateRequest(prompt_ids=ids, max_tokens=tokens, ignore_eos=True)
 
         async def pipeline_once() -> float:
@@ -62,9 +59,6 @@ async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: 
             print(f"  run {i + 1}/{repeats}: single {single[-1]:.2f} tok/s, "
                   f"pipeline {piped[-1]:.2f} tok/s", flush=True)
         metrics = [await c.metrics() for c in clients]
-        return single, piped, metrics
-
-    single, piped, metrics = await with_clients(addresses, run)
     lat: dict[str, list] = {}
     for m in metrics:
         for summary in m.latencies:

@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from console.cli import load_plan
+from console import ops
 from console.client import NodeClient
 from console.monitor import ClusterMonitor
 from console.tui.app import ClusterApp
 from console.tui.screens import FaultScreen
-from tests.test_cluster import addresses
+from tests.helpers import addresses
 from tests.tui.test_dashboard_cluster import until
 
 pytestmark = pytest.mark.cluster
@@ -22,7 +22,7 @@ async def test_bench_fault_recovery_and_heal_from_the_dashboard(small_cluster):
                                                                    "--allow-faults"])
     addrs = addresses(cluster)
     clients = [NodeClient(a) for a in addrs]
-    await load_plan(clients, "synthetic:tiny", "", 0, "uniform", progress=lambda m: None)
+    await ops.load_plan(clients, "synthetic:tiny", "", 0, "uniform", progress=lambda m: None)
     monitor = ClusterMonitor(addrs, mdns=False, hz=4)
     app = ClusterApp(monitor)
     async with app.run_test(size=(140, 45)) as pilot:
