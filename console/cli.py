@@ -16,12 +16,12 @@ import sys
 import time
 from typing import Any
 
-from console import ops
+from console import ops, views
 from console.client import ClusterError, NodeClient, gather_infos, to_dict
 from console.ops import Connection
 from console.parser import DISCOVER_S, build_parser
 from node.auth import read_token
-from node.plan import GIB, backend_label
+from node.plan import PlanError, backend_label, parse_backend
 from protos import cluster_pb2 as pb
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -73,6 +73,7 @@ def on_nodes(addresses: list[str], connection: Connection, fn):
 
     return asyncio.run(run())
 
+
 # ---------------------------------------------------------------- local
 
 
@@ -120,46 +121,11 @@ def cmd_status(args: argparse.Namespace, connection: Connection) -> int:
         return rows
 
     rows = on_nodes(node_addresses(args, connection), connection, run)
-    lines = []
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['address']:22} DOWN  {r['error']}")
-            continue
-        caps, shard = r["capabilities"], r.get("shard") or {}
-        mem = (f"mlx {r['mlx_active_bytes'] / GIB:5.2f} GiB (rss {r['rss_bytes'] / GIB:.2f}) / "
-               f"budget {caps['memory_budget'] / GIB:5.2f} GiB")
-        layers = (f"{shard['model']} {shard['start_layer']}-{shard['end_layer']} "
-                  f"(epoch {shard['epoch']})") if shard else "no shard"
-        ring = shard.get("ring")
-        if ring:  # an mlx-ring rank: its worker's state (and why it is down)
-            layers += (f" · mlx-ring:{ring['parallel']} rank {ring.get('rank', 0)}/"
-                       f"{ring['size']} {ring['state']}"
-                       + (f": {ring['error']}" if ring.get("error") else ""))
-        faults = ", ".join(f"{f['spec']['kind']} ({f['id']})" for f in r.get("faults", []))
-        lines.append(f"{r['address']:22} {'up' if r['up'] else 'unhealthy':5} {r['name'][:10]:10} "
-                     f"{caps['mlx_device']}/{caps['blas']:9} {mem}  {layers}"
-                     + (f"  faults: {faults}" if faults else ""))
-    emit(args, {"nodes": rows}, "\n".join(lines))
+    emit(args, {"nodes": rows}, views.status_text(rows))
     return EXIT_OK if all(r.get("up") for r in rows) else EXIT_FAIL
 
 
 # ---------------------------------------------------------------- load / unload
-
-
-def format_plan(plan: pb.Plan, budgets: dict[str, int], dtype: str) -> str:
-    split = (f" · every layer split {len(plan.shards)} ways"
-             if plan.backend == "mlx-ring" and plan.parallel == "tensor" else "")
-    lines = [f"{plan.model} · {plan.n_layers} layers · {dtype} · "
-             f"{backend_label(plan.backend, plan.parallel)}{split} · strategy {plan.strategy} · "
-             f"KV cache at {plan.context_length} tokens",
-             f"{'NODE':12} {'ADDRESS':21} {'LAYERS':>7}  {'LAYER MAP':30}  "
-             f"{'WEIGHTS':>9} {'KV':>9} {'TOTAL':>9} {'BUDGET':>9}"]
-    for r in ops.plan_rows(plan):
-        lines.append(f"{r['name'][:12]:12} {r['address']:21} "
-                     f"{r['start_layer']:>3}-{r['end_layer']:<3}  {r['bar']:30}  "
-                     f"{r['param_bytes'] / GIB:5.2f} GiB {r['kv_bytes'] / GIB:5.2f} GiB "
-                     f"{r['total_bytes'] / GIB:5.2f} GiB {budgets[r['node']] / GIB:5.2f} GiB")
-    return "\n".join(lines)
 
 
 def cmd_plan(args: argparse.Namespace, connection: Connection) -> int:
@@ -172,7 +138,7 @@ def cmd_plan(args: argparse.Namespace, connection: Connection) -> int:
     emit(args, {"model": args.model, "strategy": plan.strategy, "n_layers": plan.n_layers,
                 "context_length": plan.context, "dtype": dtype,
                 "shards": [dict(r, budget_bytes=budgets[r["node"]]) for r in ops.plan_rows(proto)]},
-         format_plan(proto, budgets, dtype))
+         views.plan_table(proto, budgets, dtype))
     return EXIT_OK
 
 
@@ -360,13 +326,8 @@ def cmd_discover(args: argparse.Namespace, connection: Connection) -> int:
         static += read_peers_file(args.peers_file)
     found = asyncio.run(discover(args.timeout, static, not args.no_mdns,
                                  args.interface or None, connection.options()))
-    rows = [to_dict(i) for i in found]
-    text = "\n".join(
-        f"{i.name[:16]:16} {i.address:22} id {i.node_id}  {i.capabilities.mlx_device}/"
-        f"{i.capabilities.blas}  budget {i.capabilities.memory_budget / GIB:.1f} GiB"
-        + (f"  {i.shard.model} {i.shard.start_layer}-{i.shard.end_layer}"
-           if i.HasField("shard") else "") for i in found)
-    emit(args, {"nodes": rows}, text or f"no nodes found in {args.timeout:.0f} s")
+    emit(args, {"nodes": [to_dict(i) for i in found]},
+         views.found_text(found) or f"no nodes found in {args.timeout:.0f} s")
     return EXIT_OK if found else EXIT_FAIL
 
 
@@ -381,8 +342,6 @@ def int_list(text: str, what: str) -> list[int]:
 
 
 def backend_list(text: str) -> list[str]:
-    from node.plan import PlanError, backend_label, parse_backend
-
     try:
         return [backend_label(*parse_backend(b.strip())) for b in text.split(",") if b.strip()]
     except PlanError as e:
@@ -405,20 +364,7 @@ def cmd_bench(args: argparse.Namespace, connection: Connection) -> int:
     doc = run_bench(work, addresses, sweep, args.local, connection, args.scenario or "",
                     args.fault_at)
     args.out.write_text(json.dumps(doc, indent=1))
-    def secs(x) -> str:
-        return "—" if x is None else f"{x:.2f} s"
-
-    rows = [f"{c['backend']} {c['nodes']} node(s) c={r['concurrency']}: "
-            f"{r['aggregate_tokens_per_s']:.1f} "
-            f"tok/s aggregate, {r['single_stream_tokens_per_s']:.1f} single-stream, TTFT p50 "
-            f"{r['ttft_s']['p50'] * 1000:.0f} ms, success {r['success_rate']:.1%}"
-            for c in doc["configurations"] for r in c["runs"]]
-    rows += [f"{s['backend']} {s['fault']} on {s['node']}: success {s['success_rate']:.2%}, "
-             f"outputs correct {s['outputs_correct']}, detect {secs(s['detect_s'])}, "
-             f"recovered {secs(s['recover_s'])}, longest stall {secs(s['stall_s'])}"
-             + (f" ({s['recovery_error']})" if s.get("recovery_error") else "")
-             for s in doc["scenarios"]]
-    emit(args, doc, "\n".join(rows) + f"\nresults: {args.out}")
+    emit(args, doc, views.bench_text(doc) + f"\nresults: {args.out}")
     return EXIT_OK
 
 

@@ -1,0 +1,79 @@
+"""How `mlx-cluster` shows results as text (without --json): node status lines, nodes
+found by discovery, the plan table and the benchmark summary. Each takes the data the
+command also prints as JSON.
+"""
+
+from __future__ import annotations
+
+from console.ops import plan_rows
+from node.plan import GIB, backend_label
+from protos import cluster_pb2 as pb
+
+
+def status_text(rows: list[dict]) -> str:
+    """One line per node of `mlx-cluster status --json`'s rows."""
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['address']:22} DOWN  {r['error']}")
+            continue
+        caps, shard = r["capabilities"], r.get("shard") or {}
+        mem = (f"mlx {r['mlx_active_bytes'] / GIB:5.2f} GiB (rss {r['rss_bytes'] / GIB:.2f}) / "
+               f"budget {caps['memory_budget'] / GIB:5.2f} GiB")
+        layers = (f"{shard['model']} {shard['start_layer']}-{shard['end_layer']} "
+                  f"(epoch {shard['epoch']})") if shard else "no shard"
+        ring = shard.get("ring")
+        if ring:  # an mlx-ring rank: its worker's state (and why it is down)
+            layers += (f" · mlx-ring:{ring['parallel']} rank {ring.get('rank', 0)}/"
+                       f"{ring['size']} {ring['state']}"
+                       + (f": {ring['error']}" if ring.get("error") else ""))
+        faults = ", ".join(f"{f['spec']['kind']} ({f['id']})" for f in r.get("faults", []))
+        lines.append(f"{r['address']:22} {'up' if r['up'] else 'unhealthy':5} {r['name'][:10]:10} "
+                     f"{caps['mlx_device']}/{caps['blas']:9} {mem}  {layers}"
+                     + (f"  faults: {faults}" if faults else ""))
+    return "\n".join(lines)
+
+
+def found_text(found: list[pb.NodeInfo]) -> str:
+    """One line per node that discovery found."""
+    return "\n".join(
+        f"{i.name[:16]:16} {i.address:22} id {i.node_id}  {i.capabilities.mlx_device}/"
+        f"{i.capabilities.blas}  budget {i.capabilities.memory_budget / GIB:.1f} GiB"
+        + (f"  {i.shard.model} {i.shard.start_layer}-{i.shard.end_layer}"
+           if i.HasField("shard") else "") for i in found)
+
+
+def plan_table(plan: pb.Plan, budgets: dict[str, int], dtype: str) -> str:
+    """The plan as `mlx-cluster plan` prints it: a header line, then a row per node."""
+    split = (f" · every layer split {len(plan.shards)} ways"
+             if plan.backend == "mlx-ring" and plan.parallel == "tensor" else "")
+    lines = [f"{plan.model} · {plan.n_layers} layers · {dtype} · "
+             f"{backend_label(plan.backend, plan.parallel)}{split} · strategy {plan.strategy} · "
+             f"KV cache at {plan.context_length} tokens",
+             f"{'NODE':12} {'ADDRESS':21} {'LAYERS':>7}  {'LAYER MAP':30}  "
+             f"{'WEIGHTS':>9} {'KV':>9} {'TOTAL':>9} {'BUDGET':>9}"]
+    for r in plan_rows(plan):
+        lines.append(f"{r['name'][:12]:12} {r['address']:21} "
+                     f"{r['start_layer']:>3}-{r['end_layer']:<3}  {r['bar']:30}  "
+                     f"{r['param_bytes'] / GIB:5.2f} GiB {r['kv_bytes'] / GIB:5.2f} GiB "
+                     f"{r['total_bytes'] / GIB:5.2f} GiB {budgets[r['node']] / GIB:5.2f} GiB")
+    return "\n".join(lines)
+
+
+def bench_text(doc: dict) -> str:
+    """One line per benchmark run and per fault scenario of a result document."""
+
+    def secs(x) -> str:
+        return "—" if x is None else f"{x:.2f} s"
+
+    rows = [f"{c['backend']} {c['nodes']} node(s) c={r['concurrency']}: "
+            f"{r['aggregate_tokens_per_s']:.1f} "
+            f"tok/s aggregate, {r['single_stream_tokens_per_s']:.1f} single-stream, TTFT p50 "
+            f"{r['ttft_s']['p50'] * 1000:.0f} ms, success {r['success_rate']:.1%}"
+            for c in doc["configurations"] for r in c["runs"]]
+    rows += [f"{s['backend']} {s['fault']} on {s['node']}: success {s['success_rate']:.2%}, "
+             f"outputs correct {s['outputs_correct']}, detect {secs(s['detect_s'])}, "
+             f"recovered {secs(s['recover_s'])}, longest stall {secs(s['stall_s'])}"
+             + (f" ({s['recovery_error']})" if s.get("recovery_error") else "")
+             for s in doc["scenarios"]]
+    return "\n".join(rows)
