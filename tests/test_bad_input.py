@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from console.client import ClusterError
-from node.pipeline import CHANNEL_OPTIONS
+from node.peers import CHANNEL_OPTIONS
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 from tests.conftest import reference_tokens
