@@ -1,8 +1,12 @@
-"""The node's gRPC service: control plane (info, load, unload, metrics), data plane
-(Forward streams) and the Generate entry point, plus the standard health service.
+"""The node's gRPC service: control plane (info, load, unload, metrics, faults), the data
+plane's entry (Forward streams, handed to the plan's runner) and the Generate entry point,
+plus the standard health service.
 
-Every error a caller can cause is answered with a precise status and a message, and
-the node keeps serving: nothing a request sends can take the process down.
+The service holds at most one plan at a time, run by a `Runner` (node/runner.py): the
+gRPC pipeline or an mlx-ring group. What a plan must satisfy is node/placement.py's; how
+Forward streams are read, node/dataplane.py's; what Generate retries, node/failover.py's.
+Every error a caller can cause is answered with a precise status and a message, and the
+node keeps serving: nothing a request sends can take the process down.
 """
 
 from __future__ import annotations

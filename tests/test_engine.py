@@ -11,9 +11,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from node.engine import Engine
-from node.sampling import Sampling
 from node.errors import BadFrame, FrameGap, ModelError
 from node.models import load_shard, resolve, synthetic_full_model
+from node.sampling import Sampling
 from node.synthetic import TINY_ARCHS
 from node.tokenizers import ByteTokenizer
 from node.wire import decode_tensor, encode_tensor

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
-import time
 
 import pytest
+from textual.widgets import Static
 
 from console.monitor import ClusterMonitor
 from console.tui.app import ClusterApp
 from console.tui.screens import GenerateScreen, LoadScreen
 from console.tui.widgets import LatencyPanel, PartitionBar, ThroughputPanel
-from tests.test_cluster import addresses
+from tests.helpers import addresses, eventually
 
 pytestmark = pytest.mark.cluster
-
-
-async def until(pilot, predicate, timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await pilot.pause(0.1)
-    return time.monotonic() - t0
 
 
 async def test_dashboard_against_a_real_cluster(small_cluster):
@@ -33,17 +25,16 @@ async def test_dashboard_against_a_real_cluster(small_cluster):
     monitor = ClusterMonitor(addrs, mdns=False, hz=4)
     app = ClusterApp(monitor)
     async with app.run_test(size=(140, 45)) as pilot:
-        took = await until(pilot, lambda: sum(v.state == "up" for v in monitor.nodes.values())
-                           == 3, 10, "3 nodes up")
-        assert took < 10
+        await eventually(lambda: sum(v.state == "up" for v in monitor.nodes.values()) == 3,
+                         10, "3 nodes up")
 
         await pilot.press("l")
         assert isinstance(app.screen, LoadScreen)
         await pilot.click("#preview-button")
-        await until(pilot, lambda: not app.screen.query_one("#load-button").disabled, 60,
+        await eventually(lambda: not app.screen.query_one("#load-button").disabled, 60,
                     "the plan preview")
         await pilot.click("#load-button")
-        await until(pilot, lambda: monitor.plan() is not None
+        await eventually(lambda: monitor.plan() is not None
                     and monitor.plan().model == "smollm2-135m", 120, "the model to load")
         plan = monitor.plan()
         ranges = [(s.start_layer, s.end_layer) for s in plan.shards]
@@ -58,19 +49,21 @@ async def test_dashboard_against_a_real_cluster(small_cluster):
         await pilot.press("g")
         assert isinstance(app.screen, GenerateScreen)
         await pilot.click("#go")
-        await until(pilot, lambda: "tok/s" in str(app.screen.query_one("#stats").render()),
+        await eventually(lambda: "tok/s" in str(app.screen.query_one("#stats").render()),
                     60, "the generation to finish")
         assert "Paris" in app.screen.text
         await pilot.press("escape")
-        await until(pilot, lambda: monitor.window("token_latency").total > 0
+        await eventually(lambda: monitor.window("token_latency").total > 0
                     and monitor.tokens_total > before_tokens, 10, "latency and throughput")
         await pilot.pause(0.5)
         assert "n=0" not in app.query_one(LatencyPanel).border_title
-        assert "total" in str(app.query_one(ThroughputPanel).render())
+        text = app.query_one(ThroughputPanel).query_one("#throughput-text", Static)
+        shown = re.search(r"total (\d+)", str(text.render()))
+        assert shown and int(shown.group(1)) > before_tokens
 
         victim = cluster["nodes"][2]
         os.kill(victim["pid"], signal.SIGKILL)
-        await until(pilot, lambda: monitor.nodes[victim["address"]].state == "down", 10,
+        await eventually(lambda: monitor.nodes[victim["address"]].state == "down", 10,
                     "the killed node to show as down")
         assert any(e.kind == "down" and victim["address"] in e.text for e in monitor.events)
         await pilot.pause(0.5)
