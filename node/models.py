@@ -14,13 +14,13 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node.errors import ModelCodeError, ModelError, NodeError
+from node.hub import LAYER_KEY, fetch_layer_files
 from node.plan import ModelShape
 from node.sizes import build_model, measure_shape, mlx_lm_version
 from node.synthetic import SYNTHETIC, describe
@@ -339,34 +339,6 @@ def _model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTokeni
     return _dir_model(source, start, end)
 
 
-LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_files(path: Path, start: int, end: int, n_layers: int) -> list[Path] | None:
-    """The weight files that hold layers start..end (and the embedding / head, where the
-    shard needs them), from the directory's weight index; None without an index."""
-    index = path / "model.safetensors.index.json"
-    if not index.exists():
-        return None
-    weight_map: dict = json.loads(index.read_text()).get("weight_map", {})
-    if not any(LAYER_KEY.search(name) for name in weight_map):  # names we cannot place
-        return sorted({path / f for f in weight_map.values()})
-    first, last = start == 0, end == n_layers - 1
-    tied = not any("lm_head" in name for name in weight_map)  # the head is the embedding
-    files: set[str] = set()
-    for name, file in weight_map.items():
-        m = LAYER_KEY.search(name)
-        if m is not None:
-            wanted = start <= int(m.group(1)) <= end
-        elif "embed" in name:
-            wanted = first or (last and tied)
-        else:  # final norm, head
-            wanted = last
-        if wanted:
-            files.add(file)
-    return sorted(path / f for f in files)
-
-
 def _dir_model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTokenizer]:
     """mlx-lm's own loader, lazily: tensors of other layers are never read (MLX loads a
     tensor when it is first evaluated). A hub model fetches its layers' files first."""
@@ -379,7 +351,7 @@ def _dir_model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTo
         # other layers' files are not here (and never needed), so mlx-lm's check that every
         # weight is there would fail; the index placed every one of this shard's tensors
         # in a file it fetched (names it cannot place make it fetch them all)
-        strict = not _fetch_layer_files(source, start, end)
+        strict = not fetch_layer_files(source.spec, source.path, start, end, source.n_layers)
     try:
         model, _ = load_model(source.path, lazy=True, strict=strict)
         tokenizer = prompt_tokenizer(source)
@@ -388,26 +360,6 @@ def _dir_model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTo
     if source.dtype:
         model.set_dtype(getattr(mx, source.dtype))
     return model, tokenizer
-
-
-def _fetch_layer_files(source: ModelSource, start: int, end: int) -> bool:
-    """Download (once) the weight files that hold this shard's layers; True when that is
-    only some of the model's files."""
-    from huggingface_hub import hf_hub_download
-
-    assert source.path is not None
-    files = layer_files(source.path, start, end, source.n_layers)
-    names = [f.name for f in files] if files is not None else ["model.safetensors"]
-    for n, name in enumerate(names, start=1):
-        log.info("%s: downloading %s (%d of %d) for layers %d-%d", source.spec, name, n,
-                 len(names), start, end)
-        try:
-            hf_hub_download(source.spec, name)  # into the snapshot `path` is
-        except Exception as e:
-            raise ModelError(f"could not download {name} of {source.spec!r}: {e}") from e
-    every = {f.name for f in layer_files(source.path, 0, source.n_layers - 1,
-                                         source.n_layers) or []}
-    return bool(every - set(names))
 
 
 def _synthetic_model(source: ModelSource, start: int, end: int) -> Any:

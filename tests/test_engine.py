@@ -304,7 +304,7 @@ def test_a_shard_needs_only_the_weight_files_of_its_layers(tmp_path):
     """The weight index tells which files hold a layer range (what a node downloads)."""
     import json
 
-    from node.models import layer_files
+    from node.hub import layer_files
 
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         "model.embed_tokens.weight": "a.safetensors",

@@ -11,8 +11,7 @@ from console.client import NodeClient
 from console.monitor import ClusterMonitor
 from console.tui.app import ClusterApp
 from console.tui.screens import FaultScreen
-from tests.helpers import addresses
-from tests.tui.test_dashboard_cluster import until
+from tests.helpers import addresses, eventually
 
 pytestmark = pytest.mark.cluster
 
@@ -26,14 +25,14 @@ async def test_bench_fault_recovery_and_heal_from_the_dashboard(small_cluster):
     monitor = ClusterMonitor(addrs, mdns=False, hz=4)
     app = ClusterApp(monitor)
     async with app.run_test(size=(140, 45)) as pilot:
-        await until(pilot, lambda: sum(v.state == "up" for v in monitor.nodes.values()) == 3,
+        await eventually(lambda: sum(v.state == "up" for v in monitor.nodes.values()) == 3,
                     10, "3 nodes up")
-        await until(pilot, lambda: monitor.plan() is not None, 10, "the plan")
+        await eventually(lambda: monitor.plan() is not None, 10, "the plan")
 
         await pilot.press("b")  # short benchmark: the latency window fills
-        await until(pilot, lambda: any(e.kind == "bench" and "tok/s" in e.text
+        await eventually(lambda: any(e.kind == "bench" and "tok/s" in e.text
                                        for e in monitor.events), 60, "the benchmark")
-        await until(pilot, lambda: monitor.window("token_latency").total >= 12 * 30, 10,
+        await eventually(lambda: monitor.window("token_latency").total >= 12 * 30, 10,
                     "latency samples from the benchmark")
 
         # latency on the middle node, then heal it
@@ -42,12 +41,12 @@ async def test_bench_fault_recovery_and_heal_from_the_dashboard(small_cluster):
         await pilot.press("f")
         assert isinstance(app.screen, FaultScreen)
         await pilot.click("#inject")
-        await until(pilot, lambda: any(e.kind == "fault" and "latency injected" in e.text
+        await eventually(lambda: any(e.kind == "fault" and "latency injected" in e.text
                                        for e in monitor.events), 10, "the fault event")
         info = await clients[1].info()
         assert [f.spec.kind for f in info.faults] == ["latency"]
         await pilot.press("h")
-        await until(pilot, lambda: any(e.kind == "fault" and "healed" in e.text
+        await eventually(lambda: any(e.kind == "fault" and "healed" in e.text
                                        for e in monitor.events), 10, "the heal event")
         assert not (await clients[1].info()).faults
 
@@ -56,10 +55,10 @@ async def test_bench_fault_recovery_and_heal_from_the_dashboard(small_cluster):
         await pilot.press("f")
         app.screen.query_one("#kind").value = "kill"
         await pilot.click("#inject")
-        await until(pilot, lambda: monitor.nodes[addrs[2]].state == "down", 10, "down")
-        await until(pilot, lambda: any(e.kind == "recovery" for e in monitor.events), 15,
+        await eventually(lambda: monitor.nodes[addrs[2]].state == "down", 10, "down")
+        await eventually(lambda: any(e.kind == "recovery" for e in monitor.events), 15,
                     "the recovery event")
-        await until(pilot, lambda: monitor.plan() is not None
+        await eventually(lambda: monitor.plan() is not None
                     and len(monitor.plan().shards) == 2, 10, "the new plan")
         assert app.is_running
     for c in clients:
