@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    from node.service import NodeServicer, serve
+    from node.server import serve
+    from node.service import NodeServicer
 
     state_dir = args.state_dir or default_state_dir()
     node_id = node_id_for(state_dir)

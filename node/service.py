@@ -1,6 +1,6 @@
 """The node's gRPC service: control plane (info, load, unload, metrics, faults), the data
-plane's entry (Forward streams, handed to the plan's runner) and the Generate entry point,
-plus the standard health service.
+plane's entry (Forward streams, handed to the plan's runner) and the Generate entry point.
+node/server.py starts it, with gRPC's standard health service beside it.
 
 The service holds at most one plan at a time, run by a `Runner` (node/runner.py): the
 gRPC pipeline or an mlx-ring group. What a plan must satisfy is node/placement.py's; how
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import grpc
 import psutil
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from node import __version__, failover
-from node.auth import TokenInterceptor, token_metadata
+from node.auth import token_metadata
 from node.capabilities import capabilities, default_memory_budget
 from node.coordinator import Coordinator
 from node.dataplane import serve_forward
@@ -39,7 +38,7 @@ from node.errors import (
 from node.faults import FaultBook, exit_now
 from node.metrics import NodeMetrics, histogram_messages
 from node.models import Shard, load_shard, resolve
-from node.peers import CHANNEL_OPTIONS, PeerChannels
+from node.peers import PeerChannels
 from node.pipeline import Pipeline
 from node.placement import check_source, own_shard
 from node.ring import RingGroup, free_port
@@ -49,7 +48,6 @@ from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "mlxcluster.NodeService"
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -441,29 +439,3 @@ def _clear_mlx_cache() -> None:
 
     gc.collect()
     mx.clear_cache()
-
-
-async def serve(servicer: NodeServicer, host: str, port: int,
-                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server; returns it and the bound port (useful with port 0)."""
-    interceptors = [TokenInterceptor(servicer.token)] if servicer.token else []
-    # no SO_REUSEPORT: a second node on a taken port must fail, not share it silently
-    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
-                             interceptors=interceptors)
-    pb_grpc.add_NodeServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    try:
-        if credentials is not None:
-            bound = server.add_secure_port(f"{host}:{port}", credentials)
-        else:
-            bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as e:  # grpc's way of saying the address is taken or invalid
-        raise OSError(f"cannot bind {host}:{port} ({e}); is another node using the port?") from e
-    if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
-    await server.start()
-    servicer.address = f"{host}:{bound}"
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound

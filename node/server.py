@@ -1,0 +1,41 @@
+"""Starting a node's gRPC server: the node service, gRPC's standard health service, the
+token check on mutating calls, TLS when configured, and the bound port (port 0 picks one).
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from node.auth import TokenInterceptor
+from node.peers import CHANNEL_OPTIONS
+from node.service import NodeServicer
+from protos import cluster_pb2_grpc as pb_grpc
+
+SERVICE_NAME = "mlxcluster.NodeService"
+
+
+async def serve(servicer: NodeServicer, host: str, port: int,
+                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server; returns it and the bound port (useful with port 0)."""
+    interceptors = [TokenInterceptor(servicer.token)] if servicer.token else []
+    # no SO_REUSEPORT: a second node on a taken port must fail, not share it silently
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+                             interceptors=interceptors)
+    pb_grpc.add_NodeServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        if credentials is not None:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as e:  # grpc's way of saying the address is taken or invalid
+        raise OSError(f"cannot bind {host}:{port} ({e}); is another node using the port?") from e
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    servicer.address = f"{host}:{bound}"
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
