@@ -2,4 +2,4 @@
 the pipeline data plane and the pure planning math. Never imports `console` or Textual."""
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: chat messages, stop strings and continuations in GenerateRequest
