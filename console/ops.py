@@ -21,6 +21,7 @@ from node.errors import ModelError
 from node.models import SYNTHETIC_PREFIX, ModelSource, resolve
 from node.placement import next_epoch, node_specs, place, to_proto
 from node.plan import PartitionPlan, PlanError, backend_label, layer_bar
+from node.resume import NoEntry, entry_of
 from protos import cluster_pb2 as pb
 
 
@@ -71,16 +72,11 @@ class NoNodeUp(ClusterError):
 
 def entry_node(infos: list[pb.NodeInfo]) -> pb.NodeInfo:
     """The node holding the first shard of the newest loaded plan: layer 0 of a pipeline,
-    rank 0 of an mlx-ring group. Generate requests go there."""
-    loaded = [i for i in infos if i.HasField("shard")]
-    if not loaded:
-        raise ClusterError("no model is loaded; run: mlx-cluster load --model smollm2-135m")
-    epoch = max(i.shard.epoch for i in loaded)
-    for info in loaded:
-        if info.shard.epoch == epoch and info.plan.shards and (
-                info.plan.shards[0].node_id == info.node_id):
-            return info
-    raise ClusterError(f"no node holds layer 0 of plan epoch {epoch}; reload the model")
+    rank 0 of an mlx-ring group. Generate requests go there (node.resume's one rule)."""
+    try:
+        return entry_of(infos)
+    except NoEntry as e:
+        raise ClusterError(str(e)) from None
 
 
 async def entry_client(clients: list[NodeClient]) -> tuple[NodeClient, pb.NodeInfo]:

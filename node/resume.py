@@ -1,0 +1,136 @@
+"""A request that outlives its entry node: the client's side of a continuation.
+
+Whoever sends Generate (the CLI, the HTTP API on any node, the benchmark, the dashboard)
+keeps what the request has produced so far: its token ids and how many characters of
+their text it has shown. When the entry node goes away mid-stream, the survivors re-plan
+(node/coordinator.py) and a new node becomes the entry; the client finds it and sends the
+same request again as a continuation (`resume_ids`, `resume_chars`). The new entry
+replays those tokens, not sampling them again, and goes on: the stream the user sees has
+no duplicated and no missing token, and a greedy or seeded request gives the same tokens
+as an uninterrupted run (sampling keys come from the seed and the token's position, so a
+request is given a seed before it is sent).
+
+`entry_of` is the one rule for where Generate goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from node.runner import DEFAULT_MAX_TOKENS
+from protos import cluster_pb2 as pb
+from protos import cluster_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+FIND_ENTRY_S = 60.0  # how long a continuation waits for the survivors' new plan
+POLL_S = 0.1
+MAX_RESUMES = 3
+
+
+class NoEntry(Exception):
+    """No node serves the plan's first shard (yet): the message says what was seen."""
+
+
+def entry_of(infos: list[pb.NodeInfo]) -> pb.NodeInfo:
+    """The node holding the first shard of the newest loaded plan: layer 0 of a pipeline,
+    rank 0 of an mlx-ring group. Generate goes there. `infos` are the nodes that answered."""
+    loaded = [i for i in infos if i.HasField("shard")]
+    if not loaded:
+        raise NoEntry("no model is loaded; run: mlx-cluster load --model smollm2-135m")
+    epoch = max(i.shard.epoch for i in loaded)
+    for info in loaded:
+        if info.shard.epoch == epoch and info.plan.shards and (
+                info.plan.shards[0].node_id == info.node_id):
+            return info
+    raise NoEntry(f"no node holds layer 0 of plan epoch {epoch}; reload the model")
+
+
+def with_seed(request: pb.GenerateRequest) -> pb.GenerateRequest:
+    """The request with a seed, so that a continuation draws what the first entry would
+    have drawn (a request without one is given a random one, once)."""
+    if request.sampling.HasField("seed") or request.sampling.temperature == 0:
+        return request
+    seeded = pb.GenerateRequest()
+    seeded.CopyFrom(request)
+    seeded.sampling.seed = random.getrandbits(63)
+    return seeded
+
+
+def lost_entry(error: grpc.aio.AioRpcError) -> bool:
+    """The entry node went away (killed, crashed, its host gone), as opposed to refusing
+    the request: worth a continuation on the survivors' new plan."""
+    return error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                            grpc.StatusCode.UNKNOWN) and "next shard" not in (
+        error.details() or "")
+
+
+async def resumable(request: pb.GenerateRequest,
+                    find_entry: Callable[[set[str]], Awaitable[str]],
+                    channel: Callable[[str], grpc.aio.Channel],
+                    metadata: tuple[tuple[str, str], ...] = (),
+                    on_resume: Callable[[str, int], None] | None = None,
+                    find_entry_s: float = FIND_ENTRY_S) -> AsyncIterator[pb.GenerateEvent]:
+    """Generate's events for `request`, across entry nodes. `find_entry(gone)` returns the
+    address of the current entry node, leaving out the addresses in `gone` (raise NoEntry
+    while there is none); `channel(address)` gives a channel to it. `on_resume(address,
+    tokens)` is told of each continuation. Raises the last gRPC error when the request
+    cannot go on."""
+    request = with_seed(request)
+    ids: list[int] = []
+    chars = 0
+    gone: set[str] = set()
+    resumes = 0
+    address = await find_entry(gone)
+    while True:
+        attempt = request
+        if ids:
+            attempt = pb.GenerateRequest()
+            attempt.CopyFrom(request)
+            attempt.resume_ids.extend(ids)
+            attempt.resume_chars = chars
+        call = pb_grpc.NodeServiceStub(channel(address)).Generate(attempt, metadata=metadata)
+        try:
+            async for event in call:
+                if event.HasField("token"):
+                    ids.append(event.token.token_id)
+                    chars += len(event.token.text)
+                yield event
+            return
+        except grpc.aio.AioRpcError as e:
+            if not lost_entry(e) or resumes >= MAX_RESUMES:
+                raise
+            resumes += 1
+            gone.add(address)
+            log.warning("entry node %s lost after %d token(s) (%s); finding the new entry",
+                        address, len(ids), e.code().name)
+            if len(ids) >= (request.max_tokens or DEFAULT_MAX_TOKENS):
+                yield pb.GenerateEvent(done=pb.GenerateDone(
+                    finish_reason="length", completion_tokens=len(ids)))
+                return
+            address = await _wait_for_entry(find_entry, gone, find_entry_s, e)
+            if on_resume is not None:
+                on_resume(address, len(ids))
+        finally:
+            call.cancel()
+
+
+async def _wait_for_entry(find_entry: Callable[[set[str]], Awaitable[str]], gone: set[str],
+                          limit_s: float, error: grpc.aio.AioRpcError) -> str:
+    deadline = time.monotonic() + limit_s
+    seen = ""
+    while time.monotonic() < deadline:
+        try:
+            return await find_entry(gone)
+        except NoEntry as e:
+            seen = str(e)
+        except grpc.aio.AioRpcError as e:
+            seen = f"{e.code().name}: {e.details()}"
+        await asyncio.sleep(POLL_S)
+    raise error from NoEntry(f"no new entry node within {limit_s:.0f} s ({seen})")
