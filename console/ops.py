@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from console.client import ClusterError, NodeClient, gather_infos
+from node import PROTOCOL_VERSION
 from node.errors import ModelError
 from node.models import SYNTHETIC_PREFIX, ModelSource, resolve
-from node.placement import next_epoch, node_specs, place, to_proto
+from node.placement import check_versions, next_epoch, node_specs, place, to_proto
 from node.plan import PartitionPlan, PlanError, backend_label, layer_bar
 from node.resume import NoEntry, entry_of
 from protos import cluster_pb2 as pb
@@ -105,7 +106,12 @@ def resolve_model(model: str, dtype: str, layers: int) -> ModelSource:
 
 def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, strategy: str,
               backend: str = "pipeline") -> tuple[PartitionPlan, ModelSource]:
-    """Plan `model` over the nodes (in their order): a checked PartitionPlan and the source."""
+    """Plan `model` over the nodes (in their order): a checked PartitionPlan and the source.
+    Every node must speak this console's protocol version."""
+    try:
+        check_versions(infos, PROTOCOL_VERSION)
+    except PlanError as e:
+        raise ClusterError(str(e)) from e
     source = resolve_model(model, dtype, layers)
     try:
         return place(source, node_specs(infos), strategy, backend, model), source

@@ -14,7 +14,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from node import __version__
+from node import PROTOCOL_VERSION, __version__
 from node.auth import read_token, server_credentials
 from node.blas import reexec_with_openblas
 from node.capabilities import cached_calibration, parse_bytes
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--tls-ca", type=Path,
                      help="CA (PEM) to verify other nodes' certificates when they serve TLS")
     serve.add_argument("--log-level", default="INFO")
+    # tests only: report another protocol version, to see a mixed cluster refused
+    serve.add_argument("--protocol-version", type=int, default=PROTOCOL_VERSION,
+                       help=argparse.SUPPRESS)
     return parser
 
 
@@ -115,7 +118,8 @@ async def _serve(args: argparse.Namespace) -> None:
         credentials = server_credentials(args.tls_cert, args.tls_key)
     servicer = NodeServicer(node_id, args.name, args.memory_budget, args.request_timeout,
                             token=token, allow_faults=args.allow_faults, peer_ca=args.tls_ca,
-                            tls=credentials is not None, ring_port=args.ring_port)
+                            tls=credentials is not None, ring_port=args.ring_port,
+                            protocol_version=args.protocol_version)
     if args.calibrate:
         servicer.matmul_gflops = cached_calibration(state_dir)
         log.info("calibrated: %.1f GFLOP/s fp32 matmul", servicer.matmul_gflops)

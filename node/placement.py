@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from node import PROTOCOL_VERSION
 from node.errors import ModelError, OverBudget, StaleEpoch
 from node.models import ModelSource, check_range, shape_of, supports_tensor, tensor_refusal
 from node.plan import (
@@ -30,6 +31,24 @@ def node_specs(infos: Iterable[pb.NodeInfo]) -> list[NodeSpec]:
     """What the planner needs from each node's GetInfo, in the nodes' order."""
     return [NodeSpec(i.node_id, i.capabilities.memory_budget, i.name, i.address,
                      i.capabilities.matmul_gflops) for i in infos]
+
+
+def check_versions(infos_or_specs: Iterable, mine: int = PROTOCOL_VERSION) -> None:
+    """Refuse, before anything loads, a plan over a node that speaks another protocol
+    version than `mine` (the console's or the coordinator's). Takes NodeInfo messages or
+    anything with node_id, name and protocol_version (a NodeSpec, which has none, passes);
+    a node that reports 0 predates protocol versions. PlanError names each such node and
+    both versions."""
+    odd = [n for n in infos_or_specs
+           if getattr(n, "protocol_version", mine) != mine]
+    if not odd:
+        return
+    names = "; ".join(
+        f"node {n.name or n.node_id} ({n.node_id}) speaks protocol version "
+        f"{n.protocol_version or '0 (older than protocol versions)'}" for n in odd)
+    raise PlanError(f"{names}, but this plan needs version {mine}: run the same "
+                    "mlx-cluster-console release on every node (upgrade it and restart "
+                    "mlx-node there), or leave the node out with --nodes")
 
 
 def place(source: ModelSource, specs: list[NodeSpec], strategy: str, backend: str,

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import psutil
 
-from node import __version__, failover
+from node import PROTOCOL_VERSION, __version__, failover
 from node.auth import token_metadata
 from node.capabilities import capabilities, default_memory_budget
 from node.coordinator import Coordinator
@@ -62,8 +62,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     def __init__(self, node_id: str, name: str, memory_budget: int | None,
                  request_timeout_s: float = 120.0, idle_request_s: float = 300.0,
                  token: str | None = None, allow_faults: bool = False,
-                 peer_ca: Path | None = None, tls: bool = False, ring_port: int = 0) -> None:
+                 peer_ca: Path | None = None, tls: bool = False, ring_port: int = 0,
+                 protocol_version: int = PROTOCOL_VERSION) -> None:
         self.node_id = node_id
+        self.protocol_version = protocol_version  # another one only in tests (node.cli)
         self.token = token
         self.peer_ca = peer_ca
         self.peers = PeerChannels(peer_ca)  # one channel per peer, for every use
@@ -118,6 +120,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
         caps["matmul_gflops"] = self.matmul_gflops
         info = pb.NodeInfo(node_id=self.node_id, name=self.name, version=__version__,
+                           protocol_version=self.protocol_version,
                            address=self.address, capabilities=pb.Capabilities(**caps),
                            pid=os.getpid(), uptime_s=time.monotonic() - self.started,
                            active_requests=self.runner.active_requests
