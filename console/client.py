@@ -70,9 +70,14 @@ class NodeClient:
 
     @property
     def stub(self) -> pb_grpc.NodeServiceStub:
+        return pb_grpc.NodeServiceStub(self.channel)
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The node's channel, opened on first use (in the running event loop)."""
         if self._channel is None:
             self._channel = open_channel(self.address, CHANNEL_OPTIONS, self.tls_ca)
-        return pb_grpc.NodeServiceStub(self._channel)
+        return self._channel
 
     async def close(self) -> None:
         if self._channel is not None:
