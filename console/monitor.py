@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -87,11 +87,45 @@ class MonitorSource(Protocol):
 
     def plan(self) -> pb.Plan | None: ...
 
+    def coordinator(self) -> str: ...
+
     def window(self, series: str) -> Histogram: ...
 
     def hop_series(self) -> list[tuple[str, str, Histogram]]: ...
 
     def up_clients(self) -> list[NodeClient]: ...
+
+
+def recovery_event(r: pb.Recovery, labels: dict[str, str],
+                   plan: pb.Plan | None = None) -> tuple[str, str]:
+    """(kind, text) of the event log's line for one recovery: who was lost, who noticed,
+    who coordinates now (a takeover when the lost nodes held the coordinator, which is
+    the lowest live node id), the new plan's epoch and ranges, how many requests resumed
+    and how long each phase took. `labels` maps node ids to names."""
+    def name(node_id: str) -> str:
+        return labels.get(node_id, node_id[:8])
+
+    lost = ", ".join(name(n) for n in r.lost) or "a node"
+    if r.error:
+        return "error", f"recovery from the loss of {lost} failed: {r.error}"
+    who = []
+    if r.noticed_by:
+        who.append(f"noticed by {name(r.noticed_by)}")
+    if r.coordinator:
+        took_over = any(n < r.coordinator for n in r.lost)
+        who.append(f"{name(r.coordinator)} took over as coordinator" if took_over
+                   else f"coordinator {name(r.coordinator)}")
+    ranges = (" " + ", ".join(f"{name(s.node_id)} {s.start_layer}-{s.end_layer}"
+                               for s in plan.shards)) if plan is not None else ""
+    timings = [f"detect {r.detect_s:.2f} s", f"re-plan {r.replan_s:.2f} s",
+               f"reload {r.reload_s:.2f} s"]
+    if r.first_token_s:
+        timings.append(f"first token {r.first_token_s:.2f} s")
+    parts = [f"{lost} lost" + (f": {', '.join(who)}" if who else ""),
+             f"epoch {r.from_epoch}->{r.to_epoch}{ranges}",
+             f"{r.resumed_requests} request{'s' if r.resumed_requests != 1 else ''} resumed",
+             ", ".join(timings)]
+    return "recovery", "; ".join(parts)
 
 
 class ClusterMonitor:
@@ -117,6 +151,7 @@ class ClusterMonitor:
         self._tokens_by_node: dict[str, tuple[int, float]] = {}
         self._forwards_by_node: dict[str, tuple[int, int]] = {}
         self._recoveries_seen: dict[str, int] = {}
+        self._recoveries_logged: set[tuple[int, tuple[str, ...]]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -279,20 +314,20 @@ class ClusterMonitor:
                 self._changed()
 
     def _note_recoveries(self, view: NodeView, info: pb.NodeInfo) -> None:
-        """Log each recovery a coordinating node reports, once."""
+        """Log each recovery a node reports, once (every survivor may report the same)."""
         seen = self._recoveries_seen.get(view.address, None)
         self._recoveries_seen[view.address] = len(info.recoveries)
         if seen is None:
             return  # recoveries from before we started watching are history
         labels = {v.node_id: v.label for v in self.nodes.values()}
         for r in info.recoveries[seen:]:
-            lost = ", ".join(labels.get(n, n[:8]) for n in r.lost)
-            if r.error:
-                self.log("error", f"recovery from the loss of {lost} failed: {r.error}")
-            else:
-                self.log("recovery", f"epoch {r.from_epoch}->{r.to_epoch} without {lost}: "
-                                     f"detected in {r.detect_s:.2f} s, re-planned in "
-                                     f"{r.replan_s:.2f} s, reloaded in {r.reload_s:.2f} s")
+            key = (r.to_epoch, tuple(sorted(r.lost)))
+            if key in self._recoveries_logged:
+                continue
+            self._recoveries_logged.add(key)
+            plans = [info.plan] + [v.info.plan for v in self.nodes.values() if v.info]
+            plan = next((p for p in plans if p.epoch == r.to_epoch and p.shards), None)
+            self.log(*recovery_event(r, labels, plan))
 
     # ------------------------------------------------------------ derived state
 
@@ -316,6 +351,15 @@ class ClusterMonitor:
                 out.append((labels.get(sender, sender[:8]), labels.get(receiver, receiver[:8]),
                             self.window(key)))
         return out
+
+    def coordinator(self) -> str:
+        """The node id coordinating the newest plan, as the nodes holding it report it (''
+        when none does: nothing loaded, or nodes that do not report one)."""
+        plan = self.plan()
+        said = Counter(v.info.coordinator for v in self.nodes.values()
+                       if plan is not None and v.info is not None and v.state != "down"
+                       and v.info.plan.epoch == plan.epoch and v.info.coordinator)
+        return min(said, key=lambda n: (-said[n], n)) if said else ""
 
     def plan(self) -> pb.Plan | None:
         """The newest plan any up node holds."""

@@ -171,6 +171,8 @@ class NodeDetailScreen(ModalScreen[None]):
         lines = [f"# {view.label}", f"address `{view.address}` · id `{view.node_id}` · "
                  f"state **{view.state}**", ""]
         if view.info is not None:
+            lines += [f"protocol version {view.info.protocol_version or '—'} · plan coordinated "
+                      f"by `{view.info.coordinator or '—'}`", ""]
             caps = to_dict(view.info.capabilities)
             lines += ["| capability | value |", "|---|---|"]
             lines += [f"| {k} | {readable(k, v)} |" for k, v in caps.items()]

@@ -38,7 +38,8 @@ def memory_bar(used: int, budget: int, width: int = 6) -> Text:
 
 
 class NodesTable(DataTable):
-    """One row per node, updated in place by row key (the node's address)."""
+    """One row per node, updated in place by row key (the node's address). A star marks
+    the node that coordinates the plan (heartbeats and re-plans; the lowest live id)."""
 
     COLUMNS = ("node", "address", "state", "memory", "cpu%", "layers", "tok/s", "beat")
 
@@ -52,6 +53,8 @@ class NodesTable(DataTable):
     def refresh_from(self, monitor: MonitorSource) -> None:
         plan = monitor.plan()
         order = {s.node_id: i for i, s in enumerate(plan.shards)} if plan else {}
+        coordinator = monitor.coordinator()
+        self.border_subtitle = "★ coordinator" if coordinator else ""
         for address, view in monitor.nodes.items():
             snap, info = view.snapshot, view.info
             used = snap.mlx_active_bytes if snap else (info.mlx_active_bytes if info else 0)
@@ -65,7 +68,8 @@ class NodesTable(DataTable):
                           style=colour)
             age = view.heartbeat_age
             cells = {
-                "node": Text(view.label, style="bold"),
+                "node": Text.assemble((view.label, "bold"), (
+                    " ★" if coordinator and view.node_id == coordinator else "", "bold yellow")),
                 "address": address,
                 "state": Text(view.state, style=STATE_STYLE.get(view.state, "")),
                 "memory": memory_bar(used, budget),

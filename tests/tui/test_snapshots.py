@@ -46,6 +46,13 @@ def test_tensor_parallel_plan_splits_every_layer(snap_compare):
     assert snap_compare(tensor, terminal_size=SIZE)
 
 
+def test_takeover_shows_the_new_coordinator_and_the_recovery(snap_compare):
+    """local-0 coordinated and died: local-1 is starred and the event log says who
+    noticed, who took over, the new plan and how many requests resumed."""
+    after = ClusterApp(FakeMonitor(takeover=True), start_monitor=False)
+    assert snap_compare(after, terminal_size=SIZE)
+
+
 def test_help_screen(snap_compare):
     assert snap_compare(app(), terminal_size=SIZE, press=["question_mark"])
 
