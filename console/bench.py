@@ -27,9 +27,10 @@ from pathlib import Path
 from console import ops
 from console.client import ClusterError, NodeClient, gather_infos, to_dict
 from console.ops import Connection
-from console.scenarios import run_scenario
+from console.scenarios import check_positions, run_scenario
 from console.workload import (
     PERCENTILES,
+    Route,
     Workload,
     one_request,
     run_level,
@@ -96,7 +97,7 @@ async def bench_cluster(addresses: list[str], work: Workload, progress=None,
         plan, shards = await ops.load_plan(clients, work.model, "", 0, work.strategy,
                                            progress=lambda m: None, backend=backend)
         after_load = await node_state(clients)
-        entry, _ = await ops.entry_client(clients)
+        entry = Route(clients)
         prompts = workload_prompts(work.model, work.requests, work.prompt_tokens, work.seed)
         for i in range(work.warmup):
             await one_request(entry, prompts[i % len(prompts)], work.gen_tokens, work.timeout_s)
@@ -140,33 +141,15 @@ def progress_bar(label: str, done: int, total: int) -> None:
 
 def run_bench(work: Workload, addresses: list[str] | None, nodes_sweep: list[int] | None,
               local: bool, connection: Connection | None = None, scenario: str = "",
-              fault_at: float = 0.3) -> dict:
-    """The whole benchmark document (schema mlx-cluster-bench/1)."""
+              fault_at: float = 0.3, positions: list[str] | None = None) -> dict:
+    """The whole benchmark document (schema mlx-cluster-bench/1). A scenario runs once
+    per node position (`positions`: entry, middle, last; default last)."""
     from console import local as local_cluster
 
     configs, scenarios = [], []
     if scenario:
-        n = (nodes_sweep or [3])[-1]
-        concurrency = work.concurrency[-1]
-        if local:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "cluster.json"
-                print(f"starting a {n}-node local cluster (faults allowed) ...",
-                      file=sys.stderr)
-                cluster = local_cluster.up(n, path=path,
-                                           node_args=["--no-advertise", "--allow-faults"])
-                try:
-                    addrs = [x["address"] for x in cluster["nodes"]]
-                    scenarios.append(asyncio.run(run_scenario(
-                        addrs, work, scenario, concurrency, fault_at, progress_bar,
-                        connection)))
-                finally:
-                    local_cluster.down(path)
-        else:
-            if not addresses:
-                raise ClusterError("no nodes to benchmark")
-            scenarios.append(asyncio.run(run_scenario(addresses, work, scenario, concurrency,
-                                                      fault_at, progress_bar, connection)))
+        scenarios = scenario_runs(work, addresses, nodes_sweep, local, connection, scenario,
+                                  fault_at, positions or ["last"])
     elif nodes_sweep:
         if not local and addresses and max(nodes_sweep) > len(addresses):
             raise ClusterError(f"--nodes-sweep asks for {max(nodes_sweep)} nodes but only "
@@ -194,6 +177,43 @@ def run_bench(work: Workload, addresses: list[str] | None, nodes_sweep: list[int
             "backend": ",".join(work.backends), "workload": asdict(work),
             "configurations": configs,
             "scenarios": scenarios}
+
+
+def scenario_runs(work: Workload, addresses: list[str] | None, nodes_sweep: list[int] | None,
+                  local: bool, connection: Connection | None, scenario: str, fault_at: float,
+                  positions: list[str]) -> list[dict]:
+    """`scenario` once per position, each on a fresh local cluster with --local (a kill
+    leaves a node dead), else on the named nodes."""
+    from console import local as local_cluster
+
+    if not local and not addresses:
+        raise ClusterError("no nodes to benchmark")
+    n = (nodes_sweep or [3])[-1] if local else len(addresses)
+    check_positions(positions, n)
+    if not local and scenario == "kill" and len(positions) > 1:
+        raise ClusterError("a kill leaves its node dead, so each position needs a fresh "
+                           "cluster: add --local, or name one --node")
+    concurrency = work.concurrency[-1]
+    out = []
+    for position in positions:
+        if not local:
+            out.append(asyncio.run(run_scenario(addresses, work, scenario, concurrency,
+                                                fault_at, progress_bar, connection,
+                                                position)))
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "cluster.json"
+            print(f"starting a {n}-node local cluster (faults allowed) ...", file=sys.stderr)
+            cluster = local_cluster.up(n, path=path,
+                                       node_args=["--no-advertise", "--allow-faults"])
+            try:
+                addrs = [x["address"] for x in cluster["nodes"]]
+                out.append(asyncio.run(run_scenario(addrs, work, scenario, concurrency,
+                                                    fault_at, progress_bar, connection,
+                                                    position)))
+            finally:
+                local_cluster.down(path)
+    return out
 
 
 def every_backend(addresses: list[str], work: Workload,

@@ -27,6 +27,11 @@ cluster file from `local up` (env MLX_CLUSTER names another one).
 """
 
 
+def comma_list(text: str) -> list[str]:
+    """An option's comma-separated values, blanks dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-cluster", description="Console for an MLX inference cluster.",
@@ -166,8 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--local", action="store_true",
                        help="start and stop local clusters for each node count")
     bench.add_argument("--scenario", choices=["kill", "partition", "latency", "loss", "memory"],
-                       help="inject this fault into a non-entry node mid-run and record "
-                            "success, recovery times and output correctness")
+                       help="inject this fault into a node mid-run and record success, the "
+                            "longest stall, recovery times and output correctness")
+    bench.add_argument("--node", default="last", type=comma_list, metavar="POSITION",
+                       help="where the faulty node sits in the plan: entry (the first shard, "
+                            "where requests enter), middle or last (default); several, "
+                            "comma-separated, run one after another (a kill: with --local)")
     bench.add_argument("--fault-at", type=float, default=0.3,
                        help="inject once this fraction of the requests is done")
     bench.add_argument("--out", type=Path, default=Path("bench-results.json"))

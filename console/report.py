@@ -227,20 +227,32 @@ def fault_section(docs: list[dict]) -> str:
         return "—" if x is None else ms(x)
 
     body = [[s.get("backend", "pipeline"),
-             s["fault"] + ("" if s.get("injected", True) else " (not injected)"), s["node"],
-             f"{s['requests']} @ c={s['concurrency']}", f"{s['success_rate']:.2%}",
-             opt(s["detect_s"]), opt(s["recover_s"]), opt(s["first_token_s"]),
-             opt(s["stall_s"]), "yes" if s["outputs_correct"] else "NO"] for s in scenarios]
-    errors = [f"- {s['fault']}: recovery failed: {s['recovery_error']}" for s in scenarios
+             s["fault"] + ("" if s.get("injected", True) else " (not injected)"),
+             (f"{s['position']}: " if s.get("position") else "") + s["node"],
+             f"{ok_count(s)}/{s['requests']} @ c={s['concurrency']}",
+             ("yes" if s["outputs_correct"] else "NO")
+             + (f" ({s['correct_outputs']}/{s['requests']})" if "correct_outputs" in s else ""),
+             opt(s.get("max_gap_s", s["stall_s"])), opt(s["detect_s"]), opt(s["recover_s"]),
+             opt(s["first_token_s"]), str(s.get("resumed", "—"))] for s in scenarios]
+    errors = [f"- {s['fault']} {s.get('position', '')}: recovery failed: {s['recovery_error']}"
+              for s in scenarios
               if s.get("recovery_error")]
-    return ("## Fault recovery\n\nDetect: last good heartbeat to declared down. Recover: "
-            "detect + re-plan + reload of the survivors. First token: survivors loaded to "
-            "the first token of a resumed request. Longest stall: the longest time in which "
-            "no request received a token, after the fault. Outputs are compared token for "
-            "token with a fault-free run.\n\n" + table(
-                ["backend", "fault", "node", "load", "success", "detect ms", "recover ms",
-                 "first token ms", "longest stall ms", "outputs correct"], body)
-            + ("\n\n" + "\n".join(errors) if errors else ""))
+    return ("## Fault recovery\n\nOne row per fault and node position (entry: the plan's "
+            "first shard, where requests enter; middle; last). Requests ok: requests that "
+            "got every token. Outputs equal: the successful requests' tokens are the "
+            "fault-free run's, token for token (how many of all). Longest stall: the longest "
+            "wait between two tokens of one request. Detect: last good heartbeat to declared "
+            "down. Recover: detect + re-plan + reload of the survivors. First token: "
+            "survivors loaded to the first token of a resumed request. Resumed: requests "
+            "continued on a new entry node.\n\n" + table(
+                ["backend", "fault", "node", "requests ok", "outputs equal",
+                 "longest stall ms", "detect ms", "recover ms", "first token ms", "resumed"],
+                body) + ("\n\n" + "\n".join(errors) if errors else ""))
+
+
+def ok_count(s: dict) -> int:
+    """A scenario's successful requests (files from before `succeeded`: from the rate)."""
+    return s["succeeded"] if "succeeded" in s else round(s["success_rate"] * s["requests"])
 
 
 def recommendations(rs: list[dict]) -> str:
@@ -295,7 +307,8 @@ def environment_section(docs: list[dict]) -> str:
                      f"{w['strategy']}")
         env = doc["configurations"][-1]["environment"] if doc["configurations"] else []
         for s in doc.get("scenarios", []):
-            lines.append(f"  - scenario `{s['fault']}` on {s['node']}")
+            lines.append(f"  - scenario `{s['fault']}` on {s['node']}"
+                         + (f" ({s['position']})" if s.get("position") else ""))
         for e in env[:4]:
             lines.append(f"  - {e.get('name')}: {e.get('chip')}, {e.get('cpu_count')} CPUs, "
                          f"{e.get('memory_total', 0) / GIB:.1f} GiB, MLX {e.get('mlx_version')}"

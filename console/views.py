@@ -71,9 +71,12 @@ def bench_text(doc: dict) -> str:
             f"tok/s aggregate, {r['single_stream_tokens_per_s']:.1f} single-stream, TTFT p50 "
             f"{r['ttft_s']['p50'] * 1000:.0f} ms, success {r['success_rate']:.1%}"
             for c in doc["configurations"] for r in c["runs"]]
-    rows += [f"{s['backend']} {s['fault']} on {s['node']}: success {s['success_rate']:.2%}, "
+    rows += [f"{s['backend']} {s['fault']} on {s['node']}"
+             + (f" ({s['position']})" if s.get("position") else "")
+             + f": success {s['success_rate']:.2%}, "
              f"outputs correct {s['outputs_correct']}, detect {secs(s['detect_s'])}, "
-             f"recovered {secs(s['recover_s'])}, longest stall {secs(s['stall_s'])}"
+             f"recovered {secs(s['recover_s'])}, "
+             f"longest stall {secs(s.get('max_gap_s', s['stall_s']))}"
              + (f" ({s['recovery_error']})" if s.get("recovery_error") else "")
              for s in doc["scenarios"]]
     return "\n".join(rows)

@@ -4,6 +4,8 @@ Prompts are exact: a given number of token ids, seeded, drawn from the model's o
 vocabulary; each request generates a fixed number of tokens with EOS ignored. A level
 releases every request at once with at most `c` in flight and records TTFT, TPOT,
 inter-token and end-to-end latency (p50/p90/p95/p99), throughput and failures by kind.
+Requests go to the entry node through a `Route`, which survives the entry node's loss: a
+request goes on as a continuation on the survivors' new entry node (node.resume).
 console/bench.py runs levels over clusters; console/scenarios.py adds faults.
 """
 
@@ -13,9 +15,14 @@ import asyncio
 import random
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from console.client import ClusterError, NodeClient
+import grpc
+
+from console import ops
+from console.client import ClusterError, NodeClient, describe_rpc_error
+from node.resume import NoEntry, resumable
 from protos import cluster_pb2 as pb
 
 PERCENTILES = (50, 90, 95, 99)
@@ -45,8 +52,43 @@ class RequestResult:
     tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)  # monotonic arrival of each token
+    resumed: int = 0  # continuations on a new entry node
     failure: str = ""  # timeout | network | memory | other
     error: str = ""
+
+    @property
+    def max_gap_s(self) -> float:
+        """The longest wait between two of this request's tokens, as the client saw it."""
+        times = self.token_times
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+class Route:
+    """Where a benchmark's requests go: the entry node of `clients`, asked for once and
+    again only when a request has lost it; each request goes on across entry nodes."""
+
+    def __init__(self, clients: list[NodeClient]) -> None:
+        self.clients = clients
+        self.address = ""  # the entry node's, once known
+
+    async def find_entry(self, gone: set[str]) -> str:
+        if self.address and self.address not in gone:
+            return self.address
+        try:
+            client, _ = await ops.entry_client([c for c in self.clients
+                                                if c.address not in gone])
+        except ClusterError as e:
+            raise NoEntry(str(e)) from None
+        self.address = client.address
+        return self.address
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return next(c for c in self.clients if c.address == address).channel
+
+    def stream(self, request: pb.GenerateRequest,
+               on_resume=None) -> AsyncIterator[pb.GenerateEvent]:
+        metadata = self.clients[0].metadata if self.clients else ()
+        return resumable(request, self.find_entry, self.channel, metadata, on_resume)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -94,15 +136,20 @@ def workload_prompts(model: str, count: int, tokens: int, seed: int) -> list[lis
     return [prompt_ids(vocab, tokens, seed + i, avoid) for i in range(count)]
 
 
-async def one_request(client: NodeClient, ids: list[int], gen: int,
+async def one_request(route: Route, ids: list[int], gen: int,
                       timeout_s: float) -> RequestResult:
+    """One request of `gen` tokens (EOS ignored), measured; it survives the entry node."""
     request = pb.GenerateRequest(prompt_ids=ids, max_tokens=gen, ignore_eos=True,
                                  timeout_s=timeout_s)
     t0 = time.perf_counter()
     result = RequestResult(ok=False)
+
+    def resumed(address: str, tokens: int) -> None:
+        result.resumed += 1
+
     try:
         async with asyncio.timeout(timeout_s + 30):
-            async for event in client.generate(request):
+            async for event in route.stream(request, resumed):
                 if event.HasField("token"):
                     result.token_ids.append(event.token.token_id)
                     result.token_times.append(time.monotonic())
@@ -110,8 +157,10 @@ async def one_request(client: NodeClient, ids: list[int], gen: int,
                         result.ttft_s = time.perf_counter() - t0
                     else:
                         result.itl_s.append(event.token.latency_s)
-    except (ClusterError, TimeoutError) as e:
-        result.failure, result.error = failure_kind(e), str(e)[:300]
+    except (grpc.aio.AioRpcError, ClusterError, NoEntry, TimeoutError) as e:
+        error = describe_rpc_error(route.address or "the entry node", e) if isinstance(
+            e, grpc.aio.AioRpcError) else str(e)
+        result.failure, result.error = failure_kind(e), error[:300]
         result.e2e_s = time.perf_counter() - t0
         result.tokens = len(result.token_ids)
         return result
@@ -123,7 +172,7 @@ async def one_request(client: NodeClient, ids: list[int], gen: int,
     return result
 
 
-async def run_level(entry: NodeClient, prompts: list[list[int]], gen: int, concurrency: int,
+async def run_level(entry: Route, prompts: list[list[int]], gen: int, concurrency: int,
                     timeout_s: float, progress) -> tuple[list[RequestResult], float]:
     """All requests released together, at most `concurrency` in flight."""
     gate = asyncio.Semaphore(concurrency)

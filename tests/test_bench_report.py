@@ -129,5 +129,77 @@ def test_kill_scenario_under_load_keeps_outputs_and_reports_recovery(tmp_path):
     assert res.returncode == 0, res.stderr
     text = report.read_text()
     assert "## Fault recovery" in text
-    assert (f"| kill | {scenario['node']} | 200 @ c=4 | {scenario['success_rate']:.2%} | "
+    assert scenario["position"] == "last" and scenario["max_gap_s"] > 0
+    assert (f"| kill | last: {scenario['node']} | {scenario['succeeded']}/200 @ c=4 | yes "
+            f"({scenario['correct_outputs']}/200) | {scenario['max_gap_s'] * 1000:.1f} | "
             f"{scenario['detect_s'] * 1000:.1f} | {scenario['recover_s'] * 1000:.1f} |") in text
+
+
+def scenario_row(position: str, node: str, succeeded: int, correct: bool, gap: float,
+                 recovered: bool = True) -> dict:
+    """A scenario as console.scenarios writes it (the report only reads these keys)."""
+    return {"fault": "kill", "position": position, "backend": "pipeline", "node": node,
+            "requests": 8, "concurrency": 2, "succeeded": succeeded,
+            "success_rate": succeeded / 8, "failures": {}, "outputs_correct": correct,
+            "correct_outputs": succeeded if correct else 0, "max_gap_s": gap,
+            "stall_s": gap, "resumed": 2 if position == "entry" else 0, "injected": True,
+            "recoveries": [], "detect_s": 0.5 if recovered else None,
+            "recover_s": 0.9 if recovered else None,
+            "first_token_s": 0.1 if recovered else None,
+            "recovery_error": "" if recovered else "the model no longer fits",
+            "aggregate_tokens_per_s": 40.0, "errors": []}
+
+
+def test_the_fault_report_has_a_row_per_scenario_and_position():
+    from console.report import render
+
+    doc = {"schema": "mlx-cluster-bench/1", "created_unix": 0.0, "backend": "pipeline",
+           "configurations": [], "_source": "kill.json",
+           "workload": {"model": "synthetic:tiny", "prompt_tokens": 16, "gen_tokens": 8,
+                        "requests": 8, "concurrency": [2], "warmup": 1,
+                        "strategy": "memory"},
+           "scenarios": [scenario_row("entry", "local-0", 8, True, 1.234),
+                         scenario_row("middle", "local-1", 7, True, 0.8),
+                         scenario_row("last", "local-2", 6, False, 0.05, recovered=False)]}
+    assert validate_results(doc) == []
+    text = render([doc])
+    assert ("| pipeline | kill | entry: local-0 | 8/8 @ c=2 | yes (8/8) | 1234.0 | 500.0 | "
+            "900.0 | 100.0 | 2 |") in text
+    assert "| pipeline | kill | middle: local-1 | 7/8 @ c=2 | yes (7/8) | 800.0 |" in text
+    assert "| pipeline | kill | last: local-2 | 6/8 @ c=2 | NO (0/8) | 50.0 | — | — | — | 0 |" in (
+        text)
+    assert "- kill last: recovery failed: the model no longer fits" in text
+    assert "scenario `kill` on local-0 (entry)" in text
+
+
+def test_node_positions_pick_the_plans_shards_and_refuse_what_the_plan_lacks():
+    from console.client import ClusterError
+    from console.parser import build_parser
+    from console.scenarios import check_positions, victim_of
+    from protos import cluster_pb2 as pb
+
+    args = build_parser().parse_args(["bench", "--scenario", "kill", "--node", "entry,last"])
+    assert args.node == ["entry", "last"]
+    assert build_parser().parse_args(["bench", "--scenario", "kill"]).node == ["last"]
+    plan = pb.Plan(shards=[pb.PlanShard(node_id=n) for n in ("a", "b", "c", "d")])
+    assert [victim_of(plan, p).node_id for p in ("entry", "middle", "last")] == ["a", "c", "d"]
+    two = pb.Plan(shards=[pb.PlanShard(node_id=n) for n in ("a", "b")])
+    with pytest.raises(ClusterError, match="--node middle needs 3 or more nodes"):
+        victim_of(two, "middle")
+    with pytest.raises(ClusterError, match="--node takes entry, middle, last"):
+        check_positions(["first"])
+    with pytest.raises(ClusterError, match="2 or more nodes"):
+        check_positions(["entry"], 1)
+
+
+def test_several_kill_positions_on_named_nodes_are_refused_before_anything_runs():
+    from console.bench import run_bench
+    from console.client import ClusterError
+    from console.workload import Workload
+
+    work = Workload(model="synthetic:tiny")
+    with pytest.raises(ClusterError, match="each position needs a fresh cluster"):
+        run_bench(work, ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], None, False,
+                  scenario="kill", positions=["entry", "last"])
+    with pytest.raises(ClusterError, match="--node middle needs 3 or more nodes"):
+        run_bench(work, None, [2], True, scenario="kill", positions=["middle"])

@@ -219,10 +219,11 @@ class ClusterApp(App):
         """A short benchmark on the loaded plan: the latency panels fill as it runs."""
         import asyncio
 
-        from console.workload import run_level, summarise, workload_prompts
+        from console.workload import Route, run_level, summarise, workload_prompts
 
+        clients = self.monitor.up_clients()
         try:
-            client, entry = await ops.entry_client(self.monitor.up_clients())
+            _, entry = await ops.entry_client(clients)
         except ClusterError as e:
             self.notify(str(e), severity="error")
             return
@@ -234,7 +235,8 @@ class ClusterApp(App):
         def progress(done: int, total: int) -> None:
             self.sub_title = f"benchmark {done}/{total}"
 
-        results, wall = await run_level(client, prompts, 32, BENCH_CONCURRENCY, 120.0, progress)
+        results, wall = await run_level(Route(clients), prompts, 32, BENCH_CONCURRENCY, 120.0,
+                                        progress)
         s = summarise(results, wall, BENCH_CONCURRENCY)
         self.sub_title = ""
         self.monitor.log("bench", f"benchmark: {s['aggregate_tokens_per_s']:.1f} tok/s, TTFT "
