@@ -193,15 +193,22 @@ def cmd_generate(args: argparse.Namespace, connection: Connection) -> int:
         if not args.json:
             print(text, end="", flush=True)
 
+    resumes: list[str] = []  # said after the answer, which must read as one piece
+
+    def resumed(address: str, tokens: int) -> None:
+        resumes.append(f"the entry node was lost after {tokens} token(s); the answer went "
+                       f"on from {address}")
+
     result = on_nodes(node_addresses(args, connection), connection,
-                      lambda cl: ops.generate(cl, generate_request(args), show))
+                      lambda cl: ops.generate(cl, generate_request(args), show, resumed))
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(dict(result.to_dict(), resumed=resumes), indent=2))
     else:
         print()
         eprint(f"[{result.completion_tokens} tokens, {result.finish_reason}; "
                f"TTFT {result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tok/s "
-               f"over {len(result.shards)} shard(s)]")
+               f"over {len(result.shards)} shard(s)" + "".join(f"; {r}" for r in resumes)
+               + "]")
     return EXIT_OK
 
 

@@ -16,13 +16,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from console.client import ClusterError, NodeClient, gather_infos
+import grpc
+
+from console.client import ClusterError, NodeClient, describe_rpc_error, gather_infos
 from node import PROTOCOL_VERSION
 from node.errors import ModelError
 from node.models import SYNTHETIC_PREFIX, ModelSource, resolve
 from node.placement import check_versions, next_epoch, node_specs, place, to_proto
 from node.plan import PartitionPlan, PlanError, backend_label, layer_bar
-from node.resume import NoEntry, entry_of
+from node.resume import NoEntry, entry_of, resumable
 from protos import cluster_pb2 as pb
 
 
@@ -223,13 +225,44 @@ class Generation:
                 "model": self.model, "shards": self.shards}
 
 
+async def stream(clients: list[NodeClient], request: pb.GenerateRequest,
+                 on_resume: Callable[[str, int], None] | None = None,
+                 entry: list[pb.NodeInfo] | None = None) -> AsyncIterator[pb.GenerateEvent]:
+    """Generate's events for `request` from the entry node, across entry nodes: if the
+    entry node is lost mid-stream, the request goes on as a continuation on the new entry
+    once the survivors have re-planned (node.resume), with no token repeated or missing.
+    `on_resume(address, tokens)` is told of each continuation; `entry`, when given, ends
+    up holding the info of the entry node that finished the request."""
+    by_address = {c.address: c for c in clients}
+
+    async def find_entry(gone: set[str]) -> str:
+        try:
+            client, info = await entry_client([c for c in clients if c.address not in gone])
+        except ClusterError as e:
+            raise NoEntry(str(e)) from None
+        if entry is not None:
+            entry[:] = [info]
+        return client.address
+
+    metadata = clients[0].metadata if clients else ()
+    try:
+        async for event in resumable(request, find_entry, lambda a: by_address[a].channel,
+                                     metadata, on_resume):
+            yield event
+    except grpc.aio.AioRpcError as e:
+        address = entry[0].address if entry else "the entry node"
+        raise ClusterError(describe_rpc_error(address, e)) from e
+
+
 async def generate(clients: list[NodeClient], request: pb.GenerateRequest,
-                   on_text: Callable[[str], None] = lambda text: None) -> Generation:
+                   on_text: Callable[[str], None] = lambda text: None,
+                   on_resume: Callable[[str, int], None] | None = None) -> Generation:
     """Send a request to the entry node, passing each piece of text to `on_text` as it
-    arrives. Nodes that are down are left out."""
-    client, entry = await entry_client(clients)
+    arrives (once: a continuation on a new entry node repeats none). Nodes that are down
+    are left out."""
+    entry: list[pb.NodeInfo] = []
     ids, parts, logprobs, done = [], [], [], None
-    async for event in client.generate(request):
+    async for event in stream(clients, request, on_resume, entry):
         if event.HasField("token"):
             ids.append(event.token.token_id)
             if event.token.HasField("logprob"):
@@ -240,16 +273,17 @@ async def generate(clients: list[NodeClient], request: pb.GenerateRequest,
             done = event.done
             parts.append(done.tail_text)
             on_text(done.tail_text)
+    info = entry[0]
     if done is None:
-        raise ClusterError(f"the stream from {client.address} ended without a result")
+        raise ClusterError(f"the stream from {info.address} ended without a result")
     return Generation(
         text="".join(parts), token_ids=ids,
         logprobs=logprobs if ids and len(logprobs) == len(ids) else None,
         tokens_per_s=done.decode_tokens_per_s, ttft_s=done.ttft_s, total_s=done.total_s,
         finish_reason=done.finish_reason, prompt_tokens=done.prompt_tokens,
-        completion_tokens=done.completion_tokens, epoch=done.epoch, model=entry.plan.model,
+        completion_tokens=done.completion_tokens, epoch=done.epoch, model=info.plan.model,
         shards=[{"node": s.node_id, "address": s.address, "start_layer": s.start_layer,
-                 "end_layer": s.end_layer} for s in entry.plan.shards])
+                 "end_layer": s.end_layer} for s in info.plan.shards])
 
 
 # ---------------------------------------------------------------- choosing nodes

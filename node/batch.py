@@ -236,7 +236,8 @@ class ShardBatch:
             if wanted:
                 logits = out[mx.array(wanted), 0] if len(wanted) < len(samples) else out[:, 0]
                 tokens = self._sample_rows(logits, [states[k] for k in wanted],
-                                           [samples[k] for k in wanted])  # evaluates
+                                           [samples[k] for k in wanted],
+                                           [states[k].length + lengths[k] for k in wanted])
                 drawn = dict(zip(wanted, tokens))
             mx.eval([c.state for group in caches for c in group])  # prefill: caches only
             compute = time.perf_counter() - t0
@@ -377,12 +378,12 @@ class ShardBatch:
             self._ungroup(keep=set(group.ids) - {request_id}, restore=request_id)
 
     def _sample_rows(self, logits: Any, states: list[RequestState],
-                     samples: list[Sampling]) -> list[int]:
-        """One token for each sampled row, each from its request's own key."""
+                     samples: list[Sampling], positions: list[int]) -> list[int]:
+        """One token for each sampled row (evaluated), to be sequence `positions`."""
         for state, sample in zip(states, samples):
             if state.sampler is None:
                 state.sampler = RequestSampler(sample)
-        return sample_rows(logits, [state.sampler for state in states])
+        return sample_rows(logits, [state.sampler for state in states], positions)
 
     # ---------------------------------------------------------------- event loop
 

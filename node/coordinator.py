@@ -1,16 +1,28 @@
-"""Membership and recovery: the node holding layer 0 watches its peers and re-plans.
+"""Membership and recovery: every member of a plan watches the others, and the first live
+member in plan order coordinates the re-plan. No node is special: the entry node and
+rank 0 can die like any other.
 
-The first shard of a plan owns it. It sends every peer a Heartbeat each `interval_s`; a
-peer that misses `misses` checks in a row is declared down (defaults: 0.2 s x 3, so a
-dead peer is noticed within ~0.8 s on a LAN). It then plans the same model with the same
-strategy onto the survivors (a manual plan falls back to `memory`), pushes the new epoch
-to every survivor (itself included) and records how long each phase took. Requests in
-flight fail over to the new epoch in the service's Generate (replaying their tokens, so
-the client's stream continues with no gap and no duplicate). A node that comes back is
-not re-admitted automatically: the operator loads again (`mlx-cluster load`).
+Each member sends every other member a Heartbeat each `interval_s`; one that misses
+`misses` checks in a row is declared down (defaults: 0.2 s x 3, so a dead peer is noticed
+within ~0.8 s on a LAN). The coordinator is decided deterministically: the first member,
+in plan order, that is alive (the entry node while it lives, so that the node holding
+layer 0, which serves Generate, owns the plan). A member that would take over because
+the ones before it are down does so only once every other live member it hears reports
+them down too (a heartbeat reply lists what its node has declared down), so a node cut off
+from the entry alone does not start a second plan. The coordinator plans the same model
+with the same strategy onto the survivors (a manual plan falls back to `memory`; the
+plan order is kept, so the first survivor becomes the entry), pushes the new epoch to
+every survivor, itself included, and records who noticed, who coordinated and how long
+each phase took. Every node accepts a given epoch once (node/service.py), so two
+coordinators can never install different plans under one epoch.
+
+Requests in flight on a surviving entry fail over to the new epoch in the service's
+Generate (node/failover.py); requests whose entry died are resent by their clients as
+continuations to the new entry (node/resume.py). A node that comes back is not
+re-admitted automatically: the operator rebalances (`mlx-cluster rebalance`).
 
 An mlx-ring plan (node/ring.py) is watched the same way, but MLX's groups cannot lose a
-rank: a dead peer (or rank 0's own worker exiting) takes the group down. The coordinator
+rank: a dead peer (or a rank's worker exiting) takes the group down. The coordinator
 reports it at once and, when the plan asks for `auto_reform`, forms a new group on the
 survivors (same backend and parallelism, if the model still fits and splits); otherwise
 the operator loads again.
@@ -44,16 +56,20 @@ class Coordinator:
         self._task: asyncio.Task | None = None
         self._channels = servicer.peers  # the node's one channel per peer (node/peers.py)
         self._recovering = False
-        self._down_since: float | None = None  # rank 0's ring worker exited
+        self._down_since: float | None = None  # this node's ring worker exited
         self._down_reason = ""
+        self.down: set[str] = set()  # members this node has declared down
+        self._heard: dict[str, set[str]] = {}  # what each live member reports down
+        self.leader = plan.shards[0].node_id  # who coordinates, as this node sees it
+        self._noticed: dict[str, str] = {}  # member declared down -> who declared it first
 
     @property
     def ring(self) -> bool:
         return self.plan.backend == "mlx-ring"
 
     def group_down(self, reason: str) -> None:
-        """Rank 0's ring worker exited. Recovery starts once heartbeats have had the time to
-        tell which peers, if any, died with it."""
+        """This node's ring worker exited. The coordinator's recovery starts once heartbeats
+        have had the time to tell which peers, if any, died with it."""
         if self._down_since is None:
             self._down_since, self._down_reason = time.monotonic(), reason
 
@@ -74,26 +90,39 @@ class Coordinator:
     def recovering(self) -> bool:
         return self._recovering
 
-    async def _healthy(self, address: str) -> bool:
+    async def _healthy(self, peer: pb.PlanShard) -> bool:
         """A Heartbeat answered by the peer's own event loop (a hung or partitioned peer
         does not answer; gRPC's health service would, from the same process)."""
-        stub = pb_grpc.NodeServiceStub(self._channel(address))
+        stub = pb_grpc.NodeServiceStub(self._channel(peer.address))
         try:
             reply = await stub.Heartbeat(pb.HeartbeatRequest(sender=self.servicer.node_id),
                                          timeout=max(0.1, self.interval_s * 1.5))
         except grpc.aio.AioRpcError:
             return False
+        if reply.epoch > self.plan.epoch:
+            self._newer = True  # a newer plan exists: this one is no longer ours to watch
+        self._heard[peer.node_id] = set(reply.down)
         # a peer that restarted or unloaded answers, but no longer holds its shard
         return reply.epoch >= self.plan.epoch
 
+    def _leader(self) -> str:
+        """The first member in plan order this node does not hold down."""
+        return next(s.node_id for s in self.plan.shards if s.node_id not in self.down)
+
+    def _confirmed(self, before: set[str], live: list[str]) -> bool:
+        """Every live member heard from agrees that `before` are down."""
+        return all(before <= self._heard.get(p, set()) for p in live)
+
     async def _watch(self) -> None:
-        peers = [s for s in self.plan.shards if s.node_id != self.servicer.node_id]
+        me = self.servicer.node_id
+        peers = [s for s in self.plan.shards if s.node_id != me]
         missed = {p.node_id: 0 for p in peers}
         last_ok = {p.node_id: time.monotonic() for p in peers}
+        self._newer = False
         try:
-            while True:
+            while not self._newer:
                 await asyncio.sleep(self.interval_s)
-                results = await asyncio.gather(*(self._healthy(p.address) for p in peers))
+                results = await asyncio.gather(*(self._healthy(p) for p in peers))
                 now = time.monotonic()
                 for peer, ok in zip(peers, results):
                     if ok:
@@ -104,6 +133,20 @@ class Coordinator:
                             log.warning("peer %s (%s) missed a heartbeat", peer.name or
                                         peer.node_id, peer.address)
                 dead = [p for p in peers if missed[p.node_id] >= self.misses]
+                self.down = {p.node_id for p in dead}
+                for peer in peers:  # who declared each loss first (a peer, or this node)
+                    if peer.node_id not in self.down:
+                        for gone in self._heard.get(peer.node_id, ()):
+                            self._noticed.setdefault(gone, peer.node_id)
+                for gone in self.down:
+                    self._noticed.setdefault(gone, me)
+                self.leader = self._leader()
+                if self.leader != me:
+                    continue  # the coordinator acts; its new plan replaces this watch
+                live = [p.node_id for p in peers if p.node_id not in self.down]
+                before = {s.node_id for s in self.plan.shards[:self._index(me)]}
+                if before and not self._confirmed(before, live):
+                    continue  # taking over needs the other survivors to agree
                 # the group went down but every peer answers: re-form on the same nodes
                 alone = (not dead and self._down_since is not None and now - self._down_since
                          >= self.interval_s * (self.misses + 1))
@@ -118,16 +161,25 @@ class Coordinator:
                         for peer in dead:  # nothing should keep reconnecting to them
                             self._channels.forget(peer.address)
                     return  # the new plan's coordinator takes over
+            log.info("a newer plan than epoch %d is in place; this node stops watching it",
+                     self.plan.epoch)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("coordinator stopped")
 
+    def _index(self, node_id: str) -> int:
+        return [s.node_id for s in self.plan.shards].index(node_id)
+
     async def _recover(self, dead: list[pb.PlanShard], t_down: float, detect_s: float) -> None:
         from node.models import resolve
 
         record = pb.Recovery(from_epoch=self.plan.epoch, lost=[p.node_id for p in dead],
-                             detect_s=detect_s, at_unix=time.time())
+                             detect_s=detect_s, at_unix=time.time(),
+                             coordinator=self.servicer.node_id,
+                             noticed_by=next((self._noticed[p.node_id] for p in dead
+                                              if p.node_id in self._noticed),
+                                             self.servicer.node_id))
         record.backend = backend_label(self.plan.backend, self.plan.parallel)
         names = ", ".join(p.name or p.address for p in dead)
         if self.ring:
@@ -157,7 +209,7 @@ class Coordinator:
             if not strategy or strategy.startswith("manual:"):
                 strategy = "memory"  # a manual split was for the nodes that are gone
             specs = [NodeSpec(s.node_id, b, s.name, s.address)
-                     for s, (b, _) in zip(survivors, infos)]
+                     for s, (b, _, _) in zip(survivors, infos)]
             new = place(source, specs, strategy,
                         backend_label(self.plan.backend, self.plan.parallel or "tensor"),
                         self.plan.model, self.plan.context_length or None)
@@ -167,9 +219,12 @@ class Coordinator:
             self.servicer.recovery_failed(record)
             await self._stop_ring_survivors(record)
             return
-        proto = to_proto(new, self.plan.model, self.plan.epoch + 1,
+        # newer than any epoch a survivor accepted (a load may have raced this recovery)
+        epoch = max([self.plan.epoch, self.servicer.accepted_epoch,
+                     *(accepted for _, _, accepted in infos)]) + 1
+        proto = to_proto(new, self.plan.model, epoch,
                          backend_label(self.plan.backend, self.plan.parallel or "tensor"),
-                         {s.node_id: port for s, (_, port) in zip(survivors, infos)},
+                         {s.node_id: port for s, (_, port, _) in zip(survivors, infos)},
                          self.plan.auto_reform)
         t_planned = time.monotonic()
         record.to_epoch, record.replan_s = proto.epoch, t_planned - t_down
@@ -190,11 +245,12 @@ class Coordinator:
                     record.detect_s, record.replan_s, record.reload_s)
         self.servicer.recovered(record)
 
-    async def _budget_and_port(self, shard: pb.PlanShard) -> tuple[int, int]:
-        """A survivor's memory budget and the port its next ring worker may listen on."""
+    async def _budget_and_port(self, shard: pb.PlanShard) -> tuple[int, int, int]:
+        """A survivor's memory budget, the port its next ring worker may listen on and the
+        newest epoch it accepted."""
         stub = pb_grpc.NodeServiceStub(self._channel(shard.address))
         info = await stub.GetInfo(pb.InfoRequest(), timeout=2.0)
-        return info.capabilities.memory_budget, info.ring_port
+        return info.capabilities.memory_budget, info.ring_port, info.accepted_epoch
 
     async def _stop_ring_survivors(self, record: pb.Recovery) -> None:
         """No new group: the surviving ranks' workers would wait, holding their weights,

@@ -9,6 +9,8 @@ output is the same as without the failure. What is retried, and how often:
   FAILOVER_WAIT_S, which does not count as a fault;
 - a peer gone (UNAVAILABLE, FAILED_PRECONDITION) while a recovery runs or a coordinator
   watches the plan: retried once the survivors have loaded the new epoch.
+A request may also arrive as a client's continuation (`resume_ids`, `resume_chars`: its
+entry node was lost; node/resume.py): its tokens are replayed the same way.
 At most MAX_RETRIES faults per request; anything else fails it with the error.
 """
 
@@ -20,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from node.errors import NodeError, NotLoaded
+from node.errors import BadFrame, NodeError, NotLoaded
 from node.metrics import NodeMetrics
 from node.runner import Runner
 from protos import cluster_pb2 as pb
@@ -44,7 +46,7 @@ class EntryNode(Protocol):
 
     async def wait_for_epoch_after(self, epoch: int, timeout_s: float) -> bool: ...
 
-    def note_resumed(self, seconds: float) -> None: ...
+    def note_resumed(self, seconds: float | None = None) -> None: ...
 
 
 async def generate(node: EntryNode, request: pb.GenerateRequest
@@ -53,14 +55,20 @@ async def generate(node: EntryNode, request: pb.GenerateRequest
     cannot go on)."""
     behind_since = 0.0  # start of the current run of "peer still loading" answers
     resumed_at = 0.0  # when a fail-over to a new plan completed, until the next token
-    already: list[int] = []  # tokens the client has, replayed after a fail-over
-    emitted = 0  # characters of text the client has
+    # tokens the client has (a continuation brings those it got from a lost entry node),
+    # replayed after a fail-over, and the characters of their text it has shown
+    already: list[int] = list(request.resume_ids)
+    emitted = request.resume_chars
+    continuation = bool(already)
     retries = 0
     while True:
         runner = node.runner
         try:
             if runner is None:
                 raise NotLoaded("no model is loaded; run: mlx-cluster load --model SPEC")
+            vocab = int(runner.source.config["vocab_size"])
+            if any(t >= vocab for t in already):
+                raise BadFrame(f"resume_ids: a token id is outside the vocabulary ({vocab})")
             if not runner.is_first:
                 info = runner.shard_info()
                 raise NotLoaded(f"this node holds layers {info.start_layer}-"
@@ -74,6 +82,9 @@ async def generate(node: EntryNode, request: pb.GenerateRequest
                     if resumed_at:
                         node.note_resumed(time.monotonic() - resumed_at)
                         resumed_at = 0.0
+                    elif continuation:
+                        node.note_resumed(None)
+                    continuation = False
                 yield event
             return
         except NodeError as e:

@@ -94,7 +94,8 @@ def from_proto(plan: pb.Plan, budgets: dict[str, int] | None = None) -> Partitio
 
 def next_epoch(infos: Iterable[pb.NodeInfo]) -> int:
     """One more than the newest epoch any node holds."""
-    return max((i.shard.epoch for i in infos if i.HasField("shard")), default=0) + 1
+    return max((max(i.shard.epoch if i.HasField("shard") else 0, i.accepted_epoch)
+                for i in infos), default=0) + 1
 
 
 def check(plan: pb.Plan, source: ModelSource | None = None) -> None:
@@ -135,10 +136,12 @@ def check_budget(source: ModelSource, start: int, end: int, context: int, budget
             f"start the node with a larger --memory-budget")
 
 
-def own_shard(plan: pb.Plan, node_id: str, loaded_epoch: int) -> pb.PlanShard:
+def own_shard(plan: pb.Plan, node_id: str, loaded_epoch: int,
+              accepted_epoch: int = 0) -> pb.PlanShard:
     """This node's shard of a plan it was asked to load, after the checks that need no
-    model: one shard for this node, an epoch not older than the loaded one, a known
-    backend, and ranges that make sense for it."""
+    model: one shard for this node, an epoch newer than any it accepted (each epoch is
+    accepted once, so two coordinators can never install different plans under one
+    epoch), a known backend, and ranges that make sense for it."""
     mine = [s for s in plan.shards if s.node_id == node_id]
     if len(mine) != 1:
         raise ModelError(f"the plan names this node ({node_id}) {len(mine)} times; "
@@ -146,6 +149,10 @@ def own_shard(plan: pb.Plan, node_id: str, loaded_epoch: int) -> pb.PlanShard:
     if plan.epoch < loaded_epoch:
         raise StaleEpoch(f"plan epoch {plan.epoch} is older than the loaded epoch "
                          f"{loaded_epoch}")
+    if plan.epoch <= accepted_epoch:
+        raise StaleEpoch(f"plan epoch {plan.epoch} was already taken: this node accepted "
+                         f"epoch {accepted_epoch}; plan again (mlx-cluster load picks a "
+                         "newer epoch)")
     if plan.backend not in ("", "pipeline", "mlx-ring"):
         raise ModelError(f"unknown backend {plan.backend!r} in the plan")
     check(plan)

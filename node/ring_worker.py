@@ -112,11 +112,13 @@ def load(cfg: dict, group: Any):
 
 
 def request_sampler(req: dict) -> Any:
-    """The request's sampler, drawing from its own key as every backend does
-    (node/sampling.py), so a seeded request gives the same tokens on each."""
+    """The request's sampler, drawing the token at each position from a key made from the
+    seed and that position as every backend does (node/sampling.py), so a seeded request
+    gives the same tokens on each, resumed or not."""
     from node.sampling import RequestSampler, Sampling
 
-    return RequestSampler(Sampling(req["temp"], req["top_p"], req["seed"]))
+    return RequestSampler(Sampling(req["temp"], req["top_p"], req["seed"]),
+                          position=len(req["tokens"]))
 
 
 def generate_tensor(shard: Any, group: Any, req: dict, emit: Events,

@@ -77,6 +77,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self._epoch_changed = asyncio.Condition()
         self.recovery_error: str = ""
         self._loading_epoch = 0  # the epoch of the plan being loaded (heartbeats report it)
+        self.accepted_epoch = 0  # the newest epoch accepted: each is accepted once
+        self._recovered_at = 0.0
         self.name = name
         self.address = ""
         # fixed at start: available memory minus a margin unless the operator set one
@@ -110,7 +112,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         # while a plan loads, the node answers for the epoch it is loading
         loading = self._loading_epoch if self._load_lock.locked() else 0
         epoch = max(self.runner.epoch if self.runner else 0, loading)
-        return pb.HeartbeatReply(node_id=self.node_id, epoch=epoch)
+        down = self.coordinator.down if self.coordinator is not None else ()
+        return pb.HeartbeatReply(node_id=self.node_id, epoch=epoch, down=sorted(down))
 
     async def GetInfo(self, request: pb.InfoRequest, context) -> pb.NodeInfo:
         await self.faults.wait_if_hung()
@@ -133,10 +136,13 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                            faults=self.faults.messages(), recoveries=self.recoveries,
                            ring_port=self.ring_port or free_port(self.address.rsplit(":", 1)[0]
                                                                  or "127.0.0.1"))
+        info.accepted_epoch = self.accepted_epoch
         shard = self._shard_info()
         if shard is not None and self.runner is not None:
             info.shard.CopyFrom(shard)
             info.plan.CopyFrom(self.runner.plan)
+            info.coordinator = (self.coordinator.leader if self.coordinator is not None
+                                else self.runner.plan.shards[0].node_id)
         return info
 
     async def GetMetrics(self, request: pb.MetricsRequest, context) -> pb.Metrics:
@@ -206,13 +212,14 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def _load(self, plan: pb.Plan, options: pb.ModelOptions) -> None:
         # everything that can refuse the plan runs before the loaded one is touched
-        ours = own_shard(plan, self.node_id, self.runner.epoch if self.runner else 0)
+        ours = own_shard(plan, self.node_id, self.runner.epoch if self.runner else 0,
+                         self.accepted_epoch)
         ring = plan.backend == "mlx-ring"
         loop = asyncio.get_running_loop()
         source = await loop.run_in_executor(self.executor, resolve, plan.model, options.dtype,
                                             options.layers)
         check_source(plan, ours, source, self.memory_budget)
-        self._loading_epoch = plan.epoch
+        self._loading_epoch = self.accepted_epoch = plan.epoch
         if self.coordinator is not None and not self.coordinator.recovering:
             # this plan replaces the one it watches; peers are reloading too
             await self.coordinator.stop()
@@ -253,7 +260,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if self.coordinator is not None:
             await self.coordinator.stop()
             self.coordinator = None
-        if self.runner.is_first and len(plan.shards) > 1:
+        if len(plan.shards) > 1:  # every member watches; the first live one coordinates
             self.coordinator = Coordinator(self, plan, options)
             self.coordinator.start()
         self.recovery_error = ""
@@ -280,6 +287,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     def recovered(self, record: pb.Recovery) -> None:
         self.recoveries.append(record)
+        self._recovered_at = time.monotonic()
         self.metrics.inc("recoveries")
 
     def recovery_failed(self, record: pb.Recovery) -> None:
@@ -377,11 +385,19 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         except Exception as e:
             await _abort(context, e)
 
-    def note_resumed(self, seconds: float) -> None:
-        if self.recoveries and not self.recoveries[-1].first_token_s:
-            self.recoveries[-1].first_token_s = seconds
-        if self.recoveries:
-            self.recoveries[-1].resumed_requests += 1
+    def note_resumed(self, seconds: float | None = None) -> None:
+        """A request resumed after the newest recovery gave its first token: `seconds`
+        after its own fail-over, or (a client's continuation, None) after the recovery."""
+        if not self.recoveries:
+            return
+        record = self.recoveries[-1]
+        if seconds is None:
+            if self.runner is None or record.to_epoch != self.runner.epoch:
+                return  # a continuation, but not of this node's recovery
+            seconds = time.monotonic() - self._recovered_at
+        if not record.first_token_s:
+            record.first_token_s = seconds
+        record.resumed_requests += 1
 
     # ------------------------------------------------------------ faults, shutdown
 

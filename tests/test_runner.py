@@ -68,6 +68,17 @@ def test_a_seeded_sampler_repeats_and_differs_from_greedy():
     assert set(draws[0]) != {greedy}  # it did sample
 
 
+def test_a_sampler_resumed_mid_sequence_draws_what_the_whole_run_drew():
+    """A continuation on another node starts sampling again at position p: its key comes
+    from (seed, p), so it draws the uninterrupted run's tokens."""
+    logits = mx.random.normal((1, 64), key=mx.random.key(5))
+    whole = RequestSampler(Sampling(temperature=1.5, top_p=0.95, seed=11), position=10)
+    run = [sample_rows(logits, [whole])[0] for _ in range(12)]
+    resumed = RequestSampler(Sampling(temperature=1.5, top_p=0.95, seed=11), position=16)
+    assert [sample_rows(logits, [resumed])[0] for _ in range(6)] == run[6:]
+    assert len(set(run)) > 1
+
+
 @pytest.mark.cluster
 async def test_a_seeded_request_gives_the_same_tokens_on_every_backend(cluster3):
     addrs = addresses(cluster3)
