@@ -109,3 +109,31 @@ async def test_the_entry_node_dies_twice_and_the_last_node_serves_alone(small_cl
         last = next(c for c in clients if c.address == plan.shards[2].address)
         info = await eventually(lambda: last.info(), 5, "the last node's info")
         assert [s.node_id for s in info.plan.shards] == [order[2]]
+
+
+async def test_an_mlx_ring_group_re_forms_without_rank_0(small_cluster):
+    """mlx-ring:pipeline with --auto-reform: rank 0's node dies, the next member takes over
+    and forms a 2-rank group, whose greedy tokens are the 3-rank group's."""
+    cluster = await asyncio.to_thread(small_cluster, 3, node_args=["--no-advertise"])
+    async with ops.connect(addresses(cluster)) as clients:
+        plan, _ = await ops.load_plan(clients, "synthetic:tiny", "", 0, "memory",
+                                      progress=lambda m: None, backend="mlx-ring:pipeline",
+                                      auto_reform=True)
+        request = pb.GenerateRequest(prompt_ids=[256, *b"the ring"], max_tokens=12,
+                                     ignore_eos=True)
+        before = (await ops.generate(clients, request)).token_ids
+        rank0 = next(n for n in cluster["nodes"] if n["node_id"] == plan.shards[0].node_id)
+        os.kill(rank0["pid"], signal.SIGKILL)
+        survivors = [c for c in clients if c.address != rank0["address"]]
+
+        async def reformed() -> pb.NodeInfo | None:
+            infos = await ops.live_infos(survivors)
+            new = [i for i in infos if i.shard.epoch > plan.epoch
+                   and i.shard.ring.state == "ready"]
+            return new[0] if len(new) == 2 else None
+
+        info = await eventually(reformed, 90, "a 2-rank group on the survivors", 0.1)
+        assert info.plan.backend == "mlx-ring" and len(info.plan.shards) == 2
+        assert rank0["node_id"] not in {s.node_id for s in info.plan.shards}
+        after = await ops.generate(survivors, request)
+        assert after.token_ids == before
