@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 
 import pytest
 
 from console import ops
 from protos import cluster_pb2 as pb
-from tests.helpers import addresses, eventually
+from tests.helpers import ROOT, addresses, eventually, mlx_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -137,3 +138,29 @@ async def test_an_mlx_ring_group_re_forms_without_rank_0(small_cluster):
         assert rank0["node_id"] not in {s.node_id for s in info.plan.shards}
         after = await ops.generate(survivors, request)
         assert after.token_ids == before
+
+
+async def test_mlx_cluster_generate_survives_its_entry_node_and_prints_the_answer_once(
+        small_cluster):
+    """`mlx-cluster generate` streaming to stdout: the entry node is killed mid-answer; the
+    command finishes and its stdout is the uninterrupted answer, once."""
+    cluster = await asyncio.to_thread(small_cluster, 3, node_args=["--no-advertise"])
+    env = dict(os.environ)
+    nodes = ",".join(addresses(cluster))
+    args = ["generate", "--nodes", nodes, "--chat", "--prompt", "Tell me about Paris.",
+            "--max-tokens", "48", "--ignore-eos"]
+    async with ops.connect(addresses(cluster)) as clients:
+        plan, _ = await ops.load_plan(clients, "smollm2-135m", "", 0, "memory",
+                                      progress=lambda m: None)
+    whole = await asyncio.to_thread(mlx_cluster, *args, env=env)
+    assert whole.returncode == 0, whole.stderr
+    entry = next(n for n in cluster["nodes"] if n["node_id"] == plan.shards[0].node_id)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "console.cli", *args, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    first = await asyncio.wait_for(proc.stdout.read(40), 60)  # a good part of the answer
+    os.kill(entry["pid"], signal.SIGKILL)
+    rest, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    assert (first + rest).decode() == whole.stdout  # the whole answer, once
+    assert "the entry node was lost after" in err.decode()
