@@ -4,10 +4,11 @@ shard runs for all of them.
 A plan is run by a `Runner`: the gRPC pipeline (node/pipeline.py) or an mlx-ring group
 (node/ring.py). The node service holds one at a time and asks it only what the Protocol
 below says. Whatever the backend, a request on the first shard goes through
-`serve_request`: validation, the replay of tokens a client already has after a
-fail-over, a `TokenStream` (text, timings, metrics), the queue its tokens come back on,
-and cleanup however it ends. The backend (`Backend`) only starts the request's work,
-feeds each token back in, and ends it.
+`serve_request`: validation (`check_request`: the prompt, or chat messages through the
+model's chat template, and the stop strings), the replay of tokens a client already has
+after a fail-over, a `TokenStream` (text, stop strings, timings, metrics), the queue its
+tokens come back on, and cleanup however it ends. The backend (`Backend`) only starts the
+request's work, feeds each token back in, and ends it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ MAX_TIMEOUT_S = 3600.0
 MIN_TOKEN_TIMEOUT_S = 2.0
 MIN_FIRST_TOKEN_TIMEOUT_S = 10.0
 DEFAULT_MAX_TOKENS = 128
+MAX_STOP = 4  # stop strings per request, as OpenAI's API
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_MESSAGES = 1024  # chat messages per request
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @runtime_checkable
@@ -98,7 +103,9 @@ class Backend(Protocol):
         """Feed a sampled token back in at `position` (None: the backend does it)."""
 
     def end(self, request_id: str, finished: bool) -> None:
-        """Release the request's resources; `finished`: it ran to its end."""
+        """Release the request's resources; `finished`: it ended by the backend's own rule
+        (max tokens or end of sequence). Otherwise (it failed, its client left, a stop
+        string matched) the backend stops whatever work it still has for it."""
 
 
 async def serve_request(backend: Backend, request: pb.GenerateRequest,
@@ -157,7 +164,7 @@ async def serve_request(backend: Backend, request: pb.GenerateRequest,
             backend.metrics.inc("requests_failed")
         backend.pending.pop(request_id, None)
         try:
-            backend.end(request_id, finished)
+            backend.end(request_id, finished and not stream.stopped)
         except Exception:  # never hide the request's own outcome behind a cleanup error
             log.exception("ending request %s failed", request_id)
 
@@ -182,39 +189,113 @@ async def check_request(request: pb.GenerateRequest, tokenizer, source,
     """Validate a Generate request: (prompt ids, max new tokens, timeout). Raises NodeError
     for anything a client got wrong, before any work starts."""
     context = source.context_length
-    if len(request.prompt) > 16 * context:  # far beyond the context whatever the tokenizer
-        raise ContextOverflow(f"prompt is {len(request.prompt)} characters; the model's "
-                              f"context is {context} tokens")
+    check_stops(request.stop)
+    text = request.prompt if not request.messages else "".join(
+        m.content for m in check_messages(request))
+    if len(text) > 16 * context:  # far beyond the context whatever the tokenizer
+        raise ContextOverflow(f"prompt is {len(text)} characters; the model's context is "
+                              f"{context} tokens")
     if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
         raise BadFrame(f"timeout_s must be a positive number of seconds, not "
                        f"{request.timeout_s}")
     ids = list(request.prompt_ids) or await asyncio.get_running_loop().run_in_executor(
-        None, tokenizer.encode, request.prompt, request.chat)  # off the event loop
+        None, encode, tokenizer, request)  # off the event loop
     if not ids:
-        raise BadFrame("empty prompt: give a prompt text or prompt_ids")
+        raise BadFrame("empty prompt: give a prompt text, prompt_ids or messages")
     vocab = int(source.config["vocab_size"])
     if max(ids) >= vocab:
         raise BadFrame(f"prompt token id {max(ids)} is outside the vocabulary ({vocab})")
     if len(ids) >= context:
-        raise ContextOverflow(f"prompt is {len(ids)} tokens; the model's context is {context}")
+        raise ContextOverflow(f"prompt is {len(ids)} tokens; the model's context is "
+                              f"{context} tokens")
     max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, context - len(ids))
     timeout = min(request.timeout_s or default_timeout_s, MAX_TIMEOUT_S)
     return ids, max_tokens, timeout
 
 
+def check_stops(stops) -> None:
+    if len(stops) > MAX_STOP:
+        raise BadFrame(f"{len(stops)} stop strings; give at most {MAX_STOP}")
+    for stop in stops:
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise BadFrame(f"a stop string must have 1 to {MAX_STOP_CHARS} characters, not "
+                           f"{len(stop)}")
+
+
+def check_messages(request: pb.GenerateRequest):
+    """The request's chat messages, checked: roles, count, and no prompt beside them."""
+    messages = request.messages
+    if request.prompt or request.prompt_ids:
+        raise BadFrame("give either messages or a prompt (prompt, prompt_ids), not both")
+    if len(messages) > MAX_MESSAGES:
+        raise BadFrame(f"{len(messages)} chat messages; give at most {MAX_MESSAGES}")
+    for i, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise BadFrame(f"message {i} has role {message.role[:40]!r}; a role is one of "
+                           f"{', '.join(ROLES)}")
+    return messages
+
+
+def encode(tokenizer, request: pb.GenerateRequest) -> list[int]:
+    """The prompt's token ids: the messages through the model's chat template, or the
+    prompt text (in the template as one user turn when `chat` is set)."""
+    if not request.messages:
+        return tokenizer.encode(request.prompt, request.chat)
+    try:
+        return tokenizer.encode_messages([{"role": m.role, "content": m.content}
+                                          for m in request.messages])
+    except Exception as e:  # the model's own (Jinja) template refused the conversation
+        raise BadFrame(f"the model's chat template refused these messages: "
+                       f"{type(e).__name__}: {e}") from e
+
+
+class StopText:
+    """Cuts generated text at the first stop string, holding back text that may be the
+    start of one: what `feed` returns is safe to send."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s))
+                    if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        """What is held back, once nothing more comes."""
+        out, self.pending = self.pending, ""
+        return out
+
+
 class TokenStream:
-    """One request's tokens as the client sees them: text (held back mid-character), timing
-    and metrics per token, and the final GenerateDone. Shared by every backend.
+    """One request's tokens as the client sees them: text (held back mid-character and
+    where it may begin a stop string), timing and metrics per token, and the final
+    GenerateDone. Shared by every backend. A stop string ends the request: the text before
+    it goes out with the token that completed it, and no step follows.
 
     `already` are tokens the client has from before a fail-over; their text is replayed
     through the detokenizer token by token, as the first run read it, and the part of it
-    beyond `emitted_chars` (held back then) goes out with the next token."""
+    beyond `emitted_chars` (held back then) goes out with the next token, through the stop
+    strings as the first run would have sent it."""
 
     def __init__(self, tokenizer, request: pb.GenerateRequest, prompt_tokens: int,
                  max_tokens: int, already: list[int], emitted_chars: int,
                  metrics: NodeMetrics) -> None:
         self.request_id = uuid.uuid4().hex
-        self._eos = set() if request.ignore_eos else set(tokenizer.eos_ids)
+        self._eos_ids = set() if request.ignore_eos else set(tokenizer.eos_ids)
         self._metrics = metrics
         self._prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
@@ -225,14 +306,21 @@ class TokenStream:
             self._detok.add_token(token)
             replayed += self._detok.last_segment
         self._carry = replayed[emitted_chars:]
+        self._stops = StopText(list(request.stop))
         self.generated = len(already)
         self.finish = "length"
+        self._eos = False  # the last token was end-of-sequence (not streamed)
         self._recent: deque[float] = deque(maxlen=16)  # latest token latencies
         self.t_start = self._t_prev = self._t_first = time.perf_counter()
 
     @property
     def more(self) -> bool:
         return self.finish == "length" and self.generated < self.max_tokens
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string ended the request (the backend's own rule did not)."""
+        return self._stops.stopped
 
     def timeout(self, limit: float) -> float:
         return token_timeout(limit, self._recent, self.generated > self._replayed,
@@ -252,15 +340,19 @@ class TokenStream:
             self._metrics.observe("token_latency", latency)
             self._metrics.observe("token_compute", compute_s)
             self._metrics.observe("token_transfer", max(0.0, latency - compute_s))
-        if token in self._eos:
-            self.finish = "stop"
+        if token in self._eos_ids:
+            self.finish, self._eos = "stop", True
             self._detok.finalize()
             return None
         self._detok.add_token(token)
         if self.generated >= self.max_tokens:
             self._detok.finalize()
         self._metrics.inc("tokens_generated")
-        text, self._carry = self._carry + self._detok.last_segment, ""
+        text, self._carry = self._stops.feed(self._carry + self._detok.last_segment), ""
+        if self._stops.stopped:
+            self.finish = "stop"
+        elif self.generated >= self.max_tokens:
+            text += self._stops.flush()
         event = pb.GenerateEvent(request_id=self.request_id, token=pb.TokenEvent(
             token_id=token, text=text, index=self.generated - 1, latency_s=latency,
             compute_s=compute_s))
@@ -271,15 +363,18 @@ class TokenStream:
     def done(self, epoch: int) -> pb.GenerateEvent:
         decode_n = self.generated - self._replayed - 1
         decode_s = self._t_prev - self._t_first
-        stop = self.finish == "stop"
+        tail = ""
+        if self._eos:  # the text held back until the end
+            tail = self._stops.feed(self._carry + self._detok.last_segment)
+            tail += self._stops.flush()
         self._metrics.inc("requests_completed")
         return pb.GenerateEvent(request_id=self.request_id, done=pb.GenerateDone(
             finish_reason=self.finish, prompt_tokens=self._prompt_tokens,
             # completion_tokens counts the replayed ones too: the client has them all
-            completion_tokens=self.generated - stop,  # EOS is not streamed
+            completion_tokens=self.generated - self._eos,  # EOS is not streamed
             ttft_s=self._t_first - self.t_start, total_s=time.perf_counter() - self.t_start,
             decode_tokens_per_s=decode_n / decode_s if decode_n > 0 and decode_s > 0 else 0.0,
-            epoch=epoch, tail_text=self._carry + self._detok.last_segment if stop else ""))
+            epoch=epoch, tail_text=tail))
 
 
 def token_timeout(limit: float, recent: deque, decoding: bool, metrics: NodeMetrics) -> float:
