@@ -96,11 +96,12 @@ class MonitorSource(Protocol):
     def up_clients(self) -> list[NodeClient]: ...
 
 
-def recovery_event(r: pb.Recovery, labels: dict[str, str],
-                   plan: pb.Plan | None = None) -> tuple[str, str]:
+def recovery_event(r: pb.Recovery, labels: dict[str, str], plan: pb.Plan | None = None,
+                   previous: str = "") -> tuple[str, str]:
     """(kind, text) of the event log's line for one recovery: who was lost, who noticed,
-    who coordinates now (a takeover when the lost nodes held the coordinator, which is
-    the lowest live node id), the new plan's epoch and ranges, how many requests resumed
+    who coordinates now (a takeover when the lost nodes held the coordinator: `previous`,
+    the old plan's coordinator where known, else the lowest node id, as the coordinator
+    is the lowest live one), the new plan's epoch and ranges, how many requests resumed
     and how long each phase took. `labels` maps node ids to names."""
     def name(node_id: str) -> str:
         return labels.get(node_id, node_id[:8])
@@ -112,7 +113,8 @@ def recovery_event(r: pb.Recovery, labels: dict[str, str],
     if r.noticed_by:
         who.append(f"noticed by {name(r.noticed_by)}")
     if r.coordinator:
-        took_over = any(n < r.coordinator for n in r.lost)
+        took_over = (previous in r.lost if previous
+                     else any(n < r.coordinator for n in r.lost))
         who.append(f"{name(r.coordinator)} took over as coordinator" if took_over
                    else f"coordinator {name(r.coordinator)}")
     ranges = (" " + ", ".join(f"{name(s.node_id)} {s.start_layer}-{s.end_layer}"
@@ -152,6 +154,7 @@ class ClusterMonitor:
         self._forwards_by_node: dict[str, tuple[int, int]] = {}
         self._recoveries_seen: dict[str, int] = {}
         self._recoveries_logged: set[tuple[int, tuple[str, ...]]] = set()
+        self._coordinators: dict[int, str] = {}  # plan epoch -> the coordinator reported
 
     # ------------------------------------------------------------ lifecycle
 
@@ -314,20 +317,26 @@ class ClusterMonitor:
                 self._changed()
 
     def _note_recoveries(self, view: NodeView, info: pb.NodeInfo) -> None:
-        """Log each recovery a node reports, once (every survivor may report the same)."""
+        """Log each recovery a node reports, once (every survivor may report the same),
+        and remember who coordinates each plan epoch the node reports."""
         seen = self._recoveries_seen.get(view.address, None)
         self._recoveries_seen[view.address] = len(info.recoveries)
-        if seen is None:
-            return  # recoveries from before we started watching are history
+        if seen is not None:  # recoveries from before we started watching are history
+            self._log_recoveries(info, info.recoveries[seen:])
+        if info.coordinator and info.HasField("plan"):
+            self._coordinators[info.plan.epoch] = info.coordinator
+
+    def _log_recoveries(self, info: pb.NodeInfo, recoveries) -> None:
         labels = {v.node_id: v.label for v in self.nodes.values()}
-        for r in info.recoveries[seen:]:
+        for r in recoveries:
             key = (r.to_epoch, tuple(sorted(r.lost)))
             if key in self._recoveries_logged:
                 continue
             self._recoveries_logged.add(key)
             plans = [info.plan] + [v.info.plan for v in self.nodes.values() if v.info]
             plan = next((p for p in plans if p.epoch == r.to_epoch and p.shards), None)
-            self.log(*recovery_event(r, labels, plan))
+            self.log(*recovery_event(r, labels, plan,
+                                     self._coordinators.get(r.from_epoch, "")))
 
     # ------------------------------------------------------------ derived state
 

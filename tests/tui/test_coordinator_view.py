@@ -52,6 +52,14 @@ def test_losing_another_node_keeps_the_coordinator():
     assert "1 request resumed" in text
 
 
+def test_the_old_plans_coordinator_decides_whether_it_was_a_takeover():
+    lost_first = pb.Recovery(from_epoch=3, to_epoch=4, lost=["aaa"], coordinator="bbb")
+    assert "coordinator local-1;" in recovery_event(lost_first, LABELS, previous="bbb")[1]
+    lost_it = pb.Recovery(from_epoch=3, to_epoch=4, lost=["ccc"], coordinator="aaa")
+    assert "local-0 took over as coordinator" in recovery_event(lost_it, LABELS,
+                                                                previous="ccc")[1]
+
+
 def test_a_recovery_from_nodes_that_report_no_coordinator_still_reads_well():
     _, text = recovery_event(pb.Recovery(from_epoch=1, to_epoch=2, lost=["ccc"]), LABELS)
     assert text.startswith("local-2 lost; epoch 1->2; 0 requests resumed")
@@ -75,8 +83,8 @@ def test_a_recovery_every_survivor_reports_is_logged_once():
     new = plan(2, ("bbb", 0, 3), ("ccc", 4, 7))
     b, c = view("bbb", held=new), view("ccc", held=new)
     monitor = monitor_of(view("aaa", "down"), b, c)
-    for v in (b, c):
-        monitor._note_recoveries(v, v.info)  # what was there when watching began
+    for v in (b, c):  # what was there when watching began: epoch 1 coordinated by aaa
+        monitor._note_recoveries(v, pb.NodeInfo(coordinator="aaa", plan=plan(1)))
     record = pb.Recovery(from_epoch=1, to_epoch=2, lost=["aaa"], coordinator="bbb",
                          noticed_by="ccc")
     for v in (b, c):
