@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node.auth import open_channel, read_token, token_metadata
+from node.jsonform import to_dict  # noqa: F401 - console modules import it from here
 from node.peers import CHANNEL_OPTIONS
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
@@ -31,28 +30,6 @@ def describe_rpc_error(address: str, error: grpc.aio.AioRpcError) -> str:
     if error.code() == grpc.StatusCode.UNAVAILABLE and "next shard" not in details:
         return f"node {address} is unreachable ({details}); is it running?"
     return f"node {address}: {error.code().name}: {details}"
-
-
-def to_dict(message) -> dict:
-    """A message as JSON-ready data, 64-bit integers as numbers (not proto3-JSON strings)."""
-    data = MessageToDict(message, preserving_proto_field_name=True,
-                         always_print_fields_with_no_presence=True)
-    _int64_as_numbers(message.DESCRIPTOR, data)
-    return data
-
-
-def _int64_as_numbers(descriptor, data: dict) -> None:
-    wide = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
-    for field in descriptor.fields:
-        if field.name not in data:
-            continue
-        value = data[field.name]
-        repeated = isinstance(value, list)
-        if field.message_type is not None:
-            for item in value if repeated else [value]:
-                _int64_as_numbers(field.message_type, item)
-        elif field.cpp_type in wide:
-            data[field.name] = [int(v) for v in value] if repeated else int(value)
 
 
 @dataclass

@@ -106,7 +106,8 @@ def up(n: int, memory_budgets: list[str] | None = None, path: Path | None = None
                 time.sleep(0.05)
             info = json.loads(ready.read_text())
             nodes.append({"name": name, "address": info["address"], "pid": proc.pid,
-                          "node_id": info["node_id"], "log": str(log_path)})
+                          "node_id": info["node_id"], "log": str(log_path),
+                          **({"api": info["api"]} if info.get("api") else {})})
         asyncio.run(_wait_healthy([nd["address"] for nd in nodes], deadline))
     except BaseException:
         for _, proc, _, _ in procs:

@@ -26,6 +26,7 @@ examples:
   mlx-node serve                          # 127.0.0.1:50051, memory budget = free memory - margin
   mlx-node serve --port 0 --ready-file r.json   # any free port, written to r.json when up
   mlx-node serve --host 0.0.0.0 --name studio-1 --memory-budget 48GiB
+  mlx-node serve --api-port 52415        # and the OpenAI-compatible API on :52415
 
 Load models and generate from the console: mlx-cluster load / mlx-cluster generate.
 """
@@ -76,8 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ring-port", type=int, default=0,
                        help="TCP port for this node's mlx-ring worker (default: a free port "
                             "picked for each plan); open it between nodes for --backend mlx-ring")
+    serve.add_argument("--api-port", type=int, default=None,
+                       help="also serve the OpenAI-compatible HTTP API on this port (on "
+                            "--host; 0 picks a free one); it forwards to the plan's entry "
+                            "node, whichever node that is")
     serve.add_argument("--ready-file", type=Path, default=None,
-                       help="write {node_id, address, pid} as JSON here once serving")
+                       help="write {node_id, address, pid, name, api} as JSON here once "
+                            "serving (api: the HTTP API's URL, with --api-port)")
     disc = serve.add_argument_group("discovery")
     disc.add_argument("--interface", action="append", default=[], metavar="IP",
                       help="advertise on this interface address only (repeatable)")
@@ -125,6 +131,17 @@ async def _serve(args: argparse.Namespace) -> None:
         log.info("calibrated: %.1f GFLOP/s fp32 matmul", servicer.matmul_gflops)
     server, port = await serve(servicer, args.host, args.port, credentials)
     log.info("node %s (%s) serving on %s", node_id, args.name, servicer.address)
+    api, api_url = None, ""
+    if args.api_port is not None:
+        from node.api import start_node_api
+
+        try:
+            api, servicer.api_port = await start_node_api(servicer, args.host, args.api_port)
+        except OSError:
+            await server.stop(grace=None)
+            raise
+        api_url = f"http://{args.host}:{servicer.api_port}"
+        log.info("OpenAI-compatible API on %s/v1", api_url)
     advertiser = None
     if not args.no_advertise:
         from node.advertise import Advertiser
@@ -135,7 +152,8 @@ async def _serve(args: argparse.Namespace) -> None:
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({"node_id": node_id, "address": servicer.address,
-                                   "pid": os.getpid(), "name": args.name}))
+                                   "pid": os.getpid(), "name": args.name,
+                                   **({"api": api_url} if api_url else {})}))
         os.replace(tmp, args.ready_file)
     stop = servicer.stop
     loop = asyncio.get_running_loop()
@@ -145,6 +163,8 @@ async def _serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("shutting down")
     reaper.cancel()
+    if api is not None:
+        await api.cleanup()  # closes open HTTP streams, which cancels their Generate calls
     if advertiser is not None:
         with contextlib.suppress(Exception):
             await advertiser.close()  # the goodbye packet: browsers drop the node at once

@@ -1,5 +1,5 @@
 """Prompt tokenizers: the synthetic models' byte tokenizer and mlx-lm's own, behind the
-small interface the pipeline and the gateway use (encode a prompt or a conversation,
+small interface the entry node and the benchmarks use (encode a prompt or a conversation,
 stream text back)."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the cluster tests share: node addresses of a started cluster, clients that close
-themselves, loading a model, collecting generated tokens, running `mlx-cluster` as a
-user would, and waiting for a condition with a clear failure.
+themselves, loading a model, collecting generated tokens, running `mlx-cluster` (and its
+HTTP API) as a user would, and waiting for a condition with a clear failure.
 
 The fixtures that start clusters are in tests/conftest.py.
 """
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -104,6 +107,35 @@ def mlx_cluster(*args: str, env: dict, timeout: float = 300) -> subprocess.Compl
     """`mlx-cluster ARGS` in a subprocess, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "console.cli", *args], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+@contextmanager
+def serve_api(addrs: list[str], ready: Path, *args: str) -> Iterator[str]:
+    """`mlx-cluster serve-api --port 0 ARGS` in its own process for these nodes, writing
+    its ready file at `ready`; its URL. Stopped with SIGTERM afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "console.cli", "serve-api", "--port", "0", "--nodes",
+         ",".join(addrs), "--ready-file", str(ready), *args], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+    def listening() -> bool:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            return json.loads(ready.read_text())["url"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return False  # not written yet, or half written
+
+    try:
+        url = eventually_sync(listening, 30, "the gateway to listen")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 # ---------------------------------------------------------------- waiting

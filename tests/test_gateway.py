@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -17,13 +14,12 @@ import pytest
 
 from console import ops
 from tests.helpers import (
-    ROOT,
     addresses,
     eventually,
-    eventually_sync,
     forward_counters,
     load,
     mlx_cluster,
+    serve_api,
 )
 
 pytestmark = pytest.mark.cluster
@@ -33,21 +29,9 @@ QUESTION = "What is the capital of France?"
 @pytest.fixture
 def gateway(cluster3, tmp_path: Path):
     """`mlx-cluster serve-api --port 0` in its own process, for the session cluster."""
-    ready = tmp_path / "api.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "console.cli", "serve-api", "--port", "0", "--nodes",
-         ",".join(addresses(cluster3)), "--ready-file", str(ready), "--max-body-bytes",
-         "65536"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"))
-
-    def listening() -> bool:
-        assert proc.poll() is None, proc.stderr.read()
-        return ready.exists()
-
-    eventually_sync(listening, 30, "the gateway to listen")
-    yield json.loads(ready.read_text())["url"]
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(10)
+    with serve_api(addresses(cluster3), tmp_path / "api.json", "--max-body-bytes",
+                   "65536") as url:
+        yield url
 
 
 async def test_openai_client_gets_the_text_mlx_cluster_generate_gets(cluster3, gateway):

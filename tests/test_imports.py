@@ -13,7 +13,7 @@ CHECK = """
 import json, sys
 import node.cli, node.service, node.pipeline, node.engine, node.models, node.plan
 import node.advertise, node.auth, node.faults, node.histogram, node.metrics, node.reference
-import node.ring, node.ring_worker, node.coordinator
+import node.ring, node.ring_worker, node.coordinator, node.api
 node_only = sorted(m for m in sys.modules if m == "console" or m.startswith("console."))
 import console.cli, console.local, console.client, console.discovery, console.monitor
 import console.ops, console.parser, console.bench, console.gateway, console.report

@@ -81,7 +81,7 @@ async def test_each_node_holds_its_share_and_the_console_opens_no_weights(
     want = mlx_lm_reference({layout: Path(model)}, PROMPT, 12)[layout]
     assert await generate_ids(addrs[0], PROMPT, 12, ignore_eos=True) == want
 
-    # the gateway tokenizes and plans from config.json and the tokenizer files alone
+    # the gateway opens no model file: the entry node tokenizes
     ready = tmp_path / "api.json"
     api = subprocess.Popen(traced(tmp_path / "api.trace", "serve-api", *nodes, "--port", "0",
                                   "--ready-file", str(ready)),
