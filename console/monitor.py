@@ -99,10 +99,9 @@ class MonitorSource(Protocol):
 def recovery_event(r: pb.Recovery, labels: dict[str, str], plan: pb.Plan | None = None,
                    previous: str = "") -> tuple[str, str]:
     """(kind, text) of the event log's line for one recovery: who was lost, who noticed,
-    who coordinates now (a takeover when the lost nodes held the coordinator: `previous`,
-    the old plan's coordinator where known, else the lowest node id, as the coordinator
-    is the lowest live one), the new plan's epoch and ranges, how many requests resumed
-    and how long each phase took. `labels` maps node ids to names."""
+    who coordinates now (a takeover when `previous`, the old plan's coordinator where
+    known, was among the lost), the new plan's epoch and ranges, how many requests
+    resumed and how long each phase took. `labels` maps node ids to names."""
     def name(node_id: str) -> str:
         return labels.get(node_id, node_id[:8])
 
@@ -113,8 +112,7 @@ def recovery_event(r: pb.Recovery, labels: dict[str, str], plan: pb.Plan | None 
     if r.noticed_by:
         who.append(f"noticed by {name(r.noticed_by)}")
     if r.coordinator:
-        took_over = (previous in r.lost if previous
-                     else any(n < r.coordinator for n in r.lost))
+        took_over = previous in r.lost and previous != r.coordinator
         who.append(f"{name(r.coordinator)} took over as coordinator" if took_over
                    else f"coordinator {name(r.coordinator)}")
     ranges = (" " + ", ".join(f"{name(s.node_id)} {s.start_layer}-{s.end_layer}"

@@ -39,7 +39,7 @@ def memory_bar(used: int, budget: int, width: int = 6) -> Text:
 
 class NodesTable(DataTable):
     """One row per node, updated in place by row key (the node's address). A star marks
-    the node that coordinates the plan (heartbeats and re-plans; the lowest live id)."""
+    the node that coordinates the plan's re-plans (its first live member)."""
 
     COLUMNS = ("node", "address", "state", "memory", "cpu%", "layers", "tok/s", "beat")
 

@@ -109,7 +109,8 @@ class FakeMonitor:
                           from_epoch=2, to_epoch=3, lost=["node00000000"], detect_s=0.61,
                           replan_s=0.01, reload_s=0.34, first_token_s=0.12,
                           resumed_requests=2, coordinator="node00000001",
-                          noticed_by="node00000002"), labels, self._plan)]
+                          noticed_by="node00000002"), labels, self._plan,
+                          previous="node00000000")]
         self.events = deque(Event(T0 + i, k, t) for i, (k, t) in enumerate(texts))
         self.event_count = len(self.events)
 

@@ -36,7 +36,7 @@ def test_a_takeover_names_who_noticed_the_new_coordinator_the_plan_and_resumed_r
     kind, text = recovery_event(pb.Recovery(
         from_epoch=3, to_epoch=4, lost=["aaa"], coordinator="bbb", noticed_by="ccc",
         resumed_requests=2, detect_s=0.5, replan_s=0.01, reload_s=0.3, first_token_s=0.1),
-        LABELS, new)
+        LABELS, new, previous="aaa")
     assert kind == "recovery"
     assert text.startswith("local-0 lost: noticed by local-2, local-1 took over as "
                            "coordinator; epoch 3->4 local-1 0-3, local-2 4-7; "
@@ -58,6 +58,8 @@ def test_the_old_plans_coordinator_decides_whether_it_was_a_takeover():
     lost_it = pb.Recovery(from_epoch=3, to_epoch=4, lost=["ccc"], coordinator="aaa")
     assert "local-0 took over as coordinator" in recovery_event(lost_it, LABELS,
                                                                 previous="ccc")[1]
+    unknown = recovery_event(lost_first, LABELS)[1]  # not seen: no claim of a takeover
+    assert "coordinator local-1;" in unknown and "took over" not in unknown
 
 
 def test_a_recovery_from_nodes_that_report_no_coordinator_still_reads_well():
