@@ -201,7 +201,6 @@ async def test_a_non_entry_nodes_api_answers_as_serve_api_does(api_cluster, tmp_
 
 
 @pytest.mark.cluster
-@pytest.mark.xfail(reason="needs entry takeover", strict=False)
 async def test_a_non_entry_nodes_api_answers_after_the_entry_is_killed(api_cluster):
     """The entry node dies mid-answer: the stream from another node's API goes on (a
     continuation on the survivors' new entry) and reads as one uninterrupted answer;
