@@ -62,6 +62,7 @@ class Coordinator:
         self._heard: dict[str, set[str]] = {}  # what each live member reports down
         self.leader = plan.shards[0].node_id  # who coordinates, as this node sees it
         self._noticed: dict[str, str] = {}  # member declared down -> who declared it first
+        self._refused: dict[str, bool] = {}  # its last heartbeat found its port closed
 
     @property
     def ring(self) -> bool:
@@ -97,8 +98,11 @@ class Coordinator:
         try:
             reply = await stub.Heartbeat(pb.HeartbeatRequest(sender=self.servicer.node_id),
                                          timeout=max(0.1, self.interval_s * 1.5))
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as e:
+            # nothing listens on its port any more: the process is gone, not slow
+            self._refused[peer.node_id] = "refused" in (e.details() or "").lower()
             return False
+        self._refused[peer.node_id] = False
         if reply.epoch > self.plan.epoch:
             self._newer = True  # a newer plan exists: this one is no longer ours to watch
         self._heard[peer.node_id] = set(reply.down)
@@ -128,7 +132,9 @@ class Coordinator:
                     if ok:
                         missed[peer.node_id], last_ok[peer.node_id] = 0, now
                     else:
-                        missed[peer.node_id] += 1
+                        # a refused connection is as good as two missed heartbeats
+                        missed[peer.node_id] += 2 if self._refused.get(peer.node_id) and (
+                            missed[peer.node_id]) else 1
                         if missed[peer.node_id] == 1:
                             log.warning("peer %s (%s) missed a heartbeat", peer.name or
                                         peer.node_id, peer.address)

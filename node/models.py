@@ -354,12 +354,28 @@ def _dir_model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTo
         strict = not fetch_layer_files(source.spec, source.path, start, end, source.n_layers)
     try:
         model, _ = load_model(source.path, lazy=True, strict=strict)
-        tokenizer = prompt_tokenizer(source)
+        tokenizer = _tokenizer(source)
     except (FileNotFoundError, ValueError) as e:
         raise ModelError(f"cannot load model from {source.path}: {e}") from e
     if source.dtype:
         model.set_dtype(getattr(mx, source.dtype))
     return model, tokenizer
+
+
+_TOKENIZERS: dict[tuple[str, float], PromptTokenizer] = {}
+
+
+def _tokenizer(source: ModelSource) -> PromptTokenizer:
+    """The model's tokenizer, read once per directory (and again if its tokenizer files
+    change): reading it is half of a small shard's load, and a re-plan after a node is
+    lost reloads every survivor."""
+    assert source.path is not None
+    files = [f.stat().st_mtime for f in source.path.glob("tokenizer*")]
+    key = (str(source.path), max(files, default=0.0))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()  # one model's at a time
+        _TOKENIZERS[key] = prompt_tokenizer(source)
+    return _TOKENIZERS[key]
 
 
 def _synthetic_model(source: ModelSource, start: int, end: int) -> Any:
