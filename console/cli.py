@@ -369,7 +369,7 @@ def cmd_bench(args: argparse.Namespace, connection: Connection) -> int:
     sweep = int_list(args.nodes_sweep, "--nodes-sweep") if args.nodes_sweep else None
     addresses = None if args.local else node_addresses(args, connection)
     doc = run_bench(work, addresses, sweep, args.local, connection, args.scenario or "",
-                    args.fault_at)
+                    args.fault_at, positions=args.node)
     args.out.write_text(json.dumps(doc, indent=1))
     emit(args, doc, views.bench_text(doc) + f"\nresults: {args.out}")
     return EXIT_OK
