@@ -37,7 +37,7 @@ import time
 import grpc
 
 from node.auth import token_metadata
-from node.placement import place, to_proto
+from node.placement import check_versions, place, to_proto
 from node.plan import NodeSpec, PlanError, backend_label
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
@@ -207,15 +207,16 @@ class Coordinator:
         survivors = [s for s in self.plan.shards if s.node_id not in set(record.lost)]
         loop = asyncio.get_running_loop()
         try:
-            infos = await asyncio.gather(*(self._budget_and_port(s) for s in survivors))
+            infos = await asyncio.gather(*(self._info(s) for s in survivors))
+            check_versions(infos)  # a survivor restarted on another release cannot join
             source = await loop.run_in_executor(self.servicer.executor, resolve,
                                                 self.plan.model, self.options.dtype,
                                                 self.options.layers)
             strategy = self.plan.strategy
             if not strategy or strategy.startswith("manual:"):
                 strategy = "memory"  # a manual split was for the nodes that are gone
-            specs = [NodeSpec(s.node_id, b, s.name, s.address)
-                     for s, (b, _, _) in zip(survivors, infos)]
+            specs = [NodeSpec(s.node_id, i.capabilities.memory_budget, s.name, s.address)
+                     for s, i in zip(survivors, infos)]
             new = place(source, specs, strategy,
                         backend_label(self.plan.backend, self.plan.parallel or "tensor"),
                         self.plan.model, self.plan.context_length or None)
@@ -227,10 +228,10 @@ class Coordinator:
             return
         # newer than any epoch a survivor accepted (a load may have raced this recovery)
         epoch = max([self.plan.epoch, self.servicer.accepted_epoch,
-                     *(accepted for _, _, accepted in infos)]) + 1
+                     *(i.accepted_epoch for i in infos)]) + 1
         proto = to_proto(new, self.plan.model, epoch,
                          backend_label(self.plan.backend, self.plan.parallel or "tensor"),
-                         {s.node_id: port for s, (_, port, _) in zip(survivors, infos)},
+                         {s.node_id: i.ring_port for s, i in zip(survivors, infos)},
                          self.plan.auto_reform)
         t_planned = time.monotonic()
         record.to_epoch, record.replan_s = proto.epoch, t_planned - t_down
@@ -251,12 +252,11 @@ class Coordinator:
                     record.detect_s, record.replan_s, record.reload_s)
         self.servicer.recovered(record)
 
-    async def _budget_and_port(self, shard: pb.PlanShard) -> tuple[int, int, int]:
-        """A survivor's memory budget, the port its next ring worker may listen on and the
-        newest epoch it accepted."""
+    async def _info(self, shard: pb.PlanShard) -> pb.NodeInfo:
+        """A survivor's info: its memory budget, the port its next ring worker may listen
+        on, the newest epoch it accepted and its protocol version."""
         stub = pb_grpc.NodeServiceStub(self._channel(shard.address))
-        info = await stub.GetInfo(pb.InfoRequest(), timeout=2.0)
-        return info.capabilities.memory_budget, info.ring_port, info.accepted_epoch
+        return await stub.GetInfo(pb.InfoRequest(), timeout=2.0)
 
     async def _stop_ring_survivors(self, record: pb.Recovery) -> None:
         """No new group: the surviving ranks' workers would wait, holding their weights,
