@@ -1,9 +1,10 @@
 """Cluster operations as a library: connect to nodes, find the entry node, plan and load a
 model, generate, re-plan, pick nodes by name.
 
-The command line (console/cli.py), the dashboard, the HTTP gateway and the benchmark all
-call these; none of them keeps connection settings in a module: a `Connection` is passed
-to whatever opens clients.
+The command line (console/cli.py), the dashboard, the standalone HTTP gateway's model
+loading and the benchmark call these; none of them keeps connection settings in a module:
+a `Connection` is passed to whatever opens clients. A streamed request survives the loss
+of its entry node (`stream`, over node.resume).
 """
 
 from __future__ import annotations

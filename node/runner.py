@@ -46,6 +46,7 @@ class Runner(Protocol):
 
     plan: pb.Plan
     epoch: int
+    source: Any  # node.models.ModelSource: the model it runs
     is_first: bool  # holds the plan's first shard (layer 0, or rank 0): serves Generate
     entry_address: str  # where Generate goes for this plan
 

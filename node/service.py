@@ -78,6 +78,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.recovery_error: str = ""
         self._loading_epoch = 0  # the epoch of the plan being loaded (heartbeats report it)
         self.accepted_epoch = 0  # the newest epoch accepted: each is accepted once
+        self.api_port = 0  # the OpenAI-compatible API's port (mlx-node serve --api-port)
         self._recovered_at = 0.0
         self.name = name
         self.address = ""
@@ -137,6 +138,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                            ring_port=self.ring_port or free_port(self.address.rsplit(":", 1)[0]
                                                                  or "127.0.0.1"))
         info.accepted_epoch = self.accepted_epoch
+        info.api_port = self.api_port
         shard = self._shard_info()
         if shard is not None and self.runner is not None:
             info.shard.CopyFrom(shard)
