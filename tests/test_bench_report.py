@@ -115,13 +115,13 @@ def test_kill_scenario_under_load_keeps_outputs_and_reports_recovery(tmp_path):
     env = dict(os.environ, MLX_CLUSTER=str(tmp_path / "cluster.json"))
     out, report = tmp_path / "kill.json", tmp_path / "kill.md"
     res = mlx_cluster("bench", "--local", "--scenario", "kill", "--model", "synthetic:tiny",
-                      "--prompt-tokens", "16", "--gen-tokens", "8", "--requests", "200",
+                      "--prompt-tokens", "16", "--gen-tokens", "8", "--requests", "60",
                       "--concurrency", "4", "--out", str(out), env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (scenario,) = json.loads(out.read_text())["scenarios"]
-    assert scenario["requests"] == 200 and scenario["success_rate"] >= 0.995
+    assert scenario["requests"] == 60 and scenario["succeeded"] >= 59
     assert scenario["outputs_correct"] is True
-    assert scenario["correct_outputs"] >= 199
+    assert scenario["correct_outputs"] >= 59
     (recovery,) = scenario["recoveries"]
     assert recovery["to_epoch"] == recovery["from_epoch"] + 1 and not recovery["error"]
     assert 0 < scenario["detect_s"] < 3 and scenario["recover_s"] >= scenario["detect_s"]
@@ -130,8 +130,8 @@ def test_kill_scenario_under_load_keeps_outputs_and_reports_recovery(tmp_path):
     text = report.read_text()
     assert "## Fault recovery" in text
     assert scenario["position"] == "last" and scenario["max_gap_s"] > 0
-    assert (f"| kill | last: {scenario['node']} | {scenario['succeeded']}/200 @ c=4 | yes "
-            f"({scenario['correct_outputs']}/200) | {scenario['max_gap_s'] * 1000:.1f} | "
+    assert (f"| kill | last: {scenario['node']} | {scenario['succeeded']}/60 @ c=4 | yes "
+            f"({scenario['correct_outputs']}/60) | {scenario['max_gap_s'] * 1000:.1f} | "
             f"{scenario['detect_s'] * 1000:.1f} | {scenario['recover_s'] * 1000:.1f} |") in text
 
 
