@@ -63,17 +63,16 @@ async def generate(node: EntryNode, request: pb.GenerateRequest
     retries = 0
     while True:
         runner = node.runner
+        if runner is not None and not runner.is_first:  # the client's mistake: not retried
+            info = runner.shard_info()
+            raise NotLoaded(f"this node holds layers {info.start_layer}-{info.end_layer}; "
+                            f"send Generate to the first shard at {runner.entry_address}")
         try:
             if runner is None:
                 raise NotLoaded("no model is loaded; run: mlx-cluster load --model SPEC")
             vocab = int(runner.source.config["vocab_size"])
             if any(t >= vocab for t in already):
                 raise BadFrame(f"resume_ids: a token id is outside the vocabulary ({vocab})")
-            if not runner.is_first:
-                info = runner.shard_info()
-                raise NotLoaded(f"this node holds layers {info.start_layer}-"
-                                f"{info.end_layer}; send Generate to the first shard at "
-                                f"{runner.entry_address}")
             async for event in runner.generate(request, already, emitted):
                 if event.HasField("token"):
                     behind_since = 0.0
