@@ -153,12 +153,17 @@ def scenario_result(fault: str, position: str, backend: str, victim: pb.PlanShar
         "max_gap_s": max((r.max_gap_s for r in results), default=0.0),
         # the longest time after the fault in which no request received a token
         "stall_s": max(gaps) if gaps else None,
-        "resumed": sum(r.resumed for r in results),
+        # requests continued on a new entry node by their client, or replayed on the new
+        # plan by a surviving entry node
+        "resumed": max(sum(r.resumed for r in results),
+                       sum(r.resumed_requests for r in new)),
         "injected": bool(injected_at),
         "recoveries": [to_dict(r) for r in new],
         "detect_s": first.detect_s if first else None,
         "recover_s": first.detect_s + first.replan_s + first.reload_s if first else None,
-        "first_token_s": first.first_token_s if first else None,
+        # (0: no resumed request gave a token after the recovery, e.g. those lost before
+        # their first token were simply sent again)
+        "first_token_s": first.first_token_s or None if first else None,
         "recovery_error": new[0].error if new else "",
         "aggregate_tokens_per_s": summary["aggregate_tokens_per_s"],
         "errors": [r.error for r in results if not r.ok][:10],
