@@ -108,8 +108,8 @@ async def resumable(request: pb.GenerateRequest,
                 raise
             resumes += 1
             gone.add(address)
-            log.warning("entry node %s lost after %d token(s) (%s); finding the new entry",
-                        address, len(ids), e.code().name)
+            log.info("entry node %s lost after %d token(s) (%s); finding the new entry",
+                     address, len(ids), e.code().name)
             if len(ids) >= (request.max_tokens or DEFAULT_MAX_TOKENS):
                 yield pb.GenerateEvent(done=pb.GenerateDone(
                     finish_reason="length", completion_tokens=len(ids)))
