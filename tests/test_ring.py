@@ -40,6 +40,11 @@ async def test_every_backend_gives_the_single_process_tokens(cluster3, model):
     else:
         ids, n, ignore_eos = TINY_PROMPT, 16, True
     want = reference_run(model, ids, n, ignore_eos)
+    # a seeded sampled request: the same tokens on every backend (keys from seed+position)
+    seeded = pb.GenerateRequest(prompt_ids=ids, max_tokens=n, ignore_eos=True,
+                                sampling=pb.SamplingParams(temperature=1.2, top_p=0.95,
+                                                           seed=1234))
+    sampled = {}
     try:
         for backend in ("mlx-ring:tensor", "mlx-ring:pipeline", "pipeline"):
             plan, shards = await load_backend(addrs, model, backend)
@@ -53,8 +58,16 @@ async def test_every_backend_gives_the_single_process_tokens(cluster3, model):
             if backend.startswith("mlx-ring"):
                 got = [e.logprob for e in events]
                 assert max(abs(a - b) for a, b in zip(got, want["logprobs"])) < 1e-3, backend
+            if model == "synthetic:tiny":
+                async with node(addrs[0]) as client:
+                    sampled[backend] = [e.token.token_id async for e in client.generate(seeded)
+                                        if e.HasField("token")]
     finally:
         await unload(addrs)
+    if sampled:
+        assert sampled["pipeline"] != want["token_ids"]  # it did sample
+        assert sampled["mlx-ring:pipeline"] == sampled["pipeline"]
+        assert sampled["mlx-ring:tensor"] == sampled["pipeline"]
 
 
 async def test_shapes_that_do_not_divide_are_refused_with_the_reason(cluster3):
