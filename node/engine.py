@@ -42,6 +42,10 @@ class Tuning:
 
     gather_first_s: float = 0.25  # the first shard's wait for the requests under way
     gather_next_s: float = 0.02  # the other shards' wait
+    # a shard alone: its requests' next steps come back within a millisecond of a forward;
+    # without this short wait, the requests queued meanwhile would run without them, and
+    # two halves of the requests would take turns forever, each in half a batch
+    gather_alone_s: float = 0.005
     admit_s: float = 0.01  # the quiet time that ends a burst of new requests
     admit_rounds: int = 5  # a burst is admitted for at most this many admit_s
     gather_recent_s: float = 1.0  # a request is waited for if it stepped this recently
@@ -58,7 +62,7 @@ TUNING = Tuning()
 def windows(first: bool, alone: bool, tuning: Tuning = TUNING) -> tuple[float, float]:
     """(gather_s, admit_s) for a shard's place in its plan."""
     if alone:
-        return 0.0, 0.0
+        return tuning.gather_alone_s, 0.0
     return (tuning.gather_first_s, tuning.admit_s) if first else (tuning.gather_next_s, 0.0)
 
 
