@@ -207,7 +207,10 @@ class Gateway:
         self.in_flight += 1
         try:
             if body.get("stream"):
-                return await self._stream(request, grpc_request, rid, created, model, chat)
+                options = body.get("stream_options")
+                include_usage = isinstance(options, dict) and options.get("include_usage") is True
+                return await self._stream(request, grpc_request, rid, created, model, chat,
+                                          include_usage)
             text, finish, counts = await self._collect(request, grpc_request, chat)
         finally:
             self.in_flight -= 1
@@ -261,7 +264,10 @@ class Gateway:
         return "".join(parts), finish, counts
 
     async def _stream(self, request: web.Request, grpc_request: pb.GenerateRequest, rid: str,
-                      created: int, model: str, chat: bool) -> web.StreamResponse:
+                      created: int, model: str, chat: bool,
+                      include_usage: bool = False) -> web.StreamResponse:
+        """Server-sent events; with stream_options.include_usage, a last chunk with no
+        choices carries the usage, as OpenAI sends it."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache"})
 
@@ -279,12 +285,15 @@ class Gateway:
                 await response.write(sse(chunk(rid, created, model, chat, None, None, True)))
             item = first
             while True:
-                text, finish, _ = item
+                text, finish, counts = item
                 if text or finish:
                     await response.write(sse(chunk(rid, created, model, chat, text, finish)))
                 if finish:
                     break
                 item = await anext(events)
+            if include_usage:
+                last = chunk(rid, created, model, chat, None, None)
+                await response.write(sse(dict(last, choices=[], usage=counts or {})))
             await response.write(b"data: [DONE]\n\n")
             self.served += 1
         except (ConnectionResetError, asyncio.CancelledError):

@@ -66,6 +66,13 @@ async def test_openai_client_gets_the_text_mlx_cluster_generate_gets(cluster3, g
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "stop"
+    stream = await client.chat.completions.create(  # the usage as a last chunk, on request
+        model="smollm2-135m", messages=messages, max_tokens=24, stream=True,
+        stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == (
+        reply.usage.completion_tokens)
+    assert chunks[-2].choices[0].finish_reason == "stop"
     # completions, a stop string, a seed: same request twice, same text
     done = await client.completions.create(model="smollm2-135m", prompt="The capital of "
                                            "France is", max_tokens=12, stop=["."])
