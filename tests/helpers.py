@@ -130,6 +130,12 @@ def serve_api(addrs: list[str], ready: Path, *args: str) -> Iterator[str]:
         url = eventually_sync(listening, 30, "the gateway to listen")
         yield url
     finally:
+        stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 10 s."""
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)

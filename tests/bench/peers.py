@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -53,6 +52,7 @@ from console import local  # noqa: E402
 from node.blas import openblas_env, openblas_path  # noqa: E402
 from tests.bench.common import add_model_arguments  # noqa: E402
 from tests.bench.concurrency import load  # noqa: E402
+from tests.helpers import stop_process as stop  # noqa: E402
 
 REFERENCE = "mlx_lm.server"
 PROMPTS = [
@@ -72,17 +72,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it is still there after 10 s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def wait_until(ready, proc: subprocess.Popen, what: str, log: Path) -> None:
