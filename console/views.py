@@ -27,6 +27,11 @@ def status_text(rows: list[dict]) -> str:
             layers += (f" · mlx-ring:{ring['parallel']} rank {ring.get('rank', 0)}/"
                        f"{ring['size']} {ring['state']}"
                        + (f": {ring['error']}" if ring.get("error") else ""))
+        cache = shard.get("prompt_cache")
+        if cache and cache["max_bytes"]:  # the pipeline's prefix cache on this shard
+            layers += (f" · prefix cache {cache['bytes'] / 2**20:.1f} of "
+                       f"{cache['max_bytes'] / 2**20:.1f} MiB, {cache['entries']} prompt(s), "
+                       f"hits {cache['hits']}/{cache['lookups']}")
         faults = ", ".join(f"{f['spec']['kind']} ({f['id']})" for f in r.get("faults", []))
         lines.append(f"{r['address']:22} {'up' if r['up'] else 'unhealthy':5} {r['name'][:10]:10} "
                      f"{caps['mlx_device']}/{caps['blas']:9} {mem}  {layers}"

@@ -13,14 +13,19 @@ same tokens as the whole one.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from node.errors import BadFrame, ContextOverflow, FrameGap, ModelCodeError, NodeError
 from node.models import Shard
+from node.prompts import PromptStore
 from node.sampling import RequestSampler, Sampling, sample_rows
 from node.wire import Wire, decode_tensor, encode_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +37,9 @@ class Step:
     tokens: list[int] | None = None  # token ids (first shard)
     hidden: Wire | None = None  # a frame's hidden states (later shards)
     sample: Sampling | None = None  # sample a token from this step's last position
+    # a request's first step: its whole prompt (the prefix cache's key); the step's
+    # position is then the number of cached positions it reuses
+    prompt: list[int] | None = None
 
     @property
     def size(self) -> int:
@@ -63,6 +71,7 @@ class RequestState:
     last_used: float = field(default_factory=time.monotonic)
     sampler: RequestSampler | None = None  # its own random key (sampled requests)
     stepped: float = 0.0  # when its last step reached this shard
+    prompt: list[int] | None = None  # its prompt's ids: its KV is cached when it ends
 
 
 @dataclass
@@ -80,9 +89,12 @@ class ShardBatch:
     MLX thread; `free`, `free_idle`, `stale_rows` and the read-only views may be called on
     the event loop (they only remove entries or read)."""
 
-    def __init__(self, shard: Shard, pad_factor: float = 2.0) -> None:
+    def __init__(self, shard: Shard, pad_factor: float = 2.0,
+                 prompt_cache_bytes: int = 0) -> None:
         self.shard = shard
         self.pad_factor = pad_factor  # a decoding group's padding may at most scale its KV
+        self.prompts = PromptStore(prompt_cache_bytes)
+        self._retiring: deque[RequestState] = deque()  # ended; their KV goes to `prompts`
         self.requests: dict[str, RequestState] = {}
         self.group: _Group | None = None
         self.cycle = 0.0  # seconds between a request's steps here (moving average)
@@ -100,7 +112,8 @@ class ShardBatch:
         for k, step in enumerate(steps):
             try:
                 h = self._input(step.tokens, step.hidden)
-                ready.append((k, h, self._state(step.request_id, step.position)))
+                ready.append((k, h, self._state(step.request_id, step.position,
+                                                step.prompt)))
             except Exception as e:
                 out[k] = self.failure(e)
         if len(ready) == 1:  # its cache was touched by _state only: run it the ordinary way
@@ -127,8 +140,7 @@ class ShardBatch:
 
     def _run_one(self, step: Step) -> StepResult | Exception:
         try:
-            result = self._step(step.request_id, step.position, step.tokens, step.hidden,
-                                step.sample)
+            result = self._step(step)
         except Exception as e:  # the request's own error: its caller reports it
             return self.failure(e)
         state = self.requests.get(step.request_id)
@@ -146,15 +158,28 @@ class ShardBatch:
         for r in request_ids:
             self.requests.pop(r, None)
 
-    def _state(self, request_id: str, position: int) -> RequestState:
+    def adopt(self, request_id: str, prompt: list[int]) -> int:
+        """First shard, before a request's first step: start it with the longest cached
+        prefix of its prompt; returns the positions reused (its first step's position)."""
+        caches, reused = self.prompts.adopt(prompt)
+        self.requests[request_id] = RequestState(caches or self.shard.runner.make_cache(),
+                                                 length=reused, prompt=list(prompt))
+        return reused
+
+    def _state(self, request_id: str, position: int,
+               prompt: list[int] | None = None) -> RequestState:
         state = self.requests.get(request_id)
         if state is None:
-            if position != 0:
+            if position != 0 and prompt is None:
                 raise FrameGap(
                     f"request {request_id} is unknown here and the frame starts at position "
                     f"{position}; a new request must start at 0 (was it freed after a timeout?)"
                 )
-            state = RequestState(self.shard.runner.make_cache())
+            caches = None
+            if prompt is not None:  # take the prefix the first shard reuses (or fail)
+                caches, _ = self.prompts.adopt(prompt, length=position)
+            state = RequestState(caches or self.shard.runner.make_cache(), length=position,
+                                 prompt=prompt)
             self.requests[request_id] = state
         elif state.length < position:
             raise FrameGap(
@@ -195,18 +220,17 @@ class ShardBatch:
             return h
         raise BadFrame("a step needs either tokens or hidden states")
 
-    def _step(self, request_id: str, position: int, tokens: list[int] | None,
-              hidden: Wire | None, sample: Sampling | None) -> StepResult:
+    def _step(self, step: Step) -> StepResult:
         t0 = time.perf_counter()
-        x = self._input(tokens, hidden)
-        state = self._state(request_id, position)
-        self._ungroup_one(request_id)  # stepping alone: its own cache
+        x = self._input(step.tokens, step.hidden)
+        state = self._state(step.request_id, step.position, step.prompt)
+        self._ungroup_one(step.request_id)  # stepping alone: its own cache
         try:
-            return self._finish([x.shape[1]], [state], [sample],
-                                self._forward(x, state.caches, [x.shape[1]], [sample]),
+            return self._finish([x.shape[1]], [state], [step.sample],
+                                self._forward(x, state.caches, [x.shape[1]], [step.sample]),
                                 [state.caches], t0)[0]
         except Exception:  # its caches may be part-way through: forget the request
-            self.requests.pop(request_id, None)
+            self.requests.pop(step.request_id, None)
             raise
 
     def _forward(self, x: Any, caches: list, lengths: list[int],
@@ -388,25 +412,41 @@ class ShardBatch:
     # ---------------------------------------------------------------- event loop
 
     def free(self, request_id: str) -> bool:
-        return self.requests.pop(request_id, None) is not None
+        state = self.requests.pop(request_id, None)
+        if state is not None and state.prompt and self.prompts.enabled:
+            self._retiring.append(state)  # `prune` caches its prompt's KV
+        return state is not None
 
     def free_idle(self, max_idle_s: float) -> list[str]:
         now = time.monotonic()
         # list(): the MLX thread may add a request while the event loop looks
         stale = [r for r, s in list(self.requests.items()) if now - s.last_used > max_idle_s]
         for r in stale:
-            self.requests.pop(r, None)
+            self.free(r)
         return stale
 
     def stale_rows(self) -> bool:
-        """Whether the group holds rows of requests freed since (`prune` releases them)."""
+        """Whether the group holds rows of requests freed since, or ended requests wait
+        to be cached (`prune` does both)."""
         group = self.group
-        return group is not None and any(self.requests.get(r) is not st
-                                         for r, st in zip(group.ids, group.states))
+        return bool(self._retiring) or group is not None and any(
+            self.requests.get(r) is not st for r, st in zip(group.ids, group.states))
 
     def prune(self) -> None:
-        """MLX thread: rows of freed requests leave the group, releasing their caches."""
+        """MLX thread: ended requests' prompts go to the prefix cache, and rows of freed
+        requests leave the group, releasing their caches."""
         group = self.group
+        while self._retiring:
+            state = self._retiring.popleft()
+            rows = [k for k, st in enumerate(group.states) if st is state] if group else []
+            caches = [c.extract(rows[0]) for c in group.caches] if rows else state.caches
+            # what the caches hold (a step may have run since it was freed)
+            held = getattr(caches[0], "offset", state.length) if caches else 0
+            try:
+                self.prompts.insert(state.prompt or [], caches, held)
+            except Exception:  # a cache kind that cannot be kept: serve on without it
+                log.exception("caching a prompt's KV failed")
+            state.caches = []
         if group is not None:
             self._ungroup(keep={r for r, st in zip(group.ids, group.states)
                                 if self.requests.get(r) is st})

@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--memory-budget", type=parse_bytes, default=None,
                        help="memory this node may use for shards, e.g. 8GiB "
                             "(default: available memory minus a safety margin)")
+    serve.add_argument("--prompt-cache-bytes", type=parse_bytes, default=None,
+                       help="bound of each shard's prefix cache, e.g. 2GiB (0: off): the KV "
+                            "of recent prompts, so that a request starting with one (the next "
+                            "turn of a chat) computes only the rest (default: 1 GiB or an "
+                            "eighth of the memory budget, whichever is less)")
     serve.add_argument("--request-timeout", type=float, default=120.0,
                        help="seconds to wait for a token to come back round the ring")
     serve.add_argument("--ring-port", type=int, default=0,
@@ -125,7 +130,8 @@ async def _serve(args: argparse.Namespace) -> None:
     servicer = NodeServicer(node_id, args.name, args.memory_budget, args.request_timeout,
                             token=token, allow_faults=args.allow_faults, peer_ca=args.tls_ca,
                             tls=credentials is not None, ring_port=args.ring_port,
-                            protocol_version=args.protocol_version)
+                            protocol_version=args.protocol_version,
+                            prompt_cache_bytes=args.prompt_cache_bytes)
     if args.calibrate:
         servicer.matmul_gflops = cached_calibration(state_dir)
         log.info("calibrated: %.1f GFLOP/s fp32 matmul", servicer.matmul_gflops)

@@ -95,9 +95,10 @@ class Engine:
 
     def __init__(self, shard: Shard, executor: ThreadPoolExecutor,
                  on_forward: Callable[[int], None] | None = None,
-                 gather_s: float = 0.0, admit_s: float = 0.0, tuning: Tuning = TUNING) -> None:
+                 gather_s: float = 0.0, admit_s: float = 0.0, tuning: Tuning = TUNING,
+                 prompt_cache_bytes: int = 0) -> None:
         self.shard = shard
-        self.batch = ShardBatch(shard, tuning.pad_factor)
+        self.batch = ShardBatch(shard, tuning.pad_factor, prompt_cache_bytes)
         self.tuning = tuning
         self.gather_s = gather_s
         self.admit_s = admit_s
@@ -113,9 +114,11 @@ class Engine:
     # ---------------------------------------------------------------- async API
 
     async def step(self, request_id: str, position: int, *, tokens: list[int] | None = None,
-                   hidden: Wire | None = None, sample: Sampling | None = None) -> StepResult:
+                   hidden: Wire | None = None, sample: Sampling | None = None,
+                   prompt: list[int] | None = None) -> StepResult:
         loop = asyncio.get_running_loop()
-        job = _Job(Step(request_id, position, tokens, hidden, sample), loop.create_future())
+        job = _Job(Step(request_id, position, tokens, hidden, sample, prompt),
+                   loop.create_future())
         self._queue.append(job)
         if not self._kick_due:
             # after the callbacks already due: the other steps that arrive with this one
@@ -245,6 +248,18 @@ class Engine:
             self._window = None
 
     # ---------------------------------------------------------------- requests
+
+    async def adopt(self, request_id: str, prompt: list[int]) -> int:
+        """First shard: start a request with the longest cached prefix of its prompt (on the
+        MLX thread, between forwards); returns the positions it reuses."""
+        if not self.batch.prompts.enabled:
+            return 0
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.batch.adopt, request_id, prompt)
+
+    def drop_prompts(self) -> None:
+        """Empty the prefix cache (on the MLX thread, after the forward in progress)."""
+        self._executor.submit(self.batch.prompts.clear)
 
     def free(self, request_id: str) -> bool:
         freed = self.batch.free(request_id)

@@ -77,3 +77,10 @@ class ModelCodeError(NodeError):
     """The model's own (mlx-lm) code raised while loading or running this node's shard."""
 
     code = "FAILED_PRECONDITION"
+
+
+class PrefixEvicted(NodeError):
+    """A shard no longer holds the cached prompt prefix the first shard chose to reuse:
+    the first shard runs the request again without reuse (node/prompts.py)."""
+
+    code = "NOT_FOUND"

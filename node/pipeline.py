@@ -96,7 +96,8 @@ class Pipeline:
         return pb.ShardInfo(model=s.source.spec, start_layer=s.start, end_layer=s.end,
                             n_layers=s.n_layers, epoch=self.epoch, dtype=s.dtype,
                             form=s.source.form or s.dtype, weight_bytes=s.weight_bytes,
-                            context_length=s.source.context_length, load_seconds=s.load_seconds)
+                            context_length=s.source.context_length, load_seconds=s.load_seconds,
+                            prompt_cache=self.engine.batch.prompts.info())
 
     def free_idle(self, max_idle_s: float) -> list[str]:
         return self.engine.free_idle(max_idle_s)
@@ -109,6 +110,7 @@ class Pipeline:
             queue.put_nowait(PeerUnavailable(f"request aborted: {reason}"))
 
     async def close(self, reason: str = "the plan was replaced") -> None:
+        self.engine.drop_prompts()  # a new plan (or none) starts with an empty cache
         for queue in self.pending.values():
             queue.put_nowait(StaleEpoch(f"request aborted: {reason}"))
         if self.link is not None:
@@ -184,17 +186,25 @@ class Pipeline:
             raise BadFrame("the first shard takes tokens, not activations")
         t = frame.activation
         self.engine.check_activation(list(t.shape), t.dtype, frame.position)
+        prompt = list(frame.prompt_ids) or None
+        if prompt is not None and not (frame.position < len(prompt)
+                                       <= self.source.context_length):
+            raise BadFrame(f"a first frame at position {frame.position} with a prompt of "
+                           f"{len(prompt)} tokens: the prompt must be longer than the cached "
+                           "prefix and fit the context")
         self._routes[frame.request_id] = replies
         sample = sampling_of(frame.sampling) if (frame.sample and self.is_last) else None
         result = await self.engine.step(frame.request_id, frame.position,
-                                        hidden=(t.data, list(t.shape), t.dtype), sample=sample)
+                                        hidden=(t.data, list(t.shape), t.dtype), sample=sample,
+                                        prompt=prompt)
         self.metrics.observe("step_compute", result.compute_s)
         await self.faults.after_compute(result.compute_s)
         self._send_on(frame.request_id, frame.position, result, frame.sample, frame.sampling,
-                      frame.compute_s + result.compute_s)
+                      frame.compute_s + result.compute_s, prompt)
 
     def _send_on(self, request_id: str, position: int, result: StepResult, sample: bool,
-                 sampling: pb.SamplingParams, compute_s: float) -> None:
+                 sampling: pb.SamplingParams, compute_s: float,
+                 prompt: list[int] | None = None) -> None:
         """Hand a step's output to the next shard (or, from the last, the token home)."""
         assert self.link is not None
         frame = pb.ForwardFrame(request_id=request_id, epoch=self.epoch, position=position,
@@ -207,6 +217,8 @@ class Pipeline:
             frame.activation.CopyFrom(pb.Tensor(data=data, shape=shape, dtype=dtype))
             frame.sample = sample
             frame.sampling.CopyFrom(sampling)
+            if prompt is not None:
+                frame.prompt_ids.extend(prompt)
         else:
             return  # last shard, prefill chunk: nothing to send
         if self.faults.cut_off((self.next_id, self.link.address), "to"):
@@ -233,21 +245,25 @@ class Pipeline:
         return serve_request(self, request, already, emitted_chars)
 
     async def begin(self, request_id: str, prompt: list[int], already: list[int],
-                    request: pb.GenerateRequest, budget: int) -> asyncio.Future:
-        """Prefill the prompt in chunks, replay `already` one decode step each without
-        sampling (the same computation as the first time), then start the first sampled
-        step."""
-        prefix, pos = prompt[:-1], 0
-        for i in range(0, len(prefix), PREFILL_STEP):
-            chunk = prefix[i:i + PREFILL_STEP]
-            await self._advance(request_id, pos, chunk, None)
-            pos += len(chunk)
-        feed = [prompt[-1], *already]
-        for token in feed[:-1]:
-            await self._advance(request_id, pos, [token], None)
-            pos += 1
-        return asyncio.ensure_future(self._advance(request_id, pos, [feed[-1]],
-                                                   request.sampling))
+                    request: pb.GenerateRequest, budget: int,
+                    reuse: bool = True) -> asyncio.Future:
+        """Take the longest cached prefix of the prompt (node/prompts.py), prefill the
+        rest in chunks, replay `already` one decode step each without sampling (the same
+        computation as the first time), then start the first sampled step. The first step
+        carries the whole prompt: every shard takes the same prefix and caches the prompt
+        when the request ends."""
+        pos = await self.engine.adopt(request_id, prompt) if reuse else 0
+        if pos:
+            self.metrics.inc("prompt_tokens_reused", pos)
+        steps = [prompt[i:min(i + PREFILL_STEP, len(prompt) - 1)]
+                 for i in range(pos, len(prompt) - 1, PREFILL_STEP)]
+        steps += [[token] for token in [prompt[-1], *already]]
+        first = prompt if self.engine.batch.prompts.enabled else None
+        for tokens in steps[:-1]:
+            await self._advance(request_id, pos, tokens, None, first)
+            pos, first = pos + len(tokens), None
+        return asyncio.ensure_future(self._advance(request_id, pos, steps[-1],
+                                                   request.sampling, first))
 
     def next(self, request_id: str, token: int, position: int,
              sampling: pb.SamplingParams) -> asyncio.Future:
@@ -257,12 +273,13 @@ class Pipeline:
         self._release(request_id, "done" if finished else "error", forward=True)
 
     async def _advance(self, request_id: str, position: int, tokens: list[int],
-                       sampling: pb.SamplingParams | None) -> None:
+                       sampling: pb.SamplingParams | None,
+                       prompt: list[int] | None = None) -> None:
         """Run this shard on `tokens` and pass the result on (or sample, if alone)."""
         sample = sampling_of(sampling) if sampling is not None else None
         alone = self.link is None
         result = await self.engine.step(request_id, position, tokens=tokens,
-                                        sample=sample if alone else None)
+                                        sample=sample if alone else None, prompt=prompt)
         self.metrics.observe("step_compute", result.compute_s)
         await self.faults.after_compute(result.compute_s)
         if alone:
@@ -271,4 +288,4 @@ class Pipeline:
                 queue.put_nowait((result.token, result.compute_s, None))
             return
         self._send_on(request_id, position, result, sampling is not None,
-                      sampling or pb.SamplingParams(), result.compute_s)
+                      sampling or pb.SamplingParams(), result.compute_s, prompt)

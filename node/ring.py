@@ -296,7 +296,7 @@ class RingGroup:
         return serve_request(self, request, already, emitted_chars)
 
     async def begin(self, request_id: str, prompt: list[int], already: list[int],
-                    request: pb.GenerateRequest, budget: int) -> None:
+                    request: pb.GenerateRequest, budget: int, reuse: bool = True) -> None:
         sampling = request.sampling
         # the worker draws from a key made from the seed, as the engine does (node/sampling)
         seed = sampling.seed if sampling.HasField("seed") and sampling.seed >= 0 else (

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol, runtime_checkable
 
-from node.errors import BadFrame, ContextOverflow, RequestTimeout
+from node.errors import BadFrame, ContextOverflow, NodeError, PrefixEvicted, RequestTimeout
 from node.metrics import NodeMetrics
 from node.sampling import Sampling
 from protos import cluster_pb2 as pb
@@ -95,9 +95,11 @@ class Backend(Protocol):
     patient_first_token: bool  # a first token may wait behind earlier requests
 
     async def begin(self, request_id: str, prompt: list[int], already: list[int],
-                    request: pb.GenerateRequest, budget: int) -> Awaitable | None:
+                    request: pb.GenerateRequest, budget: int,
+                    reuse: bool = True) -> Awaitable | None:
         """Start the request (prefill, replay of `already`, the first sampled step);
-        returns work still under way that must finish before the next token."""
+        returns work still under way that must finish before the next token. `reuse`: it
+        may start from a cached prefix of its prompt (where the backend has a cache)."""
 
     def next(self, request_id: str, token: int, position: int,
              sampling: pb.SamplingParams) -> Awaitable | None:
@@ -130,6 +132,7 @@ async def serve_request(backend: Backend, request: pb.GenerateRequest,
     backend.metrics.inc("requests_started")
     finished = False
     work: Awaitable | None = None
+    reuse = True
     try:
         work = await backend.begin(request_id, ids, already, request,
                                    max_tokens - len(already))
@@ -138,7 +141,23 @@ async def serve_request(backend: Backend, request: pb.GenerateRequest,
                 await work
                 work = None
             patient = backend.patient_first_token and stream.generated == len(already)
-            item = await next_token(queue, timeout if patient else stream.timeout(timeout))
+            try:
+                item = await next_token(queue, timeout if patient else stream.timeout(timeout))
+            except NodeError as e:
+                if e.code != PrefixEvicted.code or not reuse or stream.generated > len(already):
+                    raise
+                # a later shard no longer holds the cached prefix the first shard reused:
+                # run it again from the start, as a new request without reuse
+                log.info("request %s: %s; running it again without the prefix cache",
+                         request_id, e)
+                backend.pending.pop(request_id, None)
+                backend.end(request_id, False)
+                request_id, queue, reuse = uuid.uuid4().hex, asyncio.Queue(), False
+                backend.pending[request_id] = queue
+                backend.metrics.inc("prefix_retries")
+                work = await backend.begin(request_id, ids, already, request,
+                                           max_tokens - len(already), reuse=False)
+                continue
             if item is None:
                 break  # the backend ended the request
             token, compute_s, logprob = item

@@ -41,6 +41,7 @@ from node.models import Shard, load_shard, resolve
 from node.peers import PeerChannels
 from node.pipeline import Pipeline
 from node.placement import check_source, own_shard
+from node.plan import GIB
 from node.ring import RingGroup, free_port
 from node.runner import Runner
 from node.tokenizers import prompt_tokenizer
@@ -63,7 +64,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                  request_timeout_s: float = 120.0, idle_request_s: float = 300.0,
                  token: str | None = None, allow_faults: bool = False,
                  peer_ca: Path | None = None, tls: bool = False, ring_port: int = 0,
-                 protocol_version: int = PROTOCOL_VERSION) -> None:
+                 protocol_version: int = PROTOCOL_VERSION,
+                 prompt_cache_bytes: int | None = None) -> None:
         self.node_id = node_id
         self.protocol_version = protocol_version  # another one only in tests (node.cli)
         self.token = token
@@ -86,6 +88,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.memory_budget = memory_budget if memory_budget is not None else (
             default_memory_budget())
         self.request_timeout_s = request_timeout_s
+        self.prompt_cache_bytes = prompt_cache_bytes if prompt_cache_bytes is not None else (
+            min(GIB, self.memory_budget // 8))
         self.idle_request_s = idle_request_s
         self.metrics = NodeMetrics()
         self.matmul_gflops = 0.0  # set by --calibrate
@@ -254,7 +258,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             assert self.shard is not None
             gather_s, admit_s = windows(ours.start_layer == 0, len(plan.shards) == 1)
             engine = Engine(self.shard, self.executor, on_forward=self._count_forward,
-                            gather_s=gather_s, admit_s=admit_s)
+                            gather_s=gather_s, admit_s=admit_s,
+                            prompt_cache_bytes=self.prompt_cache_bytes)
             self.runner = Pipeline(self.node_id, plan, engine, self.metrics, self.peers,
                                    self.request_timeout_s, token_metadata(self.token),
                                    self.faults)

@@ -63,7 +63,7 @@ class Capabilities(_message.Message):
     def __init__(self, platform: _Optional[str] = ..., chip: _Optional[str] = ..., cpu_count: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., memory_budget: _Optional[int] = ..., mlx_version: _Optional[str] = ..., mlx_device: _Optional[str] = ..., blas: _Optional[str] = ..., mlx_lm_version: _Optional[str] = ..., matmul_gflops: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "n_layers", "epoch", "dtype", "form", "weight_bytes", "context_length", "load_seconds", "ring")
+    __slots__ = ("model", "start_layer", "end_layer", "n_layers", "epoch", "dtype", "form", "weight_bytes", "context_length", "load_seconds", "ring", "prompt_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class ShardInfo(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RING_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -86,7 +87,24 @@ class ShardInfo(_message.Message):
     context_length: int
     load_seconds: float
     ring: RingWorker
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[str] = ..., form: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., load_seconds: _Optional[float] = ..., ring: _Optional[_Union[RingWorker, _Mapping]] = ...) -> None: ...
+    prompt_cache: PromptCache
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., n_layers: _Optional[int] = ..., epoch: _Optional[int] = ..., dtype: _Optional[str] = ..., form: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., load_seconds: _Optional[float] = ..., ring: _Optional[_Union[RingWorker, _Mapping]] = ..., prompt_cache: _Optional[_Union[PromptCache, _Mapping]] = ...) -> None: ...
+
+class PromptCache(_message.Message):
+    __slots__ = ("bytes", "max_bytes", "entries", "lookups", "hits", "tokens_reused")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_REUSED_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    max_bytes: int
+    entries: int
+    lookups: int
+    hits: int
+    tokens_reused: int
+    def __init__(self, bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., tokens_reused: _Optional[int] = ...) -> None: ...
 
 class RingWorker(_message.Message):
     __slots__ = ("parallel", "rank", "size", "state", "pid", "error", "formed_s", "rss_bytes", "mlx_active_bytes")
@@ -301,7 +319,7 @@ class Release(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ForwardFrame(_message.Message):
-    __slots__ = ("request_id", "epoch", "position", "activation", "tokens", "release", "sample", "sampling", "compute_s", "sent_unix_ns", "sender", "batch")
+    __slots__ = ("request_id", "epoch", "position", "activation", "tokens", "release", "sample", "sampling", "compute_s", "sent_unix_ns", "sender", "batch", "prompt_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +332,7 @@ class ForwardFrame(_message.Message):
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     epoch: int
     position: int
@@ -326,7 +345,8 @@ class ForwardFrame(_message.Message):
     sent_unix_ns: int
     sender: str
     batch: _containers.RepeatedCompositeFieldContainer[ForwardFrame]
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., activation: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., compute_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., sender: _Optional[str] = ..., batch: _Optional[_Iterable[_Union[ForwardFrame, _Mapping]]] = ...) -> None: ...
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., activation: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., compute_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., sender: _Optional[str] = ..., batch: _Optional[_Iterable[_Union[ForwardFrame, _Mapping]]] = ..., prompt_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("request_id", "epoch", "code", "error")

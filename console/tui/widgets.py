@@ -256,7 +256,23 @@ class ThroughputPanel(Vertical):
             ("  total ", "dim"), (f"{monitor.tokens_total}", "bold"),
             ("  nodes up ", "dim"), (f"{len(up)}/{len(monitor.nodes)}", "bold"),
             ("\nin flight ", "dim"), (f"{flight}", "bold"),
-            ("  batch ", "dim"), (f"×{batch:.1f}" if batch else "—", "bold")))
+            ("  batch ", "dim"), (f"×{batch:.1f}" if batch else "—", "bold"),
+            *prefix_cache_text(monitor)))
+
+
+def prefix_cache_text(monitor: MonitorSource) -> tuple[tuple[str, str], ...]:
+    """The shards' prefix caches: bytes held in all, and the hit rate of the requests'
+    lookups (the entry node's: it chooses what every shard reuses)."""
+    caches = [v.snapshot.shard.prompt_cache for v in monitor.nodes.values()
+              if v.state == "up" and v.snapshot and v.snapshot.shard.HasField("prompt_cache")]
+    if not caches:
+        return ()
+    held = sum(c.bytes for c in caches)
+    # every request looks on the entry node; a later shard looks only when it reuses
+    entry = max(caches, key=lambda c: c.lookups)
+    return (("\nprefix cache ", "dim"), (f"{held / 2**20:.1f} MiB", "bold"),
+            ("  hits ", "dim"),
+            (f"{entry.hits / entry.lookups:.0%}" if entry.lookups else "—", "bold"))
 
 
 class ThroughputSpark(Sparkline):

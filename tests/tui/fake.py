@@ -63,6 +63,11 @@ class FakeMonitor:
                 if tensor:
                     info.shard.ring.CopyFrom(pb.RingWorker(parallel="tensor", rank=i, size=n,
                                                            state="ready"))
+                else:  # the pipeline's prefix caches: the entry node looks for every request
+                    info.shard.prompt_cache.CopyFrom(pb.PromptCache(
+                        bytes=[12, 8, 4][i % 3] * 2**20, max_bytes=GIB, entries=3,
+                        lookups=[40, 30, 30][i % 3], hits=30, tokens_reused=9000))
+                snap.shard.CopyFrom(info.shard)
                 self._plan.shards.append(pb.PlanShard(
                     node_id=info.node_id, address=address, name=info.name, start_layer=start,
                     end_layer=end, param_bytes=[260, 142, 260][i % 3] * 2**20,

@@ -60,6 +60,10 @@ async def test_dashboard_against_a_real_cluster(small_cluster):
         text = app.query_one(ThroughputPanel).query_one("#throughput-text", Static)
         shown = re.search(r"total (\d+)", str(text.render()))
         assert shown and int(shown.group(1)) > before_tokens
+        # the generated prompt's KV is in the shards' prefix caches now
+        await eventually(lambda: (m := re.search(r"prefix cache (\d+\.\d) MiB",
+                                                 str(text.render()))) and float(m.group(1)) > 0,
+                         10, "the prefix caches to show the prompt held")
 
         victim = cluster["nodes"][2]
         os.kill(victim["pid"], signal.SIGKILL)

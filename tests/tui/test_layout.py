@@ -56,3 +56,18 @@ async def test_the_sparkline_stays_inside_its_panel_as_the_terminal_is_resized()
             await pilot.resize_terminal(*size)
             await pilot.pause()
             check_sparkline(app, size)
+
+
+async def test_the_throughput_panel_shows_the_prefix_caches_held_and_the_entry_hit_rate():
+    from textual.widgets import Static
+
+    app = ClusterApp(FakeMonitor(), start_monitor=False)
+    async with app.run_test(size=SIZES[0]) as pilot:
+        await pilot.pause()
+        text = str(app.query_one("#throughput-text", Static).render())
+        # 12 + 8 + 4 MiB held; the entry node (most lookups) found 30 of 40
+        assert "prefix cache 24.0 MiB  hits 75%" in text, text
+    app = ClusterApp(FakeMonitor(tensor=True), start_monitor=False)  # mlx-ring: no cache
+    async with app.run_test(size=SIZES[0]) as pilot:
+        await pilot.pause()
+        assert "prefix cache" not in str(app.query_one("#throughput-text", Static).render())
