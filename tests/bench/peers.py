@@ -106,13 +106,16 @@ def start_mlx_lm(stack: contextlib.ExitStack, model_dir: Path, tmp: Path) -> str
     return url
 
 
-def start_cluster(stack: contextlib.ExitStack, n: int, args, tmp: Path) -> str:
-    path = tmp / f"cluster{n}.json"
-    cluster = local.up(n, path=path, node_args=["--no-advertise"])
+def start_cluster(stack: contextlib.ExitStack, n: int, args, tmp: Path,
+                  node_args: tuple[str, ...] = (), name: str = "") -> str:
+    """A local cluster of n nodes with the model loaded, and serve-api over it; its url."""
+    name = name or f"{n}"
+    path = tmp / f"cluster{name}.json"
+    cluster = local.up(n, path=path, node_args=["--no-advertise", *node_args])
     stack.callback(local.down, path)
     addresses = [nd["address"] for nd in cluster["nodes"]]
     asyncio.run(load(addresses, args.model, args.dtype, args.layers))
-    ready, log = tmp / f"api{n}.json", tmp / f"api{n}.log"
+    ready, log = tmp / f"api{name}.json", tmp / f"api{name}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "console.cli", "serve-api", "--port",
                                  "0", "--nodes", ",".join(addresses), "--ready-file",
