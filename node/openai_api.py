@@ -6,6 +6,7 @@ a gRPC error turned into the HTTP error a client expects, and the response bodie
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +30,52 @@ class ApiError(Exception):
                           "code": self.code}}
 
 
+# OpenAI's parameters this API reads or accepts, with the JSON type OpenAI gives them: a
+# value of another type is refused with a 400 that names the parameter (null counts as
+# absent); fields not listed are ignored, as OpenAI ignores them
+TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": ((str,), "a string"),
+    "stream": ((bool,), "a boolean"),
+    "stream_options": ((dict,), "an object"),
+    "n": ((int,), "an integer"),
+    "max_tokens": ((int,), "an integer"),
+    "max_completion_tokens": ((int,), "an integer"),
+    "temperature": ((int, float), "a number"),
+    "top_p": ((int, float), "a number"),
+    "presence_penalty": ((int, float), "a number"),
+    "frequency_penalty": ((int, float), "a number"),
+    "seed": ((int,), "an integer"),
+    "stop": ((str, list), "a string or a list of strings"),
+    "user": ((str,), "a string"),
+    "echo": ((bool,), "a boolean"),
+    "ignore_eos": ((bool,), "a boolean"),  # vLLM's
+}
+
+
+def check_types(body: dict) -> None:
+    """Refuse a parameter of the wrong JSON type (a boolean is not a number), and `n` other
+    than 1: this API returns one choice per request."""
+    for name, (kinds, words) in TYPES.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+            raise ApiError(400, f"{name} must be {words}, not {type(value).__name__} "
+                                f"{json_text(value)}", param=name)
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, f"n must be 1: this server returns one choice per request "
+                            f"(send {body['n']} requests for {body['n']} choices)", param="n")
+    options = body.get("stream_options") or {}
+    if not isinstance(options.get("include_usage", False), bool):
+        raise ApiError(400, "stream_options.include_usage must be a boolean",
+                       param="stream_options")
+
+
+def json_text(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 @dataclass
 class Sampling:
     """What a request asks for, checked."""
@@ -41,6 +88,7 @@ class Sampling:
 
     @classmethod
     def parse(cls, body: dict, default_max: int) -> Sampling:
+        check_types(body)
         def number(name: str, default: float, low: float, high: float) -> float:
             value = body.get(name)
             if value is None:

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from console import ops
+from node.openai_api import TYPES
 from tests.helpers import (
     addresses,
     eventually,
@@ -106,6 +107,18 @@ async def test_bad_requests_get_openai_errors_and_the_cluster_keeps_serving(clus
                              data=json.dumps({"prompt": "a" * 100_000}).encode()) as big:
             assert big.status == 413
             assert (await big.json())["error"]["code"] == "request_too_large"
+        # each typed parameter with a value of another type: 400 naming it; n=2 too;
+        # an unknown field is ignored
+        wrong = {(str,): 7, (bool,): "yes", (dict,): [1], (int,): 1.5, (int, float): True,
+                 (str, list): 5}
+        for name, (kinds, _) in TYPES.items():
+            for value in [wrong[kinds]] + ([2] if name == "n" else []):
+                async with http.post("/v1/chat/completions", json={
+                        "model": "synthetic:tiny", "max_tokens": 1, "unknown_field": {"a": 1},
+                        "messages": [{"role": "user", "content": "hi"}], name: value}) as bad:
+                    error = (await bad.json())["error"]
+                    assert (bad.status, error["param"]) == (400, name), (name, value, error)
+                    assert name in error["message"]
         async with http.get("/v1/nothing-here") as missing:
             assert missing.status == 404 and "error" in await missing.json()
         # a client that disconnects mid-stream: its request is cancelled, caches freed
