@@ -20,7 +20,7 @@ from console import ops, views
 from console.client import ClusterError, NodeClient, gather_infos, to_dict
 from console.ops import Connection
 from console.parser import DISCOVER_S, build_parser
-from node.auth import read_token
+from node.auth import API_KEY_ENV, is_loopback, read_token
 from node.plan import PlanError, backend_label, parse_backend
 from protos import cluster_pb2 as pb
 
@@ -411,19 +411,28 @@ def cmd_dashboard(args: argparse.Namespace, connection: Connection) -> int:
 def cmd_serve_api(args: argparse.Namespace, connection: Connection) -> int:
     from console.gateway import serve
 
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not api_key and not args.insecure and not is_loopback(args.host):
+        eprint(f"error: serve-api on {args.host} would let anyone on the network use the "
+               f"cluster; give it a key: --api-key KEY (or {API_KEY_ENV}=KEY), e.g. "
+               "KEY=$(python -c 'import secrets; print(secrets.token_urlsafe(32))'), and "
+               "set it as the clients' api_key; or --insecure to serve it open")
+        return EXIT_USAGE
     addresses = node_addresses(args, connection)
 
     def ready(url: str) -> None:
+        guard = "needs its API key" if api_key else (
+            "OPEN: no API key (--insecure)" if not is_loopback(args.host) else "no API key")
         eprint(f"OpenAI-compatible API on {url}/v1 for {len(addresses)} node(s) "
                f"(POST /v1/chat/completions, /v1/completions; GET /v1/models, /health, "
-               f"/v1/cluster); Ctrl-C stops it")
+               f"/v1/cluster; {guard}); Ctrl-C stops it")
         if args.ready_file:
             args.ready_file.write_text(json.dumps({"url": url, "pid": os.getpid()}))
 
     # the gateway guards its mutating endpoint with the same token the nodes use, wherever
     # it came from (--token, --token-file or MLX_CLUSTER_TOKEN)
     serve(addresses, args.host, args.port, read_token(args.token, args.token_file),
-          connection, args.max_body_bytes, ready)
+          connection, args.max_body_bytes, ready, api_key)
     return EXIT_OK
 
 

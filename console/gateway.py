@@ -32,11 +32,11 @@ def loader(connection: Connection):
 
 def serve(addresses: list[str], host: str, port: int, token: str | None = None,
           connection: Connection | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-          on_ready: Callable[[str], None] | None = None) -> None:
+          on_ready: Callable[[str], None] | None = None, api_key: str | None = None) -> None:
     """Run the API until SIGINT/SIGTERM; `on_ready(url)` once it listens."""
     connection = connection or Connection()
     try:
         serve_api(addresses, host, port, token, connection.tls_ca, max_body_bytes, on_ready,
-                  loader(connection))
+                  loader(connection), api_key)
     except OSError as e:
         raise ClusterError(str(e)) from e

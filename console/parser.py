@@ -142,12 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: mlx-cluster serve-api --port 52415, then point any OpenAI client at "
                "http://127.0.0.1:52415/v1 (the model name is the loaded spec, e.g. "
                "smollm2-135m). With --token, POST /v1/models/load needs "
-               "'Authorization: Bearer <token>'.")
+               "'Authorization: Bearer <token>'. Off loopback (--host 0.0.0.0) it needs "
+               "--api-key (or MLX_CLUSTER_API_KEY): clients send it as their api_key.")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on")
     api.add_argument("--port", type=int, default=52415, help="port (exo's by default; 0 = any)")
     api.add_argument("--max-body-bytes", type=int, default=1024 * 1024,
                      help="requests with a larger body get 413")
     api.add_argument("--ready-file", type=Path, help="write {url, pid} here once listening")
+    api.add_argument("--api-key", default=None,
+                     help="key every /v1 request must send as 'Authorization: Bearer <key>' "
+                          "(openai clients: api_key=...); /health stays open (default: env "
+                          "MLX_CLUSTER_API_KEY)")
+    api.add_argument("--insecure", action="store_true",
+                     help="serve off loopback without an API key: anyone who reaches the "
+                          "port can use the cluster")
 
     bench = sub.add_parser(
         "bench", parents=[common, nodes], help="benchmark the cluster; results to JSON",

@@ -35,6 +35,7 @@ import grpc
 from aiohttp import web
 
 from node.api_nodes import Nodes, NoNodeUp, plan_addresses
+from node.auth import bearer_matches
 from node.jsonform import to_dict
 from node.openai_api import (
     ApiError,
@@ -61,9 +62,11 @@ class Gateway:
     """The HTTP app and the nodes it fronts."""
 
     def __init__(self, nodes: Nodes, token: str | None = None, default_max_tokens: int = 256,
-                 max_body_bytes: int = MAX_BODY_BYTES, loader: Loader | None = None) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, loader: Loader | None = None,
+                 api_key: str | None = None) -> None:
         self.nodes = nodes
         self.token = token
+        self.api_key = api_key  # every /v1 endpoint needs it when set (/health does not)
         self.default_max_tokens = default_max_tokens
         self.max_body_bytes = max_body_bytes
         self.loader = loader
@@ -74,7 +77,7 @@ class Gateway:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes,
-                              middlewares=[self._errors])
+                              middlewares=[self._errors, self._keyed])
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/cluster", self.cluster)
@@ -108,6 +111,18 @@ class Gateway:
             self.nodes.forget_entry()  # the plan may have moved: look again next time
         return web.json_response(error.body(), status=error.status)
 
+    @web.middleware
+    async def _keyed(self, request: web.Request, handler) -> web.StreamResponse:
+        """With an API key, every /v1 endpoint needs `Authorization: Bearer <key>` (as
+        OpenAI clients send it); model loading takes the cluster token there instead."""
+        keyed = self.api_key and request.path.startswith("/v1") and not (
+            request.path == "/v1/models/load" and self.token)
+        if keyed and not bearer_matches(request.headers.get("Authorization", ""),
+                                        self.api_key):
+            raise ApiError(401, "this API needs its key: Authorization: Bearer <key> "
+                                "(openai clients: api_key=<key>)", code="invalid_api_key")
+        return await handler(request)
+
     async def _body(self, request: web.Request) -> dict:
         try:
             body = await request.json()
@@ -122,8 +137,7 @@ class Gateway:
     def _authorise(self, request: web.Request) -> None:
         if self.token is None:
             return
-        header = request.headers.get("Authorization", "")
-        if header != f"Bearer {self.token}":
+        if not bearer_matches(request.headers.get("Authorization", ""), self.token):
             raise ApiError(401, "this endpoint needs the cluster token: "
                                 "Authorization: Bearer <token>",
                            kind="authentication_error", code="invalid_api_key")
@@ -334,13 +348,16 @@ async def start_node_api(servicer, host: str, port: int) -> tuple[web.AppRunner,
 
 def serve(addresses: list[str], host: str, port: int, token: str | None = None,
           tls_ca: Path | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-          on_ready: Callable[[str], None] | None = None, loader: Loader | None = None) -> None:
+          on_ready: Callable[[str], None] | None = None, loader: Loader | None = None,
+          api_key: str | None = None) -> None:
     """Run the API for these nodes until SIGINT/SIGTERM (`mlx-cluster serve-api`);
-    `on_ready(url)` once it listens; `token` guards /v1/models/load, which `loader` does."""
+    `on_ready(url)` once it listens; `token` guards /v1/models/load, which `loader` does;
+    `api_key` guards every /v1 endpoint."""
     async def main() -> None:
         channels = PeerChannels(tls_ca)
         nodes = Nodes(lambda: addresses, channels)
-        gateway = Gateway(nodes, token, max_body_bytes=max_body_bytes, loader=loader)
+        gateway = Gateway(nodes, token, max_body_bytes=max_body_bytes, loader=loader,
+                          api_key=api_key)
         try:
             runner, bound = await start(gateway, host, port)
             if on_ready is not None:

@@ -98,3 +98,24 @@ def open_channel(address: str, options: list, ca: Path | None = None,
     if ca or tls:
         return grpc.aio.secure_channel(address, channel_credentials(ca), options=options)
     return grpc.aio.insecure_channel(address, options=options)
+
+
+API_KEY_ENV = "MLX_CLUSTER_API_KEY"
+
+
+LOCAL_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a service to this machine's own clients: 127.0.0.1,
+    ::1 or localhost, exactly. Every other address counts as the network, the wildcards
+    ("0.0.0.0", "::") and even another loopback address such as 127.0.0.2 (which the tests
+    use to stand for a LAN address): the rule stays simple to state and errs on the safe
+    side."""
+    return host in LOCAL_HOSTS
+
+
+def bearer_matches(header: str, secret: str) -> bool:
+    """Whether an HTTP Authorization header is `Bearer <secret>`, compared in constant
+    time."""
+    return hmac.compare_digest(header.encode(), f"Bearer {secret}".encode())

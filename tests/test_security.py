@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 
+import aiohttp
 import grpc
+import openai
 import psutil
 import pytest
 
@@ -15,7 +20,7 @@ from console.client import ClusterError
 from console.ops import Connection
 from protos import cluster_pb2 as pb
 from tests.conftest import spawn_node
-from tests.helpers import addresses, eventually, node
+from tests.helpers import ROOT, addresses, eventually, load, node, serve_api
 
 pytestmark = pytest.mark.cluster
 TOKEN = "s3cret-token-for-tests"
@@ -141,3 +146,44 @@ async def test_tls_between_console_and_nodes_and_between_nodes(tmp_path):
         for p in procs:
             p.terminate()
             p.wait(10)
+
+
+async def test_the_gateway_off_loopback_needs_an_api_key_and_serves_openai_clients_with_it(
+        cluster3, tmp_path):
+    addrs = addresses(cluster3)
+    refused = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "console.cli", "serve-api", "--host",
+                         "127.0.0.2", "--port", "0", "--nodes", ",".join(addrs)],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "MLX_CLUSTER_API_KEY"})
+    assert refused.returncode == 2 and "--api-key" in refused.stderr, refused.stderr
+    assert "--insecure" in refused.stderr
+    await load(addrs, "synthetic:tiny")
+    key = "k3y-for-this-test"
+    messages = [{"role": "user", "content": "hi"}]
+    with serve_api(addrs, tmp_path / "keyed.json", "--host", "127.0.0.2",
+                   "--api-key", key) as url:
+        assert url.startswith("http://127.0.0.2:")
+        async with aiohttp.ClientSession(base_url=url) as http:
+            async with http.get("/health") as health:
+                assert health.status == 200  # stays open
+            for path in ("/v1/models", "/v1/cluster"):
+                async with http.get(path) as denied:
+                    assert denied.status == 401, path
+                    assert (await denied.json())["error"]["code"] == "invalid_api_key"
+            async with http.post("/v1/chat/completions", json={"messages": messages},
+                                 headers={"Authorization": "Bearer wrong"}) as denied:
+                assert denied.status == 401
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+        reply = await client.chat.completions.create(model="synthetic:tiny",
+                                                     messages=messages, max_tokens=3)
+        assert reply.usage.completion_tokens >= 1
+        await client.close()
+        wrong = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.models.list()
+        await wrong.close()
+    with serve_api(addrs, tmp_path / "open.json", "--host", "127.0.0.2", "--insecure") as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0)
+        assert [m.id for m in (await client.models.list()).data] == ["synthetic:tiny"]
+        await client.close()
