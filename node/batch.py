@@ -451,6 +451,11 @@ class ShardBatch:
             self._ungroup(keep={r for r, st in zip(group.ids, group.states)
                                 if self.requests.get(r) is st})
 
+    def drop_prompts(self) -> None:
+        """MLX thread: the prefix cache and the ended requests waiting for it go."""
+        self.prompts.close()
+        self._retiring.clear()
+
     def recent(self, within_s: float) -> set[str]:
         """Requests that stepped here within the last `within_s` seconds."""
         now = time.monotonic()

@@ -15,7 +15,13 @@ import uuid
 from pathlib import Path
 
 from node import PROTOCOL_VERSION, __version__
-from node.auth import read_token, server_credentials
+from node.auth import (
+    TOKEN_ENV,
+    default_token_file,
+    is_loopback,
+    read_token,
+    server_credentials,
+)
 from node.blas import reexec_with_openblas
 from node.capabilities import cached_calibration, parse_bytes
 
@@ -82,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ring-port", type=int, default=0,
                        help="TCP port for this node's mlx-ring worker (default: a free port "
                             "picked for each plan); open it between nodes for --backend mlx-ring")
+    serve.add_argument("--data-port", type=int, default=0,
+                       help="TCP port neighbours send hidden states to (default: a free port, "
+                            "told to them by GetInfo); -1: none, they use the Forward RPC")
     serve.add_argument("--api-port", type=int, default=None,
                        help="also serve the OpenAI-compatible HTTP API on this port (on "
                             "--host; 0 picks a free one); it forwards to the plan's entry "
@@ -100,8 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     sec = serve.add_argument_group("security")
     sec.add_argument("--token", default=None,
                      help="cluster token required for load/unload/faults/shutdown and between "
-                          "nodes (default: env MLX_CLUSTER_TOKEN; unset = no token)")
-    sec.add_argument("--token-file", type=Path, default=None, help="read the token from a file")
+                          "nodes (default: env MLX_CLUSTER_TOKEN; off loopback, the file "
+                          "`mlx-cluster token new` wrote; on loopback, none)")
+    sec.add_argument("--token-file", type=Path, default=None,
+                     help="read the token from a file (off loopback the default is the file "
+                          "`mlx-cluster token new` writes)")
+    sec.add_argument("--insecure", action="store_true",
+                     help="serve off loopback without a token (the node starts only with one "
+                          "otherwise): anyone who reaches the port may change it")
     sec.add_argument("--allow-faults", action="store_true",
                      help="accept fault injection (mlx-cluster inject); refused otherwise")
     sec.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate (PEM)")
@@ -121,7 +136,21 @@ async def _serve(args: argparse.Namespace) -> None:
 
     state_dir = args.state_dir or default_state_dir()
     node_id = node_id_for(state_dir)
-    token = read_token(args.token, args.token_file)
+    local = is_loopback(args.host)
+    # a loopback cluster (local up, the tests) stays token-free unless given one; off
+    # loopback the token `mlx-cluster token new` stored is read too
+    token = read_token(args.token, args.token_file, default_file=not local)
+    if token is None and not local:
+        if not args.insecure:
+            raise ValueError(
+                f"refusing to serve on {args.host} without a cluster token: anyone who can "
+                "reach the port could load, unload, shut down or feed this node. Make one "
+                "token for the cluster (mlx-cluster token new), copy the file it writes "
+                f"({default_token_file()}) to the same place on every machine (or pass "
+                f"--token-file FILE / set {TOKEN_ENV}), then start again; or add --insecure "
+                "to serve open")
+        log.warning("serving OPEN on %s (--insecure): anyone who reaches this port may load, "
+                    "unload, inject faults, shut the node down or send it frames", args.host)
     credentials = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -132,10 +161,13 @@ async def _serve(args: argparse.Namespace) -> None:
                             tls=credentials is not None, ring_port=args.ring_port,
                             protocol_version=args.protocol_version,
                             prompt_cache_bytes=args.prompt_cache_bytes)
+    servicer.insecure = token is None and not local  # shown as open in status
     if args.calibrate:
         servicer.matmul_gflops = cached_calibration(state_dir)
         log.info("calibrated: %.1f GFLOP/s fp32 matmul", servicer.matmul_gflops)
-    server, port = await serve(servicer, args.host, args.port, credentials)
+    server, port = await serve(servicer, args.host, args.port, credentials,
+                               (args.tls_cert, args.tls_key) if credentials else None,
+                               args.data_port)
     log.info("node %s (%s) serving on %s", node_id, args.name, servicer.address)
     api, api_url = None, ""
     if args.api_port is not None:

@@ -15,8 +15,9 @@ forwards. Every tuning knob is in `Tuning`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,6 +25,14 @@ from node.batch import ShardBatch, Step, StepResult
 from node.models import Shard
 from node.sampling import Sampling
 from node.wire import Wire
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[Future], None],
+             done: Future) -> None:
+    """A forward's end, on the MLX thread: hand its future to the event loop (unless the
+    node is shutting down and the loop is gone)."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(callback, done)
 
 
 @dataclass(frozen=True)
@@ -144,10 +153,12 @@ class Engine:
         self._carried = bool(self._queue)
         self._running = True
         loop = asyncio.get_running_loop()
-        done = loop.run_in_executor(self._executor, self.batch.run, [j.step for j in batch])
-        done.add_done_callback(partial(self._ran, batch))
+        # from the MLX thread straight to _ran, in the loop turn it wakes: run_in_executor
+        # would go through an asyncio future and call _ran a turn later, every forward
+        done = self._executor.submit(self.batch.run, [j.step for j in batch])
+        done.add_done_callback(partial(_on_loop, loop, partial(self._ran, batch)))
 
-    def _ran(self, jobs: list[_Job], done: asyncio.Future) -> None:
+    def _ran(self, jobs: list[_Job], done: Future) -> None:
         """On the event loop: a forward ended; deliver its steps' outcomes together (their
         requests carry on together: their frames leave as one message), then go on."""
         self._running = False
@@ -258,8 +269,9 @@ class Engine:
         return await loop.run_in_executor(self._executor, self.batch.adopt, request_id, prompt)
 
     def drop_prompts(self) -> None:
-        """Empty the prefix cache (on the MLX thread, after the forward in progress)."""
-        self._executor.submit(self.batch.prompts.clear)
+        """Free the prefix cache for good (on the MLX thread, after the forward in
+        progress): the plan is gone."""
+        self._executor.submit(self.batch.drop_prompts)
 
     def free(self, request_id: str) -> bool:
         freed = self.batch.free(request_id)

@@ -1,13 +1,14 @@
 """The gRPC pipeline backend: activations flow shard to shard, tokens come back round.
 
-Each node keeps one long-lived `Forward` stream to the next shard of the plan (the last
-shard's "next" is the first shard, which closes the ring; node/dataplane.py). The first
+Each node keeps one long-lived link to the next shard of the plan (the last shard's
+"next" is the first shard, which closes the ring; node/dataplane.py): a TCP connection to
+the neighbour's data port (node/datalink.py), or its `Forward` RPC where it has none. The first
 shard owns the requests: it tokenises, runs its layers, and sends hidden states on; the
 last shard samples and sends the token back to the first, which streams it to the client
 and feeds it in again. Frames for one request travel in order on one stream, so each
 shard sees positions in order; frames of different requests interleave freely.
 
-Errors travel backwards: a shard that rejects a frame answers on the stream the frame
+Errors travel backwards: a shard that rejects a frame answers on the link the frame
 came in on; the sender passes it on to its own upstream until it reaches the first
 shard, which fails the request. Every request's caches are freed by a `release` frame
 that follows the request round the ring when it ends, however it ends.
@@ -74,8 +75,8 @@ class Pipeline:
         if len(plan.shards) > 1:
             nxt = plan.shards[(self.index + 1) % len(plan.shards)]
             self.next_id = nxt.node_id
-            self.link = PeerLink(nxt.address, peers.get(nxt.address), self._on_reply,
-                                 self._on_broken, metadata)
+            self.link = PeerLink(nxt.address, peers, self._on_reply, self._on_broken,
+                                 metadata)
         self.pending: dict[str, asyncio.Queue] = {}  # first shard: requests it owns
         self._routes: dict[str, asyncio.Queue] = {}  # where to send errors back for a request
 

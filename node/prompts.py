@@ -106,9 +106,11 @@ class PromptStore:
         self._lru.insert_cache(KEY, list(prompt[:n]), caches)
         return True
 
-    def clear(self) -> None:
-        if self._lru is not None:
-            self._lru.trim_to(n_sequences=0)
+    def close(self) -> None:
+        """Free every entry and keep none from now on (the plan is gone)."""
+        lru, self._lru = self._lru, None
+        if lru is not None:
+            lru.trim_to(n_sequences=0)
 
     def info(self) -> pb.PromptCache:
         lru = self._lru

@@ -1,13 +1,18 @@
-"""Starting a node's gRPC server: the node service, gRPC's standard health service, the
-token check on mutating calls, TLS when configured, and the bound port (port 0 picks one).
+"""Starting a node's servers: the gRPC service (the node service, gRPC's standard health
+service, the token check on mutating calls, TLS when configured) and the data port that
+neighbours send hidden states to (node/datalink.py), each on its bound port (port 0 picks
+one).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from node.auth import TokenInterceptor
+from node.datalink import DataServer, server_ssl
 from node.peers import CHANNEL_OPTIONS
 from node.service import NodeServicer
 from protos import cluster_pb2_grpc as pb_grpc
@@ -16,8 +21,13 @@ SERVICE_NAME = "mlxcluster.NodeService"
 
 
 async def serve(servicer: NodeServicer, host: str, port: int,
-                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server; returns it and the bound port (useful with port 0)."""
+                credentials: grpc.ServerCredentials | None = None,
+                tls_files: tuple[Path, Path] | None = None,
+                data_port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server and the data port; returns the server and its bound port
+    (useful with port 0). `tls_files` (certificate, key) are what `credentials` were made
+    of: the data port serves TLS with them. A node serving TLS without them, or with
+    `data_port` -1, opens no data port: its upstream neighbour uses the Forward RPC."""
     interceptors = [TokenInterceptor(servicer.token)] if servicer.token else []
     # no SO_REUSEPORT: a second node on a taken port must fail, not share it silently
     server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
@@ -34,6 +44,15 @@ async def serve(servicer: NodeServicer, host: str, port: int,
         raise OSError(f"cannot bind {host}:{port} ({e}); is another node using the port?") from e
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
+    if data_port >= 0 and (credentials is None or tls_files is not None):
+        data = DataServer(servicer.frame, servicer.metrics, servicer.token,
+                          server_ssl(*tls_files) if tls_files is not None else None)
+        try:
+            servicer.data_port = await data.start(host, data_port)
+        except OSError as e:
+            raise OSError(f"cannot bind the data port {host}:{data_port} ({e.strerror or e})"
+                          ) from e
+        servicer.data_server = data
     await server.start()
     servicer.address = f"{host}:{bound}"
     for name in ("", SERVICE_NAME):

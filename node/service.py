@@ -1,6 +1,7 @@
 """The node's gRPC service: control plane (info, load, unload, metrics, faults), the data
-plane's entry (Forward streams, handed to the plan's runner) and the Generate entry point.
-node/server.py starts it, with gRPC's standard health service beside it.
+plane's entry (`frame`: frames from the data port or a Forward stream, handed to the plan's
+runner) and the Generate entry point. node/server.py starts it, with gRPC's standard
+health service and the data port (node/datalink.py) beside it.
 
 The service holds at most one plan at a time, run by a `Runner` (node/runner.py): the
 gRPC pipeline or an mlx-ring group. What a plan must satisfy is node/placement.py's; how
@@ -27,6 +28,7 @@ from node import PROTOCOL_VERSION, __version__, failover
 from node.auth import token_metadata
 from node.capabilities import capabilities, default_memory_budget
 from node.coordinator import Coordinator
+from node.datalink import DataServer
 from node.dataplane import serve_forward
 from node.engine import Engine, windows
 from node.errors import (
@@ -36,6 +38,7 @@ from node.errors import (
     StaleEpoch,
 )
 from node.faults import FaultBook, exit_now
+from node.frames import Replies
 from node.metrics import NodeMetrics, histogram_messages
 from node.models import Shard, load_shard, resolve
 from node.peers import PeerChannels
@@ -79,8 +82,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self._epoch_changed = asyncio.Condition()
         self.recovery_error: str = ""
         self._loading_epoch = 0  # the epoch of the plan being loaded (heartbeats report it)
+        self._loading_model = ""
         self.accepted_epoch = 0  # the newest epoch accepted: each is accepted once
         self.api_port = 0  # the OpenAI-compatible API's port (mlx-node serve --api-port)
+        self.insecure = False  # off loopback with no token (mlx-node serve --insecure)
+        self.data_port = 0  # the data port's (node/server.py starts it); 0: none
+        self.data_server: DataServer | None = None
         self._recovered_at = 0.0
         self.name = name
         self.address = ""
@@ -143,6 +150,10 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                                                                  or "127.0.0.1"))
         info.accepted_epoch = self.accepted_epoch
         info.api_port = self.api_port
+        info.insecure = self.insecure
+        if self._load_lock.locked():
+            info.loading_epoch, info.loading_model = self._loading_epoch, self._loading_model
+        info.data_port = self.data_port
         shard = self._shard_info()
         if shard is not None and self.runner is not None:
             info.shard.CopyFrom(shard)
@@ -226,6 +237,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                                             options.layers)
         check_source(plan, ours, source, self.memory_budget)
         self._loading_epoch = self.accepted_epoch = plan.epoch
+        self._loading_model = plan.model
         if self.coordinator is not None and not self.coordinator.recovering:
             # this plan replaces the one it watches; peers are reloading too
             await self.coordinator.stop()
@@ -341,18 +353,24 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     # ------------------------------------------------------------ data plane
 
     async def Forward(self, request_iterator, context) -> AsyncIterator[pb.ForwardReply]:
-        """The data plane: frames from the upstream neighbour (node/dataplane.py)."""
+        """The data plane by gRPC: frames from an upstream neighbour that does not use
+        this node's data port (node/dataplane.py)."""
         broken: list[str] = []
-        async for reply in serve_forward(request_iterator, self._frame, self.metrics, broken):
+        async for reply in serve_forward(request_iterator, self.frame, self.metrics, broken):
             yield reply
         if broken:
             self.metrics.inc("frames_rejected")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"forward stream rejected: {broken[0]}")
 
-    async def _frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
+    async def frame(self, frame: pb.ForwardFrame, replies: Replies) -> None:
+        """One frame from the upstream neighbour, by the Forward RPC or the data port:
+        faults first, then the plan's runner; errors are answered on `replies`."""
+        faults = self.faults
         try:
-            if not await self.faults.before_frame(frame.sender, frame.ByteSize()):
+            # (a node without faults skips their hooks: every frame of every token comes here)
+            if faults.allowed and faults.active() and not await faults.before_frame(
+                    frame.sender, frame.ByteSize()):
                 return  # dropped by a loss or partition fault
             if self.runner is None:
                 if self._load_lock.locked():  # mid-load: the sender should retry shortly
@@ -450,6 +468,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 log.exception("idle request reaper")
 
     async def close(self) -> None:
+        if self.data_server is not None:
+            self.data_server.close()
         if self.coordinator is not None:
             await self.coordinator.stop()
         if self.runner is not None:

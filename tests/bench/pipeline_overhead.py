@@ -1,8 +1,9 @@
 """Benchmark: what does splitting a model over a 3-node loopback pipeline cost?
 
 Prints, from one run on this machine: single-process mlx_lm decode tokens/s, 3-node
-pipeline decode tokens/s for the same model and prompt, their ratio, and p50/p99 of one
-activation hop (sender's clock to receiver's clock; valid because all nodes share one
+pipeline decode tokens/s for the same model and prompt, their ratio, how many hops went
+by the nodes' data ports (node/datalink.py) rather than the Forward RPC, and p50/p99 of
+one activation hop (sender's clock to receiver's clock; valid because all nodes share one
 host), plus the per-token compute vs transfer split seen by the first shard.
 
     .venv/bin/python tests/bench/pipeline_overhead.py [--model smollm2-135m] [--tokens 128]
@@ -37,7 +38,7 @@ from tests.bench.common import (  # noqa: E402
 
 async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: int,
                       repeats: int, layers: int = 0,
-                      dtype: str = "") -> tuple[list[float], list[float], dict]:
+                      dtype: str = "") -> tuple[list[float], list[float], dict, int]:
     """Alternate single-process and pipeline runs so machine noise hits both alike."""
     async with ops.connect(addresses) as clients:
         await ops.load_plan(clients, model, dtype, layers, "uniform", progress=lambda m: None)
@@ -59,11 +60,16 @@ async def interleaved(addresses: list[str], model: str, ids: list[int], tokens: 
             print(f"  run {i + 1}/{repeats}: single {single[-1]:.2f} tok/s, "
                   f"pipeline {piped[-1]:.2f} tok/s", flush=True)
         metrics = [await c.metrics() for c in clients]
+        links = 0  # neighbours that sent on the data port (node/datalink.py), not by gRPC
+        for c in clients:
+            call = c.stub.WatchMetrics(pb.WatchRequest(hz=50))
+            links += (await call.read()).counters["data_links"] > 0
+            call.cancel()
     lat: dict[str, list] = {}
     for m in metrics:
         for summary in m.latencies:
             lat.setdefault(summary.name, []).append(summary)
-    return single, piped, lat
+    return single, piped, lat, links
 
 
 def main() -> int:
@@ -84,8 +90,8 @@ def main() -> int:
         cluster = local.up(args.nodes, path=path)
         try:
             addresses = [n["address"] for n in cluster["nodes"]]
-            single, piped, lat = asyncio.run(interleaved(addresses, args.model, ids, args.tokens,
-                                                         args.repeats, args.layers, args.dtype))
+            single, piped, lat, links = asyncio.run(interleaved(
+                addresses, args.model, ids, args.tokens, args.repeats, args.layers, args.dtype))
         finally:
             local.down(path)
     s, p = statistics.median(single), statistics.median(piped)
@@ -93,6 +99,7 @@ def main() -> int:
     print(f"single-process mlx_lm decode : {s:7.2f} tok/s (median)")
     print(f"{args.nodes}-node pipeline decode    : {p:7.2f} tok/s (median)")
     print(f"ratio pipeline / single      : {p / s:7.3f}   (median of paired runs {paired:.3f})")
+    print(f"hops on the data port        : {links} of {args.nodes} (the others by the Forward RPC)")
     for name in ("hop", "step_compute", "token_latency", "token_compute", "token_transfer"):
         for summary in lat.get(name, []):
             print(f"{name:15} n={summary.count:<6} p50 {summary.p50_s * 1e3:8.3f} ms   "

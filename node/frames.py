@@ -1,0 +1,108 @@
+"""The frames that come in on one data-plane link, whatever carries them (the Forward RPC
+or the TCP link of node/datalink.py): each goes to the node's handler, in order per
+request, and not too many at once.
+
+Frames of one request are handled one after another (a shard must see its positions in
+order); frames of different requests at once, so that their decode steps can share a
+forward in the engine (a link handled one frame at a time would never let two requests
+meet). Past `MAX_FRAMES_IN_HAND` frames in hand the link is not read, so the rest waits
+on the sender's side (TCP or gRPC flow control) instead of as tasks here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Protocol
+
+from protos import cluster_pb2 as pb
+
+MAX_FRAMES_IN_HAND = 1024  # per incoming link
+MAX_FRAMES_PER_MESSAGE = 64
+MAX_BATCH_BYTES = 4 * 1024 * 1024  # bigger frames (long prefill chunks) go one by one
+
+
+class Replies(Protocol):
+    """Where a handler answers a frame's error: back on the link it came in on."""
+
+    def put_nowait(self, reply: pb.ForwardReply) -> None: ...
+
+
+FrameHandler = Callable[[pb.ForwardFrame, Replies], Awaitable[None]]
+
+
+def unbatch(message: pb.ForwardFrame) -> list[pb.ForwardFrame]:
+    """The frames a Forward message carries (itself, or its batch)."""
+    return list(message.batch) if len(message.batch) else [message]
+
+
+def batched(frames: list[pb.ForwardFrame]) -> list[pb.ForwardFrame]:
+    """Frames sent together (the frames of one batched forward) as few messages: a message
+    with a `batch` carries nothing else, and holds at most MAX_FRAMES_PER_MESSAGE frames
+    of MAX_BATCH_BYTES together."""
+    if len(frames) == 1:
+        return frames
+    messages: list[pb.ForwardFrame] = []
+    batch: list[pb.ForwardFrame] = []
+    size = 0
+    for frame in frames:
+        n = frame.ByteSize()
+        if batch and (size + n > MAX_BATCH_BYTES or len(batch) == MAX_FRAMES_PER_MESSAGE):
+            messages.append(batch[0] if len(batch) == 1 else pb.ForwardFrame(batch=batch))
+            batch, size = [], 0
+        batch.append(frame)
+        size += n
+    messages.append(batch[0] if len(batch) == 1 else pb.ForwardFrame(batch=batch))
+    return messages
+
+
+class Frames:
+    """One incoming link's frames in hand. `pause(True)` is called when the link should
+    stop being read, `pause(False)` when it may go on."""
+
+    def __init__(self, handle: FrameHandler, replies: Replies,
+                 pause: Callable[[bool], None]) -> None:
+        self._handle = handle
+        self._replies = replies
+        self._pause = pause
+        self._chains: dict[str, asyncio.Task] = {}  # request id -> its newest frame's task
+        self._tasks: set[asyncio.Task] = set()  # every frame in hand
+        self.paused = False
+
+    def take(self, frame: pb.ForwardFrame) -> None:
+        """Start handling a frame (after the frames of its request already in hand)."""
+        request_id = frame.request_id
+        previous = self._chains.get(request_id)
+        # a frame whose request has none in hand starts at once, without waiting on one
+        work = (self._handle(frame, self._replies) if previous is None
+                else self._after(previous, frame))
+        task = asyncio.get_running_loop().create_task(work)
+        self._chains[request_id] = task
+        task.add_done_callback(partial(self._done, request_id))
+        self._tasks.add(task)
+        if len(self._tasks) >= MAX_FRAMES_IN_HAND and not self.paused:
+            self.paused = True
+            self._pause(True)
+
+    async def _after(self, previous: asyncio.Task, frame: pb.ForwardFrame) -> None:
+        await asyncio.wait([previous])  # its outcome was reported by itself
+        await self._handle(frame, self._replies)
+
+    def _done(self, request_id: str, task: asyncio.Task) -> None:
+        if self._chains.get(request_id) is task:
+            del self._chains[request_id]
+        self._tasks.discard(task)
+        if self.paused and len(self._tasks) < MAX_FRAMES_IN_HAND:
+            self.paused = False
+            self._pause(False)
+
+    async def finish(self) -> None:
+        """Wait for the frames in hand (the link was closed by its sender)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def cancel(self) -> None:
+        """Drop the frames in hand (the link broke)."""
+        for task in list(self._tasks):
+            task.cancel()
