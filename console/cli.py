@@ -20,7 +20,7 @@ from console import ops, views
 from console.client import ClusterError, NodeClient, gather_infos, to_dict
 from console.ops import Connection
 from console.parser import DISCOVER_S, build_parser
-from node.auth import API_KEY_ENV, is_loopback, read_token
+from node.auth import API_KEY_ENV, default_token_file, is_loopback, new_token, read_token
 from node.plan import PlanError, backend_label, parse_backend
 from protos import cluster_pb2 as pb
 
@@ -106,6 +106,25 @@ def cmd_local(args: argparse.Namespace, connection: Connection) -> int:
 
 
 # ---------------------------------------------------------------- status
+
+
+def cmd_token(args: argparse.Namespace, connection: Connection) -> int:
+    path = default_token_file()
+    if args.token_command == "path":
+        print(path)
+        return EXIT_OK
+    try:
+        path = new_token(args.file, args.force)
+    except FileExistsError as e:
+        eprint(f"error: {e}")
+        return EXIT_FAIL
+    eprint(f"wrote a new cluster token to {path} (readable by you only).\n"
+           f"Copy it to the same path on every machine of the cluster, e.g.\n"
+           f"  scp {path} other-host:{path}\n"
+           "then start each node off loopback as usual (mlx-node serve --host 0.0.0.0); it "
+           "reads the token from there, and so does mlx-cluster."
+           + (f"\n(a file elsewhere: pass --token-file {path} to both)" if args.file else ""))
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, connection: Connection) -> int:
@@ -436,8 +455,8 @@ def cmd_serve_api(args: argparse.Namespace, connection: Connection) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"local": cmd_local, "discover": cmd_discover, "dashboard": cmd_dashboard,
-            "serve-api": cmd_serve_api,
+COMMANDS = {"token": cmd_token, "local": cmd_local, "discover": cmd_discover,
+            "dashboard": cmd_dashboard, "serve-api": cmd_serve_api,
             "bench": cmd_bench, "report": cmd_report,
             "status": cmd_status, "plan": cmd_plan, "load": cmd_load, "unload": cmd_unload,
             "rebalance": cmd_rebalance, "models": cmd_models,

@@ -23,6 +23,7 @@ import grpc
 
 from console.client import ClusterError, NodeClient
 from console.discovery import Discovery, NodeEvent
+from node.auth import read_token
 from node.histogram import Histogram
 from protos import cluster_pb2 as pb
 
@@ -72,6 +73,7 @@ class MonitorSource(Protocol):
     tokens_total: int
     mdns: bool  # the discovery source: zeroconf and/or static addresses
     static: list[str]
+    has_token: bool  # the console holds a cluster token (nodes that need one can be changed)
 
     def on_change(self, callback: Callable[[], None]) -> None: ...
 
@@ -138,6 +140,8 @@ class ClusterMonitor:
         self.hz = hz
         self.window_s = window_s
         self.client_options = client_options or {}
+        # the token the clients send: given, or from the environment or `token new`'s file
+        self.has_token = bool(self.client_options.get("token") or read_token())
         self.nodes: dict[str, NodeView] = {}
         self.events: deque[Event] = deque(maxlen=500)
         self.event_count = 0  # events ever logged (the deque keeps the newest)

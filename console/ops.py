@@ -236,7 +236,7 @@ async def stream(clients: list[NodeClient], request: pb.GenerateRequest,
     up holding the info of the entry node that finished the request."""
     by_address = {c.address: c for c in clients}
 
-    async def find_entry(gone: set[str]) -> str:
+    async def find_entry(gone: set[str], again: bool) -> str:  # always a fresh look
         try:
             client, info = await entry_client([c for c in clients if c.address not in gone])
         except ClusterError as e:

@@ -42,10 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--nodes", help="comma-separated host:port list (default: the cluster file)")
     nodes.add_argument("--peers-file", type=Path, dest="peers_file",
                        help='TOML peers file: one [[node]] table per node, address = "host:port"')
-    nodes.add_argument("--token", help="cluster token (default: env MLX_CLUSTER_TOKEN)")
+    nodes.add_argument("--token", help="cluster token (default: env MLX_CLUSTER_TOKEN, then the "
+                                       "file `mlx-cluster token new` wrote)")
     nodes.add_argument("--token-file", type=Path, help="read the cluster token from a file")
     nodes.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): talk TLS to the nodes")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    tok = sub.add_parser(
+        "token", help="make or show the cluster token nodes and consoles share",
+        description="One token guards every node of a cluster off loopback: `token new` "
+                    "stores a strong one in your config dir, where `mlx-node serve` and "
+                    "`mlx-cluster` read it by default; copy that file to the same place on "
+                    "every machine (or pass --token-file). Loopback clusters need none.")
+    tsub = tok.add_subparsers(dest="token_command", required=True)
+    new = tsub.add_parser("new", help="make a token and store it (mode 600)")
+    new.add_argument("--force", action="store_true", help="replace an existing token")
+    new.add_argument("--file", type=Path, help="store it here instead of the config dir")
+    tsub.add_parser("path", help="print where the token is stored")
 
     lp = sub.add_parser("local", help="start/stop a cluster of node processes on this machine")
     lsub = lp.add_subparsers(dest="local_command", required=True)

@@ -35,7 +35,9 @@ def status_text(rows: list[dict]) -> str:
         faults = ", ".join(f"{f['spec']['kind']} ({f['id']})" for f in r.get("faults", []))
         lines.append(f"{r['address']:22} {'up' if r['up'] else 'unhealthy':5} {r['name'][:10]:10} "
                      f"{caps['mlx_device']}/{caps['blas']:9} {mem}  {layers}"
-                     + (f"  faults: {faults}" if faults else ""))
+                     + (f"  faults: {faults}" if faults else "")
+                     + ("  OPEN: no token off loopback (--insecure)" if r.get("insecure")
+                        else ""))
     return "\n".join(lines)
 
 

@@ -71,8 +71,8 @@ class Route:
         self.clients = clients
         self.address = ""  # the entry node's, once known
 
-    async def find_entry(self, gone: set[str]) -> str:
-        if self.address and self.address not in gone:
+    async def find_entry(self, gone: set[str], again: bool) -> str:
+        if self.address and self.address not in gone and not again:
             return self.address
         try:
             client, _ = await ops.entry_client([c for c in self.clients

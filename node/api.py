@@ -34,7 +34,7 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from node.api_nodes import Nodes, NoNodeUp, plan_addresses
+from node.api_nodes import Loading, Nodes, NoNodeUp, plan_addresses
 from node.auth import bearer_matches
 from node.jsonform import to_dict
 from node.openai_api import (
@@ -53,6 +53,8 @@ from protos import cluster_pb2 as pb
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 52415  # exo's, so clients configured for exo work unchanged
 MAX_BODY_BYTES = 1024 * 1024
+LOAD_WAIT_S = 30.0  # a request that comes while a plan loads waits this long for it
+LOAD_POLL_S = 0.2
 
 # POST /v1/models/load: (addresses of the nodes that answer, the request body) -> JSON
 Loader = Callable[[list[str], dict], Awaitable[dict]]
@@ -67,6 +69,7 @@ class Gateway:
         self.nodes = nodes
         self.token = token
         self.api_key = api_key  # every /v1 endpoint needs it when set (/health does not)
+        self.load_wait_s = LOAD_WAIT_S
         self.default_max_tokens = default_max_tokens
         self.max_body_bytes = max_body_bytes
         self.loader = loader
@@ -109,7 +112,8 @@ class Gateway:
             error = ApiError(500, f"{type(e).__name__}: {e}", kind="server_error")
         if error.status >= 500:
             self.nodes.forget_entry()  # the plan may have moved: look again next time
-        return web.json_response(error.body(), status=error.status)
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+        return web.json_response(error.body(), status=error.status, headers=headers)
 
     @web.middleware
     async def _keyed(self, request: web.Request, handler) -> web.StreamResponse:
@@ -142,11 +146,27 @@ class Gateway:
                                 "Authorization: Bearer <token>",
                            kind="authentication_error", code="invalid_api_key")
 
+    async def _entry_info(self) -> pb.NodeInfo:
+        """The entry node's info; while a plan loads (a reload under traffic), waited for
+        up to `load_wait_s`, then a 503 with Retry-After that names what is loading."""
+        deadline = time.monotonic() + self.load_wait_s
+        while True:
+            try:
+                return (await self.nodes.entry())[1]
+            except Loading as e:
+                if time.monotonic() > deadline:
+                    raise ApiError(503, f"{e}; it did not finish within "
+                                        f"{self.load_wait_s:.0f} s: retry shortly",
+                                   kind="server_error", code="model_loading",
+                                   retry_after=5) from None
+                self.nodes.forget_entry()
+                await asyncio.sleep(LOAD_POLL_S)
+
     async def _loaded_model(self, asked: object) -> str:
-        _, info = await self.nodes.entry()
+        info = await self._entry_info()
         if asked not in (None, "", info.plan.model):  # a new plan since we looked?
             self.nodes.forget_entry()
-            _, info = await self.nodes.entry()
+            info = await self._entry_info()
         model = info.plan.model
         if asked not in (None, "", model):
             raise ApiError(404, f"the model {asked!r} is not loaded; this cluster serves "
@@ -237,8 +257,10 @@ class Gateway:
         (node.resume); a failure that ends the request as an ApiError."""
         entry = ""
 
-        async def find_entry(gone: set[str]) -> str:
+        async def find_entry(gone: set[str], again: bool) -> str:
             nonlocal entry
+            if again:
+                self.nodes.forget_entry()
             entry = await self.nodes.entry_address(gone)
             return entry
 

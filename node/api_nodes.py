@@ -29,6 +29,14 @@ class NoNodeUp(NoEntry):
     """Not one of the known nodes answered."""
 
 
+class Loading(NoEntry):
+    """No entry node yet, but a plan is being loaded: worth waiting for."""
+
+    def __init__(self, model: str, epoch: int) -> None:
+        super().__init__(f"{model} is being loaded as plan epoch {epoch}")
+        self.model, self.epoch = model, epoch
+
+
 def unreachable(address: str, error: grpc.aio.AioRpcError) -> str:
     return f"node {address} is unreachable ({error.details()}); is it running?" if (
         error.code() == grpc.StatusCode.UNAVAILABLE) else (
@@ -77,7 +85,13 @@ class Nodes:
         up = [(a, i) for a, i in found if isinstance(i, pb.NodeInfo)]
         if not up:
             raise NoNodeUp("; ".join(str(i) for _, i in found) or "no node is known")
-        info = entry_of([i for _, i in up])
+        try:
+            info = entry_of([i for _, i in up])
+        except NoEntry:
+            loading = max((i for _, i in up), key=lambda i: i.loading_epoch)
+            if loading.loading_epoch:
+                raise Loading(loading.loading_model, loading.loading_epoch) from None
+            raise
         address = next(a for a, i in up if i is info)
         self._entry = (now, address, info)
         return address, info

@@ -21,10 +21,39 @@ MUTATING = frozenset({"LoadShard", "UnloadShard", "InjectFault", "HealFaults", "
                       "Forward", "RingWake"})
 
 
-def read_token(token: str | None = None, token_file: Path | str | None = None) -> str | None:
-    """The token from an explicit value, a file, or the environment (in that order)."""
+def default_token_file() -> Path:
+    """Where `mlx-cluster token new` keeps the cluster token: the user's config dir
+    (~/.config/mlx-cluster-console/token on Linux; XDG_CONFIG_HOME moves it)."""
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("mlx-cluster-console")) / "token"
+
+
+def new_token(path: Path | None = None, force: bool = False) -> Path:
+    """Make a strong token (256 random bits) and store it, readable by this user only."""
+    import secrets
+
+    path = path or default_token_file()
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} already holds a token; --force replaces it (every "
+                              "node and console then needs the new one)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(32) + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def read_token(token: str | None = None, token_file: Path | str | None = None,
+               default_file: bool = True) -> str | None:
+    """The token from an explicit value, a file, the environment, or (`default_file`) the
+    file `mlx-cluster token new` wrote, in that order."""
     if token:
         return token
+    if not token_file and not os.environ.get(TOKEN_ENV) and default_file:
+        found = default_token_file()
+        token_file = found if found.is_file() else None
     if token_file:
         try:
             value = Path(token_file).expanduser().read_text().strip()

@@ -84,3 +84,10 @@ class PrefixEvicted(NodeError):
     the first shard runs the request again without reuse (node/prompts.py)."""
 
     code = "NOT_FOUND"
+
+
+class EntryMoved(NodeError):
+    """Generate reached a node that is not (or no longer, after a new plan) the plan's
+    entry: the client looks up the entry again and goes on there (node/resume.py)."""
+
+    code = "ABORTED"

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from node.errors import BadFrame, NodeError, NotLoaded
+from node.errors import BadFrame, EntryMoved, NodeError, NotLoaded
 from node.metrics import NodeMetrics
 from node.runner import Runner
 from protos import cluster_pb2 as pb
@@ -65,8 +65,9 @@ async def generate(node: EntryNode, request: pb.GenerateRequest
         runner = node.runner
         if runner is not None and not runner.is_first:  # the client's mistake: not retried
             info = runner.shard_info()
-            raise NotLoaded(f"this node holds layers {info.start_layer}-{info.end_layer}; "
-                            f"send Generate to the first shard at {runner.entry_address}")
+            raise EntryMoved(f"this node holds layers {info.start_layer}-{info.end_layer} "
+                             f"of plan epoch {runner.epoch}; send Generate to the first "
+                             f"shard at {runner.entry_address}")
         try:
             if runner is None:
                 raise NotLoaded("no model is loaded; run: mlx-cluster load --model SPEC")

@@ -63,6 +63,12 @@ def with_seed(request: pb.GenerateRequest) -> pb.GenerateRequest:
     return seeded
 
 
+def entry_moved(error: grpc.aio.AioRpcError) -> bool:
+    """The node is no longer the entry: a new plan replaced the one the request ran on
+    (node.errors.EntryMoved). The request goes on from the new plan's entry."""
+    return error.code() == grpc.StatusCode.ABORTED
+
+
 def lost_entry(error: grpc.aio.AioRpcError) -> bool:
     """The entry node went away (killed, crashed, its host gone), as opposed to refusing
     the request: worth a continuation on the survivors' new plan."""
@@ -72,7 +78,7 @@ def lost_entry(error: grpc.aio.AioRpcError) -> bool:
 
 
 async def resumable(request: pb.GenerateRequest,
-                    find_entry: Callable[[set[str]], Awaitable[str]],
+                    find_entry: Callable[[set[str], bool], Awaitable[str]],
                     channel: Callable[[str], grpc.aio.Channel],
                     metadata: tuple[tuple[str, str], ...] = (),
                     on_resume: Callable[[str, int], None] | None = None,
@@ -81,13 +87,16 @@ async def resumable(request: pb.GenerateRequest,
     address of the current entry node, leaving out the addresses in `gone` (raise NoEntry
     while there is none); `channel(address)` gives a channel to it. `on_resume(address,
     tokens)` is told of each continuation. Raises the last gRPC error when the request
-    cannot go on."""
+    cannot go on.
+
+    `find_entry(gone, again)`: `again` is set when a request lost or left its entry: the
+    answer must come from a fresh look, not a cached one."""
     request = with_seed(request)
     ids: list[int] = []
     chars = 0
     gone: set[str] = set()
     resumes = 0
-    address = await find_entry(gone)
+    address = await find_entry(gone, False)
     while True:
         attempt = request
         if ids:
@@ -104,12 +113,15 @@ async def resumable(request: pb.GenerateRequest,
                 yield event
             return
         except grpc.aio.AioRpcError as e:
-            if not lost_entry(e) or resumes >= MAX_RESUMES:
+            moved = entry_moved(e)
+            if not (moved or lost_entry(e)) or resumes >= MAX_RESUMES:
                 raise
             resumes += 1
-            gone.add(address)
-            log.info("entry node %s lost after %d token(s) (%s); finding the new entry",
-                     address, len(ids), e.code().name)
+            if not moved:  # gone; a node the plan moved away from may be entry again
+                gone.add(address)
+            log.info("entry node %s %s after %d token(s) (%s); finding the new entry",
+                     address, "left by a new plan" if moved else "lost", len(ids),
+                     e.code().name)
             if len(ids) >= (request.max_tokens or DEFAULT_MAX_TOKENS):
                 yield pb.GenerateEvent(done=pb.GenerateDone(
                     finish_reason="length", completion_tokens=len(ids)))
@@ -121,13 +133,14 @@ async def resumable(request: pb.GenerateRequest,
             call.cancel()
 
 
-async def _wait_for_entry(find_entry: Callable[[set[str]], Awaitable[str]], gone: set[str],
+async def _wait_for_entry(find_entry: Callable[[set[str], bool], Awaitable[str]],
+                          gone: set[str],
                           limit_s: float, error: grpc.aio.AioRpcError) -> str:
     deadline = time.monotonic() + limit_s
     seen = ""
     while time.monotonic() < deadline:
         try:
-            return await find_entry(gone)
+            return await find_entry(gone, True)
         except NoEntry as e:
             seen = str(e)
         except grpc.aio.AioRpcError as e:

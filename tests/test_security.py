@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,16 @@ from console.client import ClusterError
 from console.ops import Connection
 from protos import cluster_pb2 as pb
 from tests.conftest import spawn_node
-from tests.helpers import ROOT, addresses, eventually, load, node, serve_api
+from tests.helpers import (
+    ROOT,
+    addresses,
+    eventually,
+    load,
+    mlx_cluster,
+    node,
+    serve_api,
+    stop_process,
+)
 
 pytestmark = pytest.mark.cluster
 TOKEN = "s3cret-token-for-tests"
@@ -187,3 +197,53 @@ async def test_the_gateway_off_loopback_needs_an_api_key_and_serves_openai_clien
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="anything", max_retries=0)
         assert [m.id for m in (await client.models.list()).data] == ["synthetic:tiny"]
         await client.close()
+
+
+async def test_a_node_off_loopback_needs_a_token_or_insecure_and_status_shows_it_open(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # no token file yet
+    monkeypatch.delenv("MLX_CLUSTER_TOKEN", raising=False)
+    env = dict(os.environ)
+    serve = [sys.executable, "-m", "node.cli", "serve", "--host", "127.0.0.2", "--port", "0",
+             "--no-advertise", "--state-dir", str(tmp_path / "state")]
+    refused = await asyncio.to_thread(subprocess.run, serve, capture_output=True, text=True,
+                                      cwd=ROOT, timeout=60, env=env)
+    assert refused.returncode == 1, refused.stderr
+    assert "without a cluster token" in refused.stderr
+    assert "mlx-cluster token new" in refused.stderr and "--insecure" in refused.stderr
+
+    made = await asyncio.to_thread(mlx_cluster, "token", "new", env=env)
+    assert made.returncode == 0, made.stderr
+    token_file = tmp_path / "config" / "mlx-cluster-console" / "token"
+    assert token_file.stat().st_mode & 0o077 == 0  # the user's only
+    proc, ready = await asyncio.to_thread(
+        spawn_node, tmp_path / "keyed.json", "--host", "127.0.0.2", "--no-advertise",
+        "--state-dir", str(tmp_path / "state"))
+    try:
+        assert ready["address"].startswith("127.0.0.2:")
+        async with node(ready["address"], Connection(token="")) as anonymous:
+            info = await anonymous.info()  # read-only calls stay open
+            assert info.auth_required and not info.insecure
+            with pytest.raises(ClusterError, match="token"):
+                await anonymous.unload()
+        # mlx-cluster reads the same token file
+        status = await asyncio.to_thread(mlx_cluster, "unload", "--nodes", ready["address"],
+                                         env=env)
+        assert status.returncode == 0, status.stderr
+    finally:
+        stop_process(proc)
+
+    token_file.unlink()
+    proc, ready = await asyncio.to_thread(
+        spawn_node, tmp_path / "open.json", "--host", "127.0.0.2", "--no-advertise",
+        "--insecure", "--state-dir", str(tmp_path / "state"))
+    try:
+        status = await asyncio.to_thread(mlx_cluster, "status", "--nodes", ready["address"],
+                                         "--json", env=env)
+        row = json.loads(status.stdout)["nodes"][0]
+        assert row["insecure"] is True and row["auth_required"] is False
+        text = await asyncio.to_thread(mlx_cluster, "status", "--nodes", ready["address"],
+                                       env=env)
+        assert "OPEN: no token off loopback" in text.stdout
+    finally:
+        stop_process(proc)

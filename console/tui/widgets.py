@@ -71,7 +71,7 @@ class NodesTable(DataTable):
                 "node": Text.assemble((view.label, "bold"), (
                     " ★" if coordinator and view.node_id == coordinator else "", "bold yellow")),
                 "address": address,
-                "state": Text(view.state, style=STATE_STYLE.get(view.state, "")),
+                "state": state_text(view, monitor.has_token),
                 "memory": memory_bar(used, budget),
                 "cpu%": f"{snap.cpu_percent:.0f}" if snap else "—",
                 "layers": layers,
@@ -89,6 +89,18 @@ class NodesTable(DataTable):
                 if text != old:
                     self.update_cell(address, column, value, update_width=len(text) > len(old))
                     self._shown[(address, column)] = text
+
+
+def state_text(view, has_token: bool) -> Text:
+    """A node's state, and how it is guarded when that needs saying: open (off loopback
+    with no token: anyone may change it) or token needed (this console has none)."""
+    text = Text(view.state, style=STATE_STYLE.get(view.state, ""))
+    info = view.info
+    if info is not None and info.insecure:
+        text.append(" open", style="bold red")
+    elif info is not None and info.auth_required and not has_token:
+        text.append(" token needed", style="bold yellow")
+    return text
 
 
 class Rerendered(Static):

@@ -31,9 +31,11 @@ class FakeMonitor:
     coordinator, has died and the survivors run epoch 3 under local-1."""
 
     def __init__(self, n: int = 3, loaded: bool = True, tensor: bool = False,
-                 takeover: bool = False) -> None:
+                 takeover: bool = False, guarded: bool = False) -> None:
         rng = random.Random(42)
         self.mdns, self.static = False, [f"127.0.0.1:5005{i}" for i in range(n)]
+        # guarded: local-1 needs a token this console lacks, local-2 is open (--insecure)
+        self.has_token = not guarded
         self.nodes: dict[str, NodeView] = {}
         self._plan = None
         ranges = [(0, 29)] * n if tensor else [(0, 9), (10, 19), (20, 29)][:n]
@@ -50,6 +52,8 @@ class FakeMonitor:
             info = pb.NodeInfo(node_id=f"node{i:08x}", name=f"local-{i}", address=address,
                                protocol_version=PROTOCOL_VERSION)
             dead = takeover and i == 0
+            info.auth_required = guarded and i == 1
+            info.insecure = guarded and i == 2
             info.capabilities.memory_budget = 20 * GIB
             info.capabilities.mlx_device, info.capabilities.blas = "cpu", "openblas"
             snap = pb.MetricsSnapshot(node_id=info.node_id, cpu_percent=[38.5, 22.0, 41.2][i % 3],

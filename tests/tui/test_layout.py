@@ -71,3 +71,12 @@ async def test_the_throughput_panel_shows_the_prefix_caches_held_and_the_entry_h
     async with app.run_test(size=SIZES[0]) as pilot:
         await pilot.pause()
         assert "prefix cache" not in str(app.query_one("#throughput-text", Static).render())
+
+
+async def test_the_nodes_table_says_which_node_is_open_and_which_needs_a_token():
+    app = ClusterApp(FakeMonitor(guarded=True), start_monitor=False)
+    async with app.run_test(size=SIZES[0]) as pilot:
+        await pilot.pause()
+        table = app.query_one("#nodes")
+        states = [str(table.get_row(a)[2]) for a in app.monitor.static]
+        assert states == ["up", "up token needed", "up open"]
