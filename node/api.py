@@ -358,14 +358,16 @@ async def start(gateway: Gateway, host: str, port: int) -> tuple[web.AppRunner, 
     return runner, runner.addresses[0][1]
 
 
-async def start_node_api(servicer, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_node_api(servicer, host: str, port: int,
+                         api_key: str | None = None) -> tuple[web.AppRunner, int]:
     """A node's own API (`mlx-node serve --api-port`): the nodes of its plan and itself,
     through its peer channels, guarded by its cluster token."""
     def known() -> list[str]:
         runner = servicer.runner
         return plan_addresses(servicer.address, runner.plan if runner is not None else None)
 
-    return await start(Gateway(Nodes(known, servicer.peers), servicer.token), host, port)
+    return await start(Gateway(Nodes(known, servicer.peers), servicer.token, api_key=api_key),
+                       host, port)
 
 
 def serve(addresses: list[str], host: str, port: int, token: str | None = None,

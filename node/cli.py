@@ -16,6 +16,7 @@ from pathlib import Path
 
 from node import PROTOCOL_VERSION, __version__
 from node.auth import (
+    API_KEY_ENV,
     TOKEN_ENV,
     default_token_file,
     is_loopback,
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also serve the OpenAI-compatible HTTP API on this port (on "
                             "--host; 0 picks a free one); it forwards to the plan's entry "
                             "node, whichever node that is")
+    serve.add_argument("--api-key", default=None,
+                       help="key every /v1 request to --api-port must send as 'Authorization: "
+                            "Bearer <key>' (default: env MLX_CLUSTER_API_KEY); needed off "
+                            "loopback unless --insecure")
     serve.add_argument("--ready-file", type=Path, default=None,
                        help="write {node_id, address, pid, name, api} as JSON here once "
                             "serving (api: the HTTP API's URL, with --api-port)")
@@ -116,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "`mlx-cluster token new` writes)")
     sec.add_argument("--insecure", action="store_true",
                      help="serve off loopback without a token (the node starts only with one "
-                          "otherwise): anyone who reaches the port may change it")
+                          "otherwise), and --api-port without a key: anyone who reaches the "
+                          "ports may change the node or use the API")
     sec.add_argument("--allow-faults", action="store_true",
                      help="accept fault injection (mlx-cluster inject); refused otherwise")
     sec.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate (PEM)")
@@ -151,6 +157,11 @@ async def _serve(args: argparse.Namespace) -> None:
                 "to serve open")
         log.warning("serving OPEN on %s (--insecure): anyone who reaches this port may load, "
                     "unload, inject faults, shut the node down or send it frames", args.host)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.api_port is not None and not api_key and not local and not args.insecure:
+        raise ValueError(f"refusing to serve the HTTP API on {args.host} without a key: give "
+                         f"--api-key KEY (or {API_KEY_ENV}), which clients send as their "
+                         "api_key, or --insecure to serve it open")
     credentials = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -174,7 +185,8 @@ async def _serve(args: argparse.Namespace) -> None:
         from node.api import start_node_api
 
         try:
-            api, servicer.api_port = await start_node_api(servicer, args.host, args.api_port)
+            api, servicer.api_port = await start_node_api(servicer, args.host, args.api_port,
+                                                          api_key)
         except OSError:
             await server.stop(grace=None)
             raise

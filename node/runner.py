@@ -161,12 +161,16 @@ async def serve_request(backend: Backend, request: pb.GenerateRequest,
             if item is None:
                 break  # the backend ended the request
             token, compute_s, logprob = item
+            # the next step starts before this token is written to the client (and, when
+            # the token id alone says it is not the last, before it is detokenised), so
+            # that work overlaps the backend's instead of adding to every token
+            if stream.continues_after(token):
+                work = backend.next(request_id, token, len(ids) + stream.generated,
+                                    request.sampling)
             event = stream.accept(token, compute_s, logprob)
             if event is None:
                 break  # end of sequence
-            if stream.more:
-                # the next step starts before this token is written to the client, so the
-                # client write overlaps the backend's work instead of adding to every token
+            if stream.more and work is None:
                 work = backend.next(request_id, token, len(ids) - 1 + stream.generated,
                                     request.sampling)
             yield event
@@ -336,6 +340,12 @@ class TokenStream:
     @property
     def more(self) -> bool:
         return self.finish == "length" and self.generated < self.max_tokens
+
+    def continues_after(self, token: int) -> bool:
+        """Whether generation surely goes on after `token`, known from its id alone: not
+        end-of-sequence, not the last allowed, and no stop strings to match."""
+        return (not self._stops.stops and token not in self._eos_ids
+                and self.generated + 1 < self.max_tokens and self.finish == "length")
 
     @property
     def stopped(self) -> bool:

@@ -216,6 +216,11 @@ async def test_a_node_off_loopback_needs_a_token_or_insecure_and_status_shows_it
     assert made.returncode == 0, made.stderr
     token_file = tmp_path / "config" / "mlx-cluster-console" / "token"
     assert token_file.stat().st_mode & 0o077 == 0  # the user's only
+    keyless = await asyncio.to_thread(subprocess.run, [*serve, "--api-port", "0"],
+                                      capture_output=True, text=True, cwd=ROOT, timeout=60,
+                                      env={k: v for k, v in env.items()
+                                           if k != "MLX_CLUSTER_API_KEY"})
+    assert keyless.returncode == 1 and "--api-key" in keyless.stderr, keyless.stderr
     proc, ready = await asyncio.to_thread(
         spawn_node, tmp_path / "keyed.json", "--host", "127.0.0.2", "--no-advertise",
         "--state-dir", str(tmp_path / "state"))
