@@ -55,27 +55,22 @@ class PromptStore:
         `length` positions. (None, 0) when nothing is reused."""
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
-        if self._lru is None or not prompt or length == 0:
-            if length:
-                raise PrefixEvicted("this shard's prefix cache is off, but the first shard "
-                                    f"reuses {length} cached positions")
+        if length == 0:
             return None, 0
-        self.lookups += 1
-        caches, rest = self._lru.fetch_nearest_cache(KEY, prompt)
-        held = len(prompt) - len(rest) if caches is not None else 0
+        caches, held = None, 0
+        if self._lru is not None and prompt:
+            self.lookups += 1
+            caches, rest = self._lru.fetch_nearest_cache(KEY, prompt)
+            held = len(prompt) - len(rest) if caches is not None else 0
         want = min(held, len(prompt) - 1) if length is None else length
-        if want <= 0 or held < want:
+        if not (0 < want <= held and (held == want or can_trim_prompt_cache(caches))):
             if length is not None:
                 raise PrefixEvicted(
                     f"the first shard reuses {length} cached prompt positions, but this "
-                    f"shard holds {held} of them (evicted meanwhile?)")
+                    f"shard holds {held} it can use (evicted meanwhile, or its prefix cache "
+                    "is off?)")
             return None, 0
         if held > want:
-            if not can_trim_prompt_cache(caches):
-                if length is not None:
-                    raise PrefixEvicted(f"this shard cannot trim its cached prefix to "
-                                        f"{length} positions")
-                return None, 0
             trim_prompt_cache(caches, held - want)
         self.hits += 1
         self.tokens_reused += want
