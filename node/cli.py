@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "of recent prompts, so that a request starting with one (the next "
                             "turn of a chat) computes only the rest (default: 1 GiB or an "
                             "eighth of the memory budget, whichever is less)")
+    serve.add_argument("--warmup-batches", type=_batch_sizes, default=None,
+                       metavar="SIZES",
+                       help="decode batch sizes each new shard runs once at load, so that no "
+                            "request waits for what MLX compiles on a shape's first use, "
+                            "e.g. 1-8,16 (default auto: 1-8,16,32,64 on a GPU, none on a "
+                            "CPU, where first use costs little; 'none' turns it off)")
     serve.add_argument("--request-timeout", type=float, default=120.0,
                        help="seconds to wait for a token to come back round the ring")
     serve.add_argument("--ring-port", type=int, default=0,
@@ -171,7 +177,8 @@ async def _serve(args: argparse.Namespace) -> None:
                             token=token, allow_faults=args.allow_faults, peer_ca=args.tls_ca,
                             tls=credentials is not None, ring_port=args.ring_port,
                             protocol_version=args.protocol_version,
-                            prompt_cache_bytes=args.prompt_cache_bytes)
+                            prompt_cache_bytes=args.prompt_cache_bytes,
+                            warmup_batches=args.warmup_batches)
     servicer.insecure = token is None and not local  # shown as open in status
     if args.calibrate:
         servicer.matmul_gflops = cached_calibration(state_dir)
@@ -229,6 +236,15 @@ async def _advertise(advertiser, servicer) -> None:
         servicer.advertising = True
     except Exception as e:  # no multicast here: the node still serves, by address
         log.warning("zeroconf advertising failed (%s); name this node with --nodes instead", e)
+
+
+def _batch_sizes(text: str) -> list[int] | None:
+    from node.batch import parse_batch_sizes
+
+    try:
+        return parse_batch_sizes(text)
+    except ValueError as e:  # argparse shows only this kind's message
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ import psutil
 
 from node import PROTOCOL_VERSION, __version__, failover
 from node.auth import token_metadata
+from node.batch import auto_warmup_batches
 from node.capabilities import capabilities, default_memory_budget
 from node.coordinator import Coordinator
 from node.datalink import DataServer
@@ -68,7 +69,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                  token: str | None = None, allow_faults: bool = False,
                  peer_ca: Path | None = None, tls: bool = False, ring_port: int = 0,
                  protocol_version: int = PROTOCOL_VERSION,
-                 prompt_cache_bytes: int | None = None) -> None:
+                 prompt_cache_bytes: int | None = None,
+                 warmup_batches: list[int] | None = None) -> None:
         self.node_id = node_id
         self.protocol_version = protocol_version  # another one only in tests (node.cli)
         self.token = token
@@ -98,6 +100,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.prompt_cache_bytes = prompt_cache_bytes if prompt_cache_bytes is not None else (
             min(GIB, self.memory_budget // 8))
         self.idle_request_s = idle_request_s
+        # batch sizes each new shard runs once at load (None: auto, node/batch.py)
+        self.warmup_batches = warmup_batches
         self.metrics = NodeMetrics()
         self.matmul_gflops = 0.0  # set by --calibrate
         self.advertising = False
@@ -272,6 +276,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             engine = Engine(self.shard, self.executor, on_forward=self._count_forward,
                             gather_s=gather_s, admit_s=admit_s,
                             prompt_cache_bytes=self.prompt_cache_bytes)
+            if not same:
+                await self._warm(engine)
             self.runner = Pipeline(self.node_id, plan, engine, self.metrics, self.peers,
                                    self.request_timeout_s, token_metadata(self.token),
                                    self.faults)
@@ -288,6 +294,24 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         log.info("loaded %s layers %d-%d (epoch %d, %s) in %.1f s", plan.model,
                  ours.start_layer, ours.end_layer, plan.epoch, plan.backend or "pipeline",
                  load_seconds)
+
+    async def _warm(self, engine: Engine) -> None:
+        """Run the batch sizes the node serves once, before the plan is live, so that no
+        request waits for what MLX compiles on first use (node/batch.py `warm`)."""
+        sizes = self.warmup_batches
+        loop = asyncio.get_running_loop()
+        if sizes is None:
+            sizes = await loop.run_in_executor(self.executor, auto_warmup_batches)
+        if not sizes:
+            return
+        try:
+            seconds = await loop.run_in_executor(self.executor, engine.batch.warm, sizes)
+        except Exception as e:  # serving without it is slower at first, not wrong
+            log.warning("warm-up of batch sizes %s failed (%s: %s); serving without it",
+                        sizes, type(e).__name__, e)
+            return
+        engine.shard.load_seconds += seconds
+        log.info("warmed batch sizes %s in %.2f s", ",".join(map(str, sizes)), seconds)
 
     def _count_forward(self, rows: int) -> None:
         """Each forward the engine ran and how many requests it served (the batch size)."""

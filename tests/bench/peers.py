@@ -16,8 +16,9 @@ Completion tokens come from the usage chunk when the server sends one
 (one per token; the gateway's). EOS is not ignored (mlx_lm.server has no such option), so
 the mean tokens per request is printed to show the answers are of like length.
 Throughput is aggregate: completion tokens of a level / its wall time. Prints the
-median tok/s per system and level and its ratio to mlx_lm.server at the same level;
---json OUT writes every number.
+median tok/s per system and level, its ratio to mlx_lm.server at the same level, and the
+median time to the first content chunk (TTFT) of the level's requests; --json OUT writes
+every number.
 
     .venv/bin/python tests/bench/peers.py [--model smollm2-135m] [--repeats 3]
     .venv/bin/python tests/bench/peers.py --repeats 1 --json /tmp/peers.json
@@ -134,30 +135,38 @@ def ready_url(ready: Path) -> str | None:
         return None
 
 
-async def one(api: openai.AsyncOpenAI, model: str, prompt: str, tokens: int) -> int:
+async def one(api: openai.AsyncOpenAI, model: str, prompt: str,
+              tokens: int) -> tuple[int, float]:
+    """(completion tokens, seconds to the first content chunk) of one streamed chat."""
+    t0 = time.perf_counter()
     stream = await api.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
         temperature=0, stream=True, stream_options={"include_usage": True})
-    chunks, used = 0, None
+    chunks, used, ttft = 0, None, 0.0
     async for chunk in stream:
         if chunk.usage is not None:
             used = chunk.usage.completion_tokens
-        chunks += sum(1 for c in chunk.choices if c.delta and c.delta.content)
-    return used if used is not None else chunks
+        content = sum(1 for c in chunk.choices if c.delta and c.delta.content)
+        if content and not chunks:
+            ttft = time.perf_counter() - t0
+        chunks += content
+    return (used if used is not None else chunks), ttft
 
 
 async def level(api: openai.AsyncOpenAI, model: str, concurrency: int, requests: int,
-                tokens: int) -> tuple[float, int]:
-    """(aggregate tok/s, completion tokens) of `requests` requests, `concurrency` at once."""
+                tokens: int) -> tuple[float, int, list[float]]:
+    """(aggregate tok/s, completion tokens, each request's TTFT) of `requests` requests,
+    `concurrency` at once."""
     gate = asyncio.Semaphore(concurrency)
 
-    async def gated(i: int) -> int:
+    async def gated(i: int) -> tuple[int, float]:
         async with gate:
             return await one(api, model, PROMPTS[i % len(PROMPTS)], tokens)
 
     t0 = time.perf_counter()
-    counts = await asyncio.gather(*(gated(i) for i in range(requests)))
-    return sum(counts) / (time.perf_counter() - t0), sum(counts)
+    got = await asyncio.gather(*(gated(i) for i in range(requests)))
+    count = sum(n for n, _ in got)
+    return count / (time.perf_counter() - t0), count, [t for _, t in got]
 
 
 async def measure(systems: dict[str, tuple[str, str]], args) -> dict:
@@ -165,6 +174,7 @@ async def measure(systems: dict[str, tuple[str, str]], args) -> dict:
                                         max_retries=0, timeout=600)
                for name, (url, _) in systems.items()}
     tps = {name: {c: [] for c in args.levels} for name in systems}
+    ttft = {name: {c: [] for c in args.levels} for name in systems}
     tokens = {name: {c: 0 for c in args.levels} for name in systems}
     try:
         for name, (_, model) in systems.items():
@@ -174,17 +184,18 @@ async def measure(systems: dict[str, tuple[str, str]], args) -> dict:
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 for c in args.levels:
-                    rate, n = await level(clients[name], systems[name][1], c,
-                                          c * args.rounds, args.tokens)
+                    rate, n, firsts = await level(clients[name], systems[name][1], c,
+                                                  c * args.rounds, args.tokens)
                     tps[name][c].append(rate)
+                    ttft[name][c] += firsts
                     tokens[name][c] += n
                     print(f"  round {r + 1}: {name:<20} concurrency {c:>2}: "
-                          f"{rate:7.2f} tok/s ({n / (c * args.rounds):.1f} tokens/request)",
-                          flush=True)
+                          f"{rate:7.2f} tok/s ({n / (c * args.rounds):.1f} tokens/request, "
+                          f"TTFT p50 {statistics.median(firsts) * 1e3:.1f} ms)", flush=True)
     finally:
         for client in clients.values():
             await client.close()
-    return {"tps": tps, "tokens": tokens}
+    return {"tps": tps, "tokens": tokens, "ttft": ttft}
 
 
 def main() -> int:
@@ -224,12 +235,17 @@ def main() -> int:
                   for c, m in lv.items()} for s, lv in medians.items()}
     per_request = {s: {c: n / (c * args.rounds * args.repeats) for c, n in lv.items()}
                    for s, lv in got["tokens"].items()}
-    head = "".join(f" {f'c={c} tok/s':>11} {'ratio':>6} {'tok/req':>7}" for c in args.levels)
+    ttft = {s: {c: statistics.median(v) for c, v in lv.items()}
+            for s, lv in got["ttft"].items()}
+    head = "".join(f" {f'c={c} tok/s':>11} {'ratio':>6} {'tok/req':>7} {'TTFT ms':>8}"
+                   for c in args.levels)
     print(f"\nmedians of {args.repeats} round(s); ratio is to {REFERENCE} at the same "
-          f"concurrency\n{'system':<20}{head}")
+          f"concurrency; TTFT is the median over every request after the warm-up one\n"
+          f"{'system':<20}{head}")
     for s in medians:
         print(f"{s:<20}" + "".join(f" {medians[s][c]:11.2f} {ratios[s][c]:6.2f} "
-                                   f"{per_request[s][c]:7.1f}" for c in args.levels))
+                                   f"{per_request[s][c]:7.1f} {ttft[s][c] * 1e3:8.1f}"
+                                   for c in args.levels))
     if args.json:
         args.json.write_text(json.dumps({
             "model": args.model, "model_dir": str(model_dir), "dtype": args.dtype,
@@ -242,6 +258,8 @@ def main() -> int:
             "ratio": {s: {str(c): v for c, v in lv.items()} for s, lv in ratios.items()},
             "tokens_per_request": {s: {str(c): v for c, v in lv.items()}
                                    for s, lv in per_request.items()},
+            "median_ttft_s": {s: {str(c): v for c, v in lv.items()} for s, lv in ttft.items()},
+            "ttft_s": {s: {str(c): v for c, v in lv.items()} for s, lv in got["ttft"].items()},
         }, indent=2))
         print(f"wrote {args.json}")
     return 0
