@@ -356,3 +356,28 @@ def test_warm_up_batch_sizes_parse_as_the_flag_takes_them():
     for bad in ("x", "4-2", "0-3", "2000"):
         with pytest.raises(ValueError):
             parse_batch_sizes(bad)
+
+
+def test_a_request_that_ends_is_no_longer_waited_for():
+    """A shard waits (its gather window) for the next steps of the requests under way, so
+    that they share a forward. When one of them ends meanwhile, the others go at once
+    instead of waiting out the window for a step that will never come (a 30 s window
+    here: the step would time out)."""
+    shard = load_shard(resolve("synthetic:tiny"), 0, 7)
+
+    async def run(executor: ThreadPoolExecutor) -> None:
+        engine = Engine(shard, executor, gather_s=30.0)
+        greedy = Sampling()
+        await asyncio.gather(*(engine.step(f"r{i}", 0, tokens=[256, 65 + i], sample=greedy)
+                               for i in range(2)))
+        await asyncio.gather(*(engine.step(f"r{i}", 2, tokens=[70], sample=greedy)
+                               for i in range(2)))
+        alone = asyncio.ensure_future(engine.step("r0", 3, tokens=[71], sample=greedy))
+        await asyncio.sleep(0.2)
+        assert not alone.done()  # waiting for r1's step
+        assert engine.free("r1")
+        result = await asyncio.wait_for(alone, 5.0)
+        assert result.token is not None
+
+    with ThreadPoolExecutor(1) as executor:
+        asyncio.run(run(executor))
