@@ -18,6 +18,23 @@ from console.bench import SCHEMA, validate_results
 from console.client import ClusterError
 from node.plan import GIB
 
+# what tests/bench/peers.py --json writes: serve-api beside mlx_lm.server on one machine
+PEERS_SCHEMA = "mlx-cluster-peers/1"
+PEERS_KEYS = ("model", "machine", "reference", "systems", "levels", "repeats", "max_tokens",
+              "median_tok_s", "ratio")
+
+
+def validate_peers(doc: dict) -> list[str]:
+    """Problems with a peers.py result document (empty when it is whole)."""
+    problems = [f"missing {key}" for key in PEERS_KEYS if key not in doc]
+    for key in ("median_tok_s", "ratio"):
+        for system in doc.get("systems", []):
+            for level in doc.get("levels", []):
+                if not isinstance(doc.get(key, {}).get(system, {}).get(str(level)),
+                                  int | float):
+                    problems.append(f"{key}[{system!r}][{level}] missing")
+    return problems
+
 
 def load_results(paths: list[Path]) -> list[dict]:
     docs = []
@@ -26,10 +43,11 @@ def load_results(paths: list[Path]) -> list[dict]:
             doc = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ClusterError(f"cannot read results {path}: {e}") from e
-        if doc.get("schema") != SCHEMA:
-            raise ClusterError(f"{path} is not a {SCHEMA} result file "
+        if doc.get("schema") not in (SCHEMA, PEERS_SCHEMA):
+            raise ClusterError(f"{path} is not a {SCHEMA} (mlx-cluster bench) or "
+                               f"{PEERS_SCHEMA} (tests/bench/peers.py) result file "
                                f"(schema: {doc.get('schema')!r})")
-        problems = validate_results(doc)
+        problems = validate_results(doc) if doc["schema"] == SCHEMA else validate_peers(doc)
         if problems:
             raise ClusterError(f"{path} is incomplete: " + "; ".join(problems[:5]))
         doc["_source"] = str(path)
@@ -392,8 +410,38 @@ def charts(rs: list[dict], out_dir: Path, stem: str) -> list[Path]:
     return written
 
 
+def peers_section(docs: list[dict]) -> str:
+    """serve-api against mlx_lm.server, as tests/bench/peers.py measured it."""
+    parts = []
+    for doc in docs:
+        m, levels, ref = doc["machine"], doc["levels"], doc["reference"]
+        ttft = doc.get("median_ttft_s", {})
+        head = ["system"]
+        for c in levels:
+            head += [f"c={c} tok/s", f"vs {ref}"] + ([f"c={c} TTFT ms"] if ttft else [])
+        body = []
+        for system in doc["systems"]:
+            row = [f"`{system}`"]
+            for c in levels:
+                row += [f1(doc["median_tok_s"][system][str(c)]),
+                        f"{doc['ratio'][system][str(c)]:.2f}"]
+                if ttft:
+                    row.append(ms(ttft.get(system, {}).get(str(c), 0.0)))
+            body.append(row)
+        parts.append(
+            f"`{doc['_source']}`: model `{doc['model']}`, the same streamed chat prompts through "
+            f"the official openai client, max_tokens {doc['max_tokens']}, greedy; medians of "
+            f"{doc['repeats']} interleaved round(s) on one machine ({m.get('cpus')} CPUs, "
+            f"{m.get('platform')}, BLAS {m.get('blas')}).\n\n" + table(head, body))
+    return f"## Compared with {docs[0]['reference']}\n\n" + "\n\n".join(parts)
+
+
 def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
+    peers = [d for d in docs if d.get("schema") == PEERS_SCHEMA]
+    docs = [d for d in docs if d.get("schema") != PEERS_SCHEMA]
     rs = rows(docs)
+    if peers and not docs:
+        return "\n\n".join(["# Cluster benchmark report", peers_section(peers)]) + "\n"
     if not rs and not any(d.get("scenarios") for d in docs):
         raise ClusterError("the result files hold no runs")
     if not rs:  # fault scenarios only
@@ -402,7 +450,8 @@ def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
     parts = ["# Cluster benchmark report",
              "Every number below was measured by `mlx-cluster bench` on the machines named in "
              "the setup section; rerun it to check them.",
-             summary_section(rs), environment_section(docs), backends_section(rs),
+             summary_section(rs), *([peers_section(peers)] if peers else []),
+             environment_section(docs), backends_section(rs),
              throughput_section(rs),
              latency_section(rs), memory_section(docs), communication_section(rs),
              scaling_section(rs), reliability_section(rs), fault_section(docs),
@@ -414,6 +463,7 @@ def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
 
 def write_report(docs: list[dict], output: Path) -> list[Path]:
     output.parent.mkdir(parents=True, exist_ok=True)
-    pngs = charts(rows(docs), output.parent, output.stem)
+    pngs = charts(rows([d for d in docs if d.get("schema") != PEERS_SCHEMA]), output.parent,
+                  output.stem)
     output.write_text(render(docs, [p.name for p in pngs]))
     return [output, *pngs]

@@ -109,6 +109,7 @@ def test_report_refuses_files_that_are_not_results(tmp_path):
     res = mlx_cluster("report", str(bad), "-o", str(tmp_path / "r.md"),
                       env=dict(os.environ))
     assert res.returncode == 1 and "is not a mlx-cluster-bench/1" in res.stderr
+    assert "mlx-cluster-peers/1" in res.stderr
 
 
 def test_kill_scenario_under_load_keeps_outputs_and_reports_recovery(tmp_path):
@@ -203,3 +204,29 @@ def test_several_kill_positions_on_named_nodes_are_refused_before_anything_runs(
                   scenario="kill", positions=["entry", "last"])
     with pytest.raises(ClusterError, match="--node middle needs 3 or more nodes"):
         run_bench(work, None, [2], True, scenario="kill", positions=["middle"])
+
+
+def test_peers_results_become_a_compared_with_mlx_lm_server_section(tmp_path):
+    """tests/bench/peers.py --json output goes into the report as its own section: every
+    system's tok/s, its ratio to mlx_lm.server and its TTFT at each concurrency."""
+    from console.report import PEERS_SCHEMA, load_results, render
+
+    systems = ["mlx_lm.server", "serve-api 1 node", "serve-api 3 nodes"]
+    tok = {"mlx_lm.server": (12.5, 60.0), "serve-api 1 node": (13.5, 66.0),
+           "serve-api 3 nodes": (12.0, 57.0)}
+    doc = {"schema": PEERS_SCHEMA, "model": "smollm2-135m", "max_tokens": 64, "repeats": 3,
+           "machine": {"cpus": 2, "platform": "Linux-x86_64", "blas": "openblas"},
+           "reference": "mlx_lm.server", "systems": systems, "levels": [1, 8],
+           "median_tok_s": {s: {"1": a, "8": b} for s, (a, b) in tok.items()},
+           "ratio": {s: {"1": a / 12.5, "8": b / 60.0} for s, (a, b) in tok.items()},
+           "median_ttft_s": {s: {"1": 0.08, "8": 0.25} for s in systems}}
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(doc))
+    text = render(load_results([path]))
+    assert "## Compared with mlx_lm.server" in text
+    assert "| `serve-api 1 node` | 13.5 | 1.08 | 80.0 | 66.0 | 1.10 | 250.0 |" in text
+    assert "| `serve-api 3 nodes` | 12.0 | 0.96 | 80.0 | 57.0 | 0.95 | 250.0 |" in text
+    del doc["ratio"]
+    path.write_text(json.dumps(doc))
+    res = mlx_cluster("report", str(path), "-o", str(tmp_path / "r.md"), env=dict(os.environ))
+    assert res.returncode == 1 and "missing ratio" in res.stderr

@@ -18,7 +18,8 @@ the mean tokens per request is printed to show the answers are of like length.
 Throughput is aggregate: completion tokens of a level / its wall time. Prints the
 median tok/s per system and level, its ratio to mlx_lm.server at the same level, and the
 median time to the first content chunk (TTFT) of the level's requests; --json OUT writes
-every number.
+every number, which `mlx-cluster report OUT ...` turns into a "Compared with
+mlx_lm.server" section.
 
     .venv/bin/python tests/bench/peers.py [--model smollm2-135m] [--repeats 3]
     .venv/bin/python tests/bench/peers.py --repeats 1 --json /tmp/peers.json
@@ -50,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 import openai  # noqa: E402
 
 from console import local  # noqa: E402
+from console.report import PEERS_SCHEMA  # noqa: E402
 from node.blas import openblas_env, openblas_path  # noqa: E402
 from tests.bench.common import add_model_arguments  # noqa: E402
 from tests.bench.concurrency import load  # noqa: E402
@@ -248,7 +250,8 @@ def main() -> int:
                                    for c in args.levels))
     if args.json:
         args.json.write_text(json.dumps({
-            "model": args.model, "model_dir": str(model_dir), "dtype": args.dtype,
+            "schema": PEERS_SCHEMA, "model": args.model, "model_dir": str(model_dir),
+            "dtype": args.dtype,
             "max_tokens": args.tokens, "rounds": args.rounds, "repeats": args.repeats,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "blas": openblas_path() or "reference"},
