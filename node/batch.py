@@ -152,9 +152,11 @@ class ShardBatch:
     def warm(self, sizes: list[int], positions: int = 8) -> float:
         """MLX thread, at load, before any request: run a short prefill and two decode
         steps for `sizes` requests at once, for each size, through the same code as
-        requests (greedy and sampled rows). What MLX builds on a shape's first use (the
-        GPU kernels it compiles) is then built here, not in a user's first token.
-        Leaves no request, group or cached prompt behind; returns the seconds it took."""
+        requests: prompts of different lengths (padded prefill, then a decode group whose
+        rows are at different positions), greedy and sampled rows. What MLX builds on a
+        shape's first use (the GPU kernels it compiles) is then built here, not in a
+        user's first token. Leaves no request, group or cached prompt behind; returns the
+        seconds it took."""
         import numpy as np
 
         t0 = time.perf_counter()
@@ -177,10 +179,13 @@ class ShardBatch:
 
         for size in sizes:
             ids = [f"\x00warm-up {size}.{k}" for k in range(size)]  # no client id has \x00
+            lengths = [positions + k % 4 for k in range(size)]
             try:
-                for position, n in ((0, positions), (positions, 1), (positions + 1, 1)):
-                    for out in self.run([Step(r, position, sample=samples(k), **inputs(n))
-                                         for k, r in enumerate(ids)]):
+                for step in range(3):  # the prompts, then two decode steps
+                    for out in self.run([
+                            Step(r, 0 if step == 0 else n + step - 1, sample=samples(k),
+                                 **inputs(n if step == 0 else 1))
+                            for k, (r, n) in enumerate(zip(ids, lengths))]):
                         if isinstance(out, Exception):
                             raise out
             finally:

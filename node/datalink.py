@@ -24,6 +24,7 @@ import hmac
 import logging
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,8 +170,13 @@ class _Incoming(_Framed):
     def _message(self, data: memoryview) -> None:
         if self._frames is None:
             raise ValueError("a data-plane message before the hello")
-        self._server._metrics.inc("forward_messages")
-        for frame in unbatch(pb.ForwardFrame.FromString(data)):
+        metrics = self._server._metrics
+        metrics.inc("forward_messages")
+        arrived = time.time_ns()
+        frames = unbatch(pb.ForwardFrame.FromString(data))
+        if frames[0].sent_unix_ns:  # the hop up to here: building, writing, waking us up
+            metrics.observe("hop_wire", max(0, arrived - frames[0].sent_unix_ns) / 1e9)
+        for frame in frames:
             self._frames.take(frame)
 
     def data_received(self, data: bytes) -> None:

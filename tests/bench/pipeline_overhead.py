@@ -4,7 +4,9 @@ Prints, from one run on this machine: single-process mlx_lm decode tokens/s, 3-n
 pipeline decode tokens/s for the same model and prompt, their ratio, how many hops went
 by the nodes' data ports (node/datalink.py) rather than the Forward RPC, and p50/p99 of
 one activation hop (sender's clock to receiver's clock; valid because all nodes share one
-host), plus the per-token compute vs transfer split seen by the first shard.
+host) and of its part up to the receiving process's read of the bytes (hop_wire: building
+the frame, writing it, the kernel, waking the receiver; the rest is parsing and handing it
+to the shard), plus the per-token compute vs transfer split seen by the first shard.
 
     .venv/bin/python tests/bench/pipeline_overhead.py [--model smollm2-135m] [--tokens 128]
     .venv/bin/python tests/bench/pipeline_overhead.py --model synthetic:qwen3-1.7b --layers 8
@@ -100,7 +102,8 @@ def main() -> int:
     print(f"{args.nodes}-node pipeline decode    : {p:7.2f} tok/s (median)")
     print(f"ratio pipeline / single      : {p / s:7.3f}   (median of paired runs {paired:.3f})")
     print(f"hops on the data port        : {links} of {args.nodes} (the others by the Forward RPC)")
-    for name in ("hop", "step_compute", "token_latency", "token_compute", "token_transfer"):
+    for name in ("hop", "hop_wire", "step_compute", "token_latency", "token_compute",
+                 "token_transfer"):
         for summary in lat.get(name, []):
             print(f"{name:15} n={summary.count:<6} p50 {summary.p50_s * 1e3:8.3f} ms   "
                   f"p99 {summary.p99_s * 1e3:8.3f} ms")
