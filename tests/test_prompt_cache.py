@@ -6,7 +6,8 @@ Two real nodes (synthetic:tiny split in two). The second holds 4 layers, 3 KB of
 position (6 KV heads of 16 floats, keys and values), and gets a bound of 250 KB: a 60-token
 prompt fits, 100 tokens do not. So the
 third request finds its prefix cached on the first shard but evicted on the second, and
-must be run again without reuse.
+must be run again without reuse. Both nodes warm batch sizes 1-3 at load (as nodes on a
+GPU do by default): the warm-up must leave nothing in the caches and change no token.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def prompt(n: int) -> list[int]:
 async def test_prefix_cache_reuses_on_every_shard_gives_uncached_tokens_and_keeps_its_bound(
         tmp_path):
     first, ready_a = await asyncio.to_thread(
-        spawn_node, tmp_path / "a.json", "--no-advertise", "--state-dir", str(tmp_path / "a"))
+        spawn_node, tmp_path / "a.json", "--no-advertise", "--state-dir", str(tmp_path / "a"),
+        "--warmup-batches", "1-3")
     second, ready_b = await asyncio.to_thread(
         spawn_node, tmp_path / "b.json", "--no-advertise", "--state-dir", str(tmp_path / "b"),
-        "--prompt-cache-bytes", str(BOUND))
+        "--prompt-cache-bytes", str(BOUND), "--warmup-batches", "1-3")
     try:
         addrs = [ready_a["address"], ready_b["address"]]
         await load(addrs, MODEL)
@@ -61,6 +63,7 @@ async def test_prefix_cache_reuses_on_every_shard_gives_uncached_tokens_and_keep
 
             return tokens, await eventually(done, 10, f"the prompt of {len(ids)} cached")
 
+        assert [(c.entries, c.bytes, c.lookups) for c in await caches()] == [(0, 0, 0)] * 2
         _, now = await run(short, lambda c: c[0].entries == c[1].entries == 1)
         assert [c.hits for c in now] == [0, 0]
         assert 0 < now[1].bytes <= BOUND  # 60 positions fit
