@@ -101,6 +101,9 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--warmup", default="auto",
                         help="--warmup-batches of the warmed cluster (default auto)")
+    parser.add_argument("--only-warmed", action="store_true",
+                        help="skip the cluster without warm-up (its first requests can wait "
+                             "for minutes of kernel compiles on a GPU)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -111,7 +114,7 @@ def main() -> int:
           flush=True)
     got = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for warmup in ("none", args.warmup):
+        for warmup in ([] if args.only_warmed else ["none"]) + [args.warmup]:
             print(f"--warmup-batches {warmup}:", flush=True)
             got[warmup] = run_cluster(args, warmup, prompts, Path(tmp))
             print(f"  load {got[warmup]['load_s']:.2f} s (shards "
