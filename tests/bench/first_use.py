@@ -18,6 +18,8 @@ that buys, in one run:
 
     .venv/bin/python tests/bench/first_use.py [--model smollm2-135m] [--levels 1,2,4,8]
     .venv/bin/python tests/bench/first_use.py --model synthetic:llama-7b --dtype float16
+    .venv/bin/python tests/bench/first_use.py --only-warmed      # the warmed cluster alone
+    .venv/bin/python tests/bench/first_use.py --warmup 1-8       # on a CPU, where auto is none
 """
 
 from __future__ import annotations
