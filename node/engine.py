@@ -125,6 +125,14 @@ class Engine:
     async def step(self, request_id: str, position: int, *, tokens: list[int] | None = None,
                    hidden: Wire | None = None, sample: Sampling | None = None,
                    prompt: list[int] | None = None) -> StepResult:
+        return await self.submit(request_id, position, tokens=tokens, hidden=hidden,
+                                 sample=sample, prompt=prompt)
+
+    def submit(self, request_id: str, position: int, *, tokens: list[int] | None = None,
+               hidden: Wire | None = None, sample: Sampling | None = None,
+               prompt: list[int] | None = None) -> asyncio.Future:
+        """Queue a step now; its future gets the result. A caller that goes away cancels
+        the future: the job is dropped."""
         loop = asyncio.get_running_loop()
         job = _Job(Step(request_id, position, tokens, hidden, sample, prompt),
                    loop.create_future())
@@ -135,7 +143,7 @@ class Engine:
             # share its forward
             self._kick_due = True
             loop.call_soon(self._kick)
-        return await job.future  # a caller that goes away cancels it: the job is dropped
+        return job.future
 
     def _kick(self) -> None:
         """Start the next forward if the MLX thread is free and the queued steps may go."""

@@ -29,7 +29,9 @@ class Replies(Protocol):
     def put_nowait(self, reply: pb.ForwardReply) -> None: ...
 
 
-FrameHandler = Callable[[pb.ForwardFrame, Replies], Awaitable[None]]
+# starts handling a frame at once (a hidden state's step is queued before it returns) and
+# returns what is left to wait for (the forward, the send on), if anything
+FrameHandler = Callable[[pb.ForwardFrame, Replies], Awaitable[None] | None]
 
 
 def unbatch(message: pb.ForwardFrame) -> list[pb.ForwardFrame]:
@@ -74,9 +76,14 @@ class Frames:
         """Start handling a frame (after the frames of its request already in hand)."""
         request_id = frame.request_id
         previous = self._chains.get(request_id)
-        # a frame whose request has none in hand starts at once, without waiting on one
-        work = (self._handle(frame, self._replies) if previous is None
-                else self._after(previous, frame))
+        if previous is None:
+            # a frame whose request has none in hand starts here and now, in the callback
+            # that read it: its step is queued without waiting for a task to be scheduled
+            work = self._handle(frame, self._replies)
+            if work is None:
+                return  # handled whole (a token, a release, an error answered)
+        else:
+            work = self._after(previous, frame)
         task = asyncio.get_running_loop().create_task(work)
         self._chains[request_id] = task
         task.add_done_callback(partial(self._done, request_id))
@@ -87,7 +94,9 @@ class Frames:
 
     async def _after(self, previous: asyncio.Task, frame: pb.ForwardFrame) -> None:
         await asyncio.wait([previous])  # its outcome was reported by itself
-        await self._handle(frame, self._replies)
+        work = self._handle(frame, self._replies)
+        if work is not None:
+            await work
 
     def _done(self, request_id: str, task: asyncio.Task) -> None:
         if self._chains.get(request_id) is task:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
@@ -141,8 +141,11 @@ class Pipeline:
 
     # ------------------------------------------------------------ frames in
 
-    async def handle_frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
-        """Act on one frame from the upstream neighbour; raise NodeError to reject it."""
+    def handle_frame(self, frame: pb.ForwardFrame,
+                     replies: asyncio.Queue) -> Awaitable[None] | None:
+        """Act on one frame from the upstream neighbour, at once: a hidden state's step is
+        queued before this returns, and the rest (its forward, the send on) is returned
+        to be waited for. Raise NodeError to reject it."""
         self.metrics.inc("frames_in")
         self.metrics.inc("bytes_in", frame.ByteSize())
         if frame.sent_unix_ns:
@@ -164,9 +167,10 @@ class Pipeline:
         elif kind == "tokens":
             self._take_tokens(frame)
         elif kind == "activation":
-            await self._take_activation(frame, replies)
+            return self._take_activation(frame, replies)
         else:
             raise BadFrame("frame without payload (activation, tokens or release)")
+        return None
 
     def _take_tokens(self, frame: pb.ForwardFrame) -> None:
         if not self.is_first:
@@ -182,7 +186,8 @@ class Pipeline:
             raise BadFrame(f"token id {frame.tokens.ids[0]} is outside the vocabulary ({vocab})")
         queue.put_nowait((frame.tokens.ids[0], frame.compute_s, None))
 
-    async def _take_activation(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
+    def _take_activation(self, frame: pb.ForwardFrame,
+                         replies: asyncio.Queue) -> Awaitable[None]:
         if self.is_first:
             raise BadFrame("the first shard takes tokens, not activations")
         t = frame.activation
@@ -195,9 +200,15 @@ class Pipeline:
                            "prefix and fit the context")
         self._routes[frame.request_id] = replies
         sample = sampling_of(frame.sampling) if (frame.sample and self.is_last) else None
-        result = await self.engine.step(frame.request_id, frame.position,
-                                        hidden=(t.data, list(t.shape), t.dtype), sample=sample,
-                                        prompt=prompt)
+        step = self.engine.submit(frame.request_id, frame.position,
+                                  hidden=(t.data, list(t.shape), t.dtype), sample=sample,
+                                  prompt=prompt)
+        return self._forward_on(frame, step, prompt)
+
+    async def _forward_on(self, frame: pb.ForwardFrame, step: asyncio.Future,
+                          prompt: list[int] | None) -> None:
+        """A frame's step, once computed: on to the next shard (or the token home)."""
+        result = await step
         self.metrics.observe("step_compute", result.compute_s)
         await self.faults.after_compute(result.compute_s)
         self._send_on(frame.request_id, frame.position, result, frame.sample, frame.sampling,

@@ -278,7 +278,7 @@ class RingGroup:
     def free_idle(self, max_idle_s: float) -> list[str]:
         return []  # the worker holds one request's caches at a time and frees them itself
 
-    async def handle_frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
+    def handle_frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
         raise BadFrame("this node serves an mlx-ring plan: activations travel inside the "
                        "MLX group, not over Forward")
 

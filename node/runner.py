@@ -63,8 +63,10 @@ class Runner(Protocol):
 
     def shard_info(self) -> pb.ShardInfo: ...
 
-    async def handle_frame(self, frame: pb.ForwardFrame, replies: asyncio.Queue) -> None:
-        """A data-plane frame from the upstream neighbour; raise NodeError to reject it."""
+    def handle_frame(self, frame: pb.ForwardFrame,
+                     replies: asyncio.Queue) -> Awaitable[None] | None:
+        """Start a data-plane frame from the upstream neighbour at once (raise NodeError
+        to reject it); returns what is left to wait for (that may raise NodeError too)."""
 
     def generate(self, request: pb.GenerateRequest, already: list[int] = (),
                  emitted_chars: int = 0) -> AsyncIterator[pb.GenerateEvent]:

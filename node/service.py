@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -387,27 +387,53 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"forward stream rejected: {broken[0]}")
 
-    async def frame(self, frame: pb.ForwardFrame, replies: Replies) -> None:
-        """One frame from the upstream neighbour, by the Forward RPC or the data port:
-        faults first, then the plan's runner; errors are answered on `replies`."""
+    def frame(self, frame: pb.ForwardFrame, replies: Replies) -> Awaitable[None] | None:
+        """One frame from the upstream neighbour, by the Forward RPC or the data port
+        (node/frames.py): faults first, then the plan's runner, which starts it at once;
+        returns what is left to wait for. Errors are answered on `replies`."""
         faults = self.faults
+        # (a node without faults skips their hooks: every frame of every token comes here)
+        if faults.allowed and faults.active():
+            return self._frame_after_faults(frame, replies)
         try:
-            # (a node without faults skips their hooks: every frame of every token comes here)
-            if faults.allowed and faults.active() and not await faults.before_frame(
-                    frame.sender, frame.ByteSize()):
-                return  # dropped by a loss or partition fault
-            if self.runner is None:
-                if self._load_lock.locked():  # mid-load: the sender should retry shortly
-                    raise EpochNotLoaded(f"this node is loading epoch {frame.epoch}")
-                raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
-            await self.runner.handle_frame(frame, replies)
+            work = self._start_frame(frame, replies)
         except Exception as e:
-            self.metrics.inc("frames_rejected")
-            code = e.code if isinstance(e, NodeError) else "INTERNAL"
-            if not isinstance(e, NodeError):
-                log.exception("frame for request %s failed", frame.request_id)
-            replies.put_nowait(pb.ForwardReply(request_id=frame.request_id, epoch=frame.epoch,
-                                               code=code, error=str(e)))
+            self._reject(frame, replies, e)
+            return None
+        return None if work is None else self._frame_rest(frame, replies, work)
+
+    async def _frame_after_faults(self, frame: pb.ForwardFrame, replies: Replies) -> None:
+        try:
+            if not await self.faults.before_frame(frame.sender, frame.ByteSize()):
+                return  # dropped by a loss or partition fault
+            work = self._start_frame(frame, replies)
+        except Exception as e:
+            self._reject(frame, replies, e)
+            return
+        if work is not None:
+            await self._frame_rest(frame, replies, work)
+
+    def _start_frame(self, frame: pb.ForwardFrame, replies: Replies) -> Awaitable[None] | None:
+        if self.runner is None:
+            if self._load_lock.locked():  # mid-load: the sender should retry shortly
+                raise EpochNotLoaded(f"this node is loading epoch {frame.epoch}")
+            raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
+        return self.runner.handle_frame(frame, replies)
+
+    async def _frame_rest(self, frame: pb.ForwardFrame, replies: Replies,
+                          work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception as e:
+            self._reject(frame, replies, e)
+
+    def _reject(self, frame: pb.ForwardFrame, replies: Replies, e: Exception) -> None:
+        self.metrics.inc("frames_rejected")
+        code = e.code if isinstance(e, NodeError) else "INTERNAL"
+        if not isinstance(e, NodeError):
+            log.exception("frame for request %s failed", frame.request_id)
+        replies.put_nowait(pb.ForwardReply(request_id=frame.request_id, epoch=frame.epoch,
+                                           code=code, error=str(e)))
 
     async def RingWake(self, request: pb.RingWakeRequest, context) -> pb.RingWakeReply:
         runner = self.runner
