@@ -3,7 +3,7 @@
 A hidden state took about 0.55 ms from the sender's request iterator to the receiver's
 stream on a grpc.aio Forward stream on loopback, and 0.75 ms from the sender's pipeline to
 the receiver's (tests/bench/pipeline_overhead.py's hop, 3 local nodes); here it takes
-about 0.13 ms and 0.4 ms, most of it the wake-up of the idle receiving process. A frame is
+about 0.13 ms and 0.33-0.40 ms, most of it the wake-up of the idle receiving process. A frame is
 one length-prefixed protobuf message (`ForwardFrame` one way, `ForwardReply` the
 other) written straight to the socket, and read by an asyncio protocol in the callback
 that receives the bytes. gRPC stays the control plane: a link learns the neighbour's data
