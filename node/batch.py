@@ -23,7 +23,7 @@ from node.errors import BadFrame, ContextOverflow, FrameGap, ModelCodeError, Nod
 from node.models import Shard
 from node.prompts import PromptStore
 from node.sampling import RequestSampler, Sampling, sample_rows
-from node.wire import WIRE_DTYPES, Wire, decode_tensor, encode_rows
+from node.wire import Wire, decode_tensor, encode_rows
 
 log = logging.getLogger(__name__)
 
@@ -148,52 +148,6 @@ class ShardBatch:
             state.length = step.position + step.size
             state.last_used = time.monotonic()
         return result
-
-    def warm(self, sizes: list[int], positions: int = 8) -> float:
-        """MLX thread, at load, before any request: run a short prefill and two decode
-        steps for `sizes` requests at once, for each size, through the same code as
-        requests: prompts of different lengths (padded prefill, then a decode group whose
-        rows are at different positions), greedy and sampled rows. What MLX builds on a
-        shape's first use (the GPU kernels it compiles) is then built here, not in a
-        user's first token. Leaves no request, group or cached prompt behind; returns the
-        seconds it took."""
-        import numpy as np
-
-        t0 = time.perf_counter()
-        shard = self.shard
-        noise = np.random.default_rng(0)
-
-        def inputs(n: int) -> dict:
-            if shard.is_first:
-                return {"tokens": [1] * n}
-            h = (noise.standard_normal((1, n, shard.hidden_size)) * 0.1).astype(np.float32)
-            if shard.dtype == "bfloat16":  # its uint16 bits (node/wire.py)
-                h = (h.view(np.uint32) >> 16).astype(np.uint16)
-            return {"hidden": (h.astype(WIRE_DTYPES[shard.dtype]).tobytes(),
-                               [1, n, shard.hidden_size], shard.dtype)}
-
-        def samples(k: int) -> Sampling | None:
-            if not shard.is_last:
-                return None
-            return Sampling() if k % 2 == 0 else Sampling(temperature=0.7, top_p=0.9, seed=k)
-
-        for size in sizes:
-            ids = [f"\x00warm-up {size}.{k}" for k in range(size)]  # no client id has \x00
-            lengths = [positions + k % 4 for k in range(size)]
-            try:
-                for step in range(3):  # the prompts, then two decode steps
-                    for out in self.run([
-                            Step(r, 0 if step == 0 else n + step - 1, sample=samples(k),
-                                 **inputs(n if step == 0 else 1))
-                            for k, (r, n) in enumerate(zip(ids, lengths))]):
-                        if isinstance(out, Exception):
-                            raise out
-            finally:
-                for r in ids:
-                    self.requests.pop(r, None)
-                self.prune()  # their rows leave the group
-        self.cycle = 0.0  # warm-up steps say nothing of the ring's pace
-        return time.perf_counter() - t0
 
     def lost(self, request_ids: list[str]) -> None:
         """A forward failed part-way: these requests' caches (and the group's) are gone."""
@@ -536,42 +490,6 @@ class ShardBatch:
                 f"positions {position}..{position + shape[1] - 1} exceed the context length "
                 f"{self.shard.source.context_length}"
             )
-
-
-# the decode batch sizes a shard on a GPU runs once at load (`ShardBatch.warm`): every size
-# up to 8, then the powers of two up to the engine's max_batch (node/engine.py `Tuning`)
-GPU_WARMUP_BATCHES = [*range(1, 9), 16, 32, 64]
-
-
-def auto_warmup_batches() -> list[int]:
-    """MLX thread: the batch sizes to warm at load by default. On a GPU, MLX compiles
-    kernels on a shape's first use (tens of seconds for a first batch of 8 on an H200,
-    once per process); on a CPU that first use costs little, and loads stay fast."""
-    import mlx.core as mx
-
-    return [] if mx.default_device().type == mx.DeviceType.cpu else list(GPU_WARMUP_BATCHES)
-
-
-def parse_batch_sizes(text: str) -> list[int] | None:
-    """`--warmup-batches`: 'auto' (None), 'none' or '0' ([]), or sizes and ranges such as
-    '1-8,16,32'."""
-    text = text.strip().lower()
-    if text == "auto":
-        return None
-    if text in ("none", "0", "off", ""):
-        return []
-    sizes: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.strip().partition("-")
-        try:
-            a, b = int(low), int(high or low)
-        except ValueError:
-            raise ValueError(f"not a batch size or range: {part!r} (try e.g. 1-8,16,32, "
-                             "'auto' or 'none')") from None
-        if not 1 <= a <= b <= 1024:
-            raise ValueError(f"batch sizes must be between 1 and 1024, got {part!r}")
-        sizes.update(range(a, b + 1))
-    return sorted(sizes)
 
 
 def fits_padding(lengths: list[int], pad_factor: float = 2.0) -> bool:

@@ -239,7 +239,7 @@ async def _advertise(advertiser, servicer) -> None:
 
 
 def _batch_sizes(text: str) -> list[int] | None:
-    from node.batch import parse_batch_sizes
+    from node.warmup import parse_batch_sizes
 
     try:
         return parse_batch_sizes(text)

@@ -12,11 +12,15 @@ on the sender's side (TCP or gRPC flow control) instead of as tasks here.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Protocol
 
+from node.errors import EpochNotLoaded, NodeError, NotLoaded
 from protos import cluster_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 MAX_FRAMES_IN_HAND = 1024  # per incoming link
 MAX_FRAMES_PER_MESSAGE = 64
@@ -115,3 +119,59 @@ class Frames:
         """Drop the frames in hand (the link broke)."""
         for task in list(self._tasks):
             task.cancel()
+
+
+class Intake:
+    """A node's entry for frames from its upstream neighbour, whichever link carries them
+    (the `FrameHandler` of every `Frames`): the node's faults first, then its plan's
+    runner, which starts the frame at once (Runner.handle_frame); what is left is returned
+    to be waited for, and errors are answered on the frame's link. `node` is the node's
+    servicer (node/service.py): its faults, runner, metrics and `loading`."""
+
+    def __init__(self, node) -> None:
+        self._node = node
+
+    def __call__(self, frame: pb.ForwardFrame, replies: Replies) -> Awaitable[None] | None:
+        faults = self._node.faults
+        # (a node without faults skips their hooks: every frame of every token comes here)
+        if faults.allowed and faults.active():
+            return self._after_faults(frame, replies)
+        return self._start(frame, replies)
+
+    async def _after_faults(self, frame: pb.ForwardFrame, replies: Replies) -> None:
+        try:
+            kept = await self._node.faults.before_frame(frame.sender, frame.ByteSize())
+        except Exception as e:
+            self._reject(frame, replies, e)
+            return
+        work = self._start(frame, replies) if kept else None  # (dropped by loss, partition)
+        if work is not None:
+            await work
+
+    def _start(self, frame: pb.ForwardFrame, replies: Replies) -> Awaitable[None] | None:
+        node = self._node
+        try:
+            if node.runner is None:
+                if node.loading:  # mid-load: the sender should retry shortly
+                    raise EpochNotLoaded(f"this node is loading epoch {frame.epoch}")
+                raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
+            work = node.runner.handle_frame(frame, replies)
+        except Exception as e:
+            self._reject(frame, replies, e)
+            return None
+        return None if work is None else self._rest(frame, replies, work)
+
+    async def _rest(self, frame: pb.ForwardFrame, replies: Replies,
+                    work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception as e:
+            self._reject(frame, replies, e)
+
+    def _reject(self, frame: pb.ForwardFrame, replies: Replies, e: Exception) -> None:
+        self._node.metrics.inc("frames_rejected")
+        code = e.code if isinstance(e, NodeError) else "INTERNAL"
+        if not isinstance(e, NodeError):
+            log.exception("frame for request %s failed", frame.request_id)
+        replies.put_nowait(pb.ForwardReply(request_id=frame.request_id, epoch=frame.epoch,
+                                           code=code, error=str(e)))

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +26,6 @@ import psutil
 
 from node import PROTOCOL_VERSION, __version__, failover
 from node.auth import token_metadata
-from node.batch import auto_warmup_batches
 from node.capabilities import capabilities, default_memory_budget
 from node.coordinator import Coordinator
 from node.datalink import DataServer
@@ -39,7 +38,7 @@ from node.errors import (
     StaleEpoch,
 )
 from node.faults import FaultBook, exit_now
-from node.frames import Replies
+from node.frames import Intake
 from node.metrics import NodeMetrics, histogram_messages
 from node.models import Shard, load_shard, resolve
 from node.peers import PeerChannels
@@ -49,6 +48,7 @@ from node.plan import GIB
 from node.ring import RingGroup, free_port
 from node.runner import Runner
 from node.tokenizers import prompt_tokenizer
+from node.warmup import warm
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 
@@ -103,6 +103,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         # batch sizes each new shard runs once at load (None: auto, node/batch.py)
         self.warmup_batches = warmup_batches
         self.metrics = NodeMetrics()
+        # frames from the upstream neighbour, by the Forward RPC or the data port
+        self.frame = Intake(self)
         self.matmul_gflops = 0.0  # set by --calibrate
         self.advertising = False
         self.started = time.monotonic()
@@ -296,22 +298,17 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                  load_seconds)
 
     async def _warm(self, engine: Engine) -> None:
-        """Run the batch sizes the node serves once, before the plan is live, so that no
-        request waits for what MLX compiles on first use (node/batch.py `warm`)."""
-        sizes = self.warmup_batches
-        loop = asyncio.get_running_loop()
-        if sizes is None:
-            sizes = await loop.run_in_executor(self.executor, auto_warmup_batches)
-        if not sizes:
-            return
+        """Run the batch sizes the node serves once, before the plan is live
+        (node/warmup.py); a failure only means a slower first request."""
         try:
-            seconds = await loop.run_in_executor(self.executor, engine.batch.warm, sizes)
-        except Exception as e:  # serving without it is slower at first, not wrong
-            log.warning("warm-up of batch sizes %s failed (%s: %s); serving without it",
-                        sizes, type(e).__name__, e)
+            sizes, seconds = await asyncio.get_running_loop().run_in_executor(
+                self.executor, warm, engine.batch, self.warmup_batches)
+        except Exception as e:
+            log.warning("warm-up failed (%s: %s); serving without it", type(e).__name__, e)
             return
-        engine.shard.load_seconds += seconds
-        log.info("warmed batch sizes %s in %.2f s", ",".join(map(str, sizes)), seconds)
+        if sizes:
+            engine.shard.load_seconds += seconds
+            log.info("warmed batch sizes %s in %.2f s", ",".join(map(str, sizes)), seconds)
 
     def _count_forward(self, rows: int) -> None:
         """Each forward the engine ran and how many requests it served (the batch size)."""
@@ -386,54 +383,6 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             self.metrics.inc("frames_rejected")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"forward stream rejected: {broken[0]}")
-
-    def frame(self, frame: pb.ForwardFrame, replies: Replies) -> Awaitable[None] | None:
-        """One frame from the upstream neighbour, by the Forward RPC or the data port
-        (node/frames.py): faults first, then the plan's runner, which starts it at once;
-        returns what is left to wait for. Errors are answered on `replies`."""
-        faults = self.faults
-        # (a node without faults skips their hooks: every frame of every token comes here)
-        if faults.allowed and faults.active():
-            return self._frame_after_faults(frame, replies)
-        try:
-            work = self._start_frame(frame, replies)
-        except Exception as e:
-            self._reject(frame, replies, e)
-            return None
-        return None if work is None else self._frame_rest(frame, replies, work)
-
-    async def _frame_after_faults(self, frame: pb.ForwardFrame, replies: Replies) -> None:
-        try:
-            if not await self.faults.before_frame(frame.sender, frame.ByteSize()):
-                return  # dropped by a loss or partition fault
-            work = self._start_frame(frame, replies)
-        except Exception as e:
-            self._reject(frame, replies, e)
-            return
-        if work is not None:
-            await self._frame_rest(frame, replies, work)
-
-    def _start_frame(self, frame: pb.ForwardFrame, replies: Replies) -> Awaitable[None] | None:
-        if self.runner is None:
-            if self._load_lock.locked():  # mid-load: the sender should retry shortly
-                raise EpochNotLoaded(f"this node is loading epoch {frame.epoch}")
-            raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
-        return self.runner.handle_frame(frame, replies)
-
-    async def _frame_rest(self, frame: pb.ForwardFrame, replies: Replies,
-                          work: Awaitable[None]) -> None:
-        try:
-            await work
-        except Exception as e:
-            self._reject(frame, replies, e)
-
-    def _reject(self, frame: pb.ForwardFrame, replies: Replies, e: Exception) -> None:
-        self.metrics.inc("frames_rejected")
-        code = e.code if isinstance(e, NodeError) else "INTERNAL"
-        if not isinstance(e, NodeError):
-            log.exception("frame for request %s failed", frame.request_id)
-        replies.put_nowait(pb.ForwardReply(request_id=frame.request_id, epoch=frame.epoch,
-                                           code=code, error=str(e)))
 
     async def RingWake(self, request: pb.RingWakeRequest, context) -> pb.RingWakeReply:
         runner = self.runner

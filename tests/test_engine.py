@@ -324,31 +324,31 @@ def test_a_shard_needs_only_the_weight_files_of_its_layers(tmp_path):
 @pytest.mark.parametrize("start,end,dtype", [(0, 3, ""), (4, 7, ""), (2, 5, "bfloat16"),
                                              (0, 7, "float16")])
 def test_warm_up_runs_each_batch_size_and_leaves_nothing_behind(start, end, dtype):
-    """`ShardBatch.warm` (run at load on a GPU) goes through the requests' own code for
-    each batch size (first, middle and last shards, each wire dtype) and leaves no request,
+    """The warm-up (node/warmup.py, run at load on a GPU) goes through the requests' own
+    code for each batch size (first, middle and last shards, each wire dtype) and leaves no request,
     decode group, cached prompt or ring pace behind: a request served after it gets what it
     gets on a shard never warmed."""
-    from node.batch import ShardBatch
+    from node.batch import ShardBatch, Step
+    from node.warmup import warm
 
     source = resolve("synthetic:tiny", dtype=dtype) if dtype else resolve("synthetic:tiny")
     shard = load_shard(source, start, end)
     warmed, cold = ShardBatch(shard, prompt_cache_bytes=1 << 20), ShardBatch(shard)
     sizes = [1, 2, 3, 5]
-    assert warmed.warm(sizes) > 0
+    done, seconds = warm(warmed, sizes)
+    assert done == sizes and seconds > 0
     assert warmed.requests == {} and warmed.group is None and warmed.cycle == 0.0
     assert warmed.prompts.info().entries == 0
     sample = Sampling() if shard.is_last else None
     h = mx.random.normal((1, 4, shard.hidden_size), key=mx.random.key(3)).astype(
         getattr(mx, shard.dtype))
     step = ({"tokens": [256, 7, 8, 9]} if shard.is_first else {"hidden": encode_tensor(h)})
-    from node.batch import Step
-
     a, b = (batch.run([Step("r", 0, sample=sample, **step)])[0] for batch in (warmed, cold))
     assert a.token == b.token and a.hidden == b.hidden
 
 
 def test_warm_up_batch_sizes_parse_as_the_flag_takes_them():
-    from node.batch import parse_batch_sizes
+    from node.warmup import parse_batch_sizes
 
     assert parse_batch_sizes("auto") is None
     assert parse_batch_sizes("none") == [] and parse_batch_sizes("0") == []

@@ -2,7 +2,7 @@
 
 On a GPU, MLX compiles kernels the first time a process meets a shape (a batch size), and
 the request that brings it waits. A node therefore runs the batch sizes it serves once at
-load (`mlx-node serve --warmup-batches`, node/batch.py `warm`). This script shows what
+load (`mlx-node serve --warmup-batches`, node/warmup.py). This script shows what
 that buys, in one run:
 
 - it starts a local cluster of `--nodes` nodes twice, once with `--warmup-batches none`
