@@ -100,7 +100,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.prompt_cache_bytes = prompt_cache_bytes if prompt_cache_bytes is not None else (
             min(GIB, self.memory_budget // 8))
         self.idle_request_s = idle_request_s
-        # batch sizes each new shard runs once at load (None: auto, node/batch.py)
+        # batch sizes each new shard runs once at load (None: auto, node/warmup.py)
         self.warmup_batches = warmup_batches
         self.metrics = NodeMetrics()
         # frames from the upstream neighbour, by the Forward RPC or the data port
