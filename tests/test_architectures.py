@@ -36,6 +36,7 @@ pytestmark = pytest.mark.cluster
 
 PROMPT = [256, *b"parity across splits"]
 N_TOKENS = 16
+TENSOR_TOKENS = 6
 TENSOR = {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe"}  # mlx-lm has shard() for these
 
 
@@ -86,8 +87,11 @@ async def test_every_split_and_backend_gives_mlx_lm_tokens(cluster3, arch_dirs, 
     assert await generate_ids(addrs[0], PROMPT, N_TOKENS, ignore_eos=True) == want
 
     if arch in TENSOR:
+        # fewer tokens: on a 2-core machine three tensor ranks spend ~0.7 s a token waiting
+        # for each other in their all-reduces; six decode steps still cross the KV cache
         await load_backend(addrs, model, "mlx-ring:tensor")
-        assert await generate_ids(addrs[0], PROMPT, N_TOKENS, ignore_eos=True) == want
+        assert await generate_ids(addrs[0], PROMPT, TENSOR_TOKENS,
+                                  ignore_eos=True) == want[:TENSOR_TOKENS]
     else:  # refused before anything loads, naming the backends that do work
         with pytest.raises(ClusterError, match="pipeline or mlx-ring:pipeline"):
             await load_backend(addrs, model, "mlx-ring:tensor")

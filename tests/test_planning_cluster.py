@@ -13,10 +13,11 @@ pytestmark = pytest.mark.cluster
 
 
 def test_plan_load_and_resident_memory_with_budgets(small_cluster, tmp_path):
-    cluster = small_cluster(3, memory_budgets=["4GiB", "3GiB", "3GiB"])
+    # float16 (half the bytes of float32 to make up at load): 0.4 GiB a layer
+    cluster = small_cluster(3, memory_budgets=["2GiB", "1.5GiB", "1.5GiB"])
     env = dict(os.environ, MLX_CLUSTER=str(tmp_path / "cluster0.json"))
     args = ["--model", "synthetic:llama-7b", "--layers", "8", "--strategy", "memory",
-            "--dtype", "float32"]
+            "--dtype", "float16"]
 
     preview = mlx_cluster("plan", *args, env=env)
     assert preview.returncode == 0, preview.stderr
@@ -39,7 +40,7 @@ def test_plan_load_and_resident_memory_with_budgets(small_cluster, tmp_path):
         assert abs(resident - shard["total_bytes"]) <= 0.25 * shard["total_bytes"], (
             resident, shard)
 
-    # the whole 13B-shaped model does not fit 10 GiB: refused before anything is loaded
+    # the whole 13B-shaped model does not fit 5 GiB: refused before anything is loaded
     for command in ("plan", "load"):
         refused = mlx_cluster(command, "--model", "synthetic:llama-13b", env=env)
         assert refused.returncode == 1
