@@ -416,22 +416,27 @@ def peers_section(docs: list[dict]) -> str:
     for doc in docs:
         m, levels, ref = doc["machine"], doc["levels"], doc["reference"]
         ttft = doc.get("median_ttft_s", {})
+        paired = doc.get("paired_ratio", {})  # each round's own ratio, their median
         head = ["system"]
         for c in levels:
-            head += [f"c={c} tok/s", f"vs {ref}"] + ([f"c={c} TTFT ms"] if ttft else [])
+            head += [f"c={c} tok/s", f"vs {ref}"] + (["paired"] if paired else []) + (
+                [f"c={c} TTFT ms"] if ttft else [])
         body = []
         for system in doc["systems"]:
             row = [f"`{system}`"]
             for c in levels:
                 row += [f1(doc["median_tok_s"][system][str(c)]),
                         f"{doc['ratio'][system][str(c)]:.2f}"]
+                if paired:
+                    row.append(f"{paired.get(system, {}).get(str(c), 0.0):.2f}")
                 if ttft:
                     row.append(ms(ttft.get(system, {}).get(str(c), 0.0)))
             body.append(row)
+        note = " (paired: the median of each round's own ratio)" if paired else ""
         parts.append(
             f"`{doc['_source']}`: model `{doc['model']}`, the same streamed chat prompts through "
             f"the official openai client, max_tokens {doc['max_tokens']}, greedy; medians of "
-            f"{doc['repeats']} interleaved round(s) on one machine ({m.get('cpus')} CPUs, "
+            f"{doc['repeats']} interleaved round(s){note} on one machine ({m.get('cpus')} CPUs, "
             f"{m.get('platform')}, BLAS {m.get('blas')}).\n\n" + table(head, body))
     return f"## Compared with {docs[0]['reference']}\n\n" + "\n\n".join(parts)
 

@@ -226,6 +226,13 @@ def test_peers_results_become_a_compared_with_mlx_lm_server_section(tmp_path):
     assert "## Compared with mlx_lm.server" in text
     assert "| `serve-api 1 node` | 13.5 | 1.08 | 80.0 | 66.0 | 1.10 | 250.0 |" in text
     assert "| `serve-api 3 nodes` | 12.0 | 0.96 | 80.0 | 57.0 | 0.95 | 250.0 |" in text
+    # peers.py's paired ratios (the median of each round's own) get their own column
+    doc["paired_ratio"] = {s: {"1": 1.0, "8": 1.04} for s in systems}
+    doc["paired_ratio"]["serve-api 1 node"] = {"1": 1.11, "8": 1.02}
+    path.write_text(json.dumps(doc))
+    text = render(load_results([path]))
+    assert "| `serve-api 1 node` | 13.5 | 1.08 | 1.11 | 80.0 | 66.0 | 1.10 | 1.02 | 250.0 |" in text
+    assert "paired: the median of each round's own ratio" in text
     del doc["ratio"]
     path.write_text(json.dumps(doc))
     res = mlx_cluster("report", str(path), "-o", str(tmp_path / "r.md"), env=dict(os.environ))

@@ -15,11 +15,12 @@ Completion tokens come from the usage chunk when the server sends one
 (stream_options.include_usage; mlx_lm.server does) and otherwise from the content chunks
 (one per token; the gateway's). EOS is not ignored (mlx_lm.server has no such option), so
 the mean tokens per request is printed to show the answers are of like length.
-Throughput is aggregate: completion tokens of a level / its wall time. Prints the
-median tok/s per system and level, its ratio to mlx_lm.server at the same level, and the
-median time to the first content chunk (TTFT) of the level's requests; --json OUT writes
-every number, which `mlx-cluster report OUT ...` turns into a "Compared with
-mlx_lm.server" section.
+Throughput is aggregate: completion tokens of a level / its wall time. Within a round
+the systems take turns level by level. Prints the median tok/s per system and level, its
+ratio to mlx_lm.server at the same level, the median of each round's own ratio (paired:
+drift that slows every system for a while cancels out of it), and the median time to
+the first content chunk (TTFT) of the level's requests; --json OUT writes every number,
+which `mlx-cluster report OUT ...` turns into a "Compared with mlx_lm.server" section.
 
     .venv/bin/python tests/bench/peers.py [--model smollm2-135m] [--repeats 3]
     .venv/bin/python tests/bench/peers.py --repeats 1 --json /tmp/peers.json
@@ -184,8 +185,9 @@ async def measure(systems: dict[str, tuple[str, str]], args) -> dict:
         names = list(systems)
         for r in range(args.repeats):
             order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                for c in args.levels:
+            # level by level, every system in turn: what is compared runs close in time
+            for c in args.levels:
+                for name in order:
                     rate, n, firsts = await level(clients[name], systems[name][1], c,
                                                   c * args.rounds, args.tokens)
                     tps[name][c].append(rate)
@@ -235,19 +237,23 @@ def main() -> int:
                for s, lv in got["tps"].items()}
     ratios = {s: {c: m / medians[REFERENCE][c] if medians[REFERENCE][c] else 0.0
                   for c, m in lv.items()} for s, lv in medians.items()}
+    # the median of each round's own ratio: a round's systems ran minutes apart at most,
+    # so drift on a shared machine (all systems slower for a while) cancels out of it
+    paired = {s: {c: statistics.median(x / y for x, y in zip(v, got["tps"][REFERENCE][c]) if y)
+                  for c, v in lv.items()} for s, lv in got["tps"].items()}
     per_request = {s: {c: n / (c * args.rounds * args.repeats) for c, n in lv.items()}
                    for s, lv in got["tokens"].items()}
     ttft = {s: {c: statistics.median(v) for c, v in lv.items()}
             for s, lv in got["ttft"].items()}
-    head = "".join(f" {f'c={c} tok/s':>11} {'ratio':>6} {'tok/req':>7} {'TTFT ms':>8}"
-                   for c in args.levels)
+    head = "".join(f" {f'c={c} tok/s':>11} {'ratio':>6} {'paired':>6} {'tok/req':>7} "
+                   f"{'TTFT ms':>8}" for c in args.levels)
     print(f"\nmedians of {args.repeats} round(s); ratio is to {REFERENCE} at the same "
-          f"concurrency; TTFT is the median over every request after the warm-up one\n"
-          f"{'system':<20}{head}")
+          f"concurrency (paired: the median of each round's ratio); TTFT is the median "
+          f"over every request after the warm-up one\n{'system':<20}{head}")
     for s in medians:
         print(f"{s:<20}" + "".join(f" {medians[s][c]:11.2f} {ratios[s][c]:6.2f} "
-                                   f"{per_request[s][c]:7.1f} {ttft[s][c] * 1e3:8.1f}"
-                                   for c in args.levels))
+                                   f"{paired[s][c]:6.2f} {per_request[s][c]:7.1f} "
+                                   f"{ttft[s][c] * 1e3:8.1f}" for c in args.levels))
     if args.json:
         args.json.write_text(json.dumps({
             "schema": PEERS_SCHEMA, "model": args.model, "model_dir": str(model_dir),
@@ -259,6 +265,8 @@ def main() -> int:
             "tok_s": {s: {str(c): v for c, v in lv.items()} for s, lv in got["tps"].items()},
             "median_tok_s": {s: {str(c): v for c, v in lv.items()} for s, lv in medians.items()},
             "ratio": {s: {str(c): v for c, v in lv.items()} for s, lv in ratios.items()},
+            "paired_ratio": {s: {str(c): v for c, v in lv.items()}
+                             for s, lv in paired.items()},
             "tokens_per_request": {s: {str(c): v for c, v in lv.items()}
                                    for s, lv in per_request.items()},
             "median_ttft_s": {s: {str(c): v for c, v in lv.items()} for s, lv in ttft.items()},
