@@ -169,25 +169,31 @@ def ring(args: argparse.Namespace, spin: bool) -> list[dict]:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     procs = []
-    for rank in range(3):
-        cmd = [sys.executable, __file__, "--worker", "--rank", str(rank), "--port",
-               str(ports[rank]), "--next-port", str(ports[(rank + 1) % 3]), "--model",
-               args.model, "--layers", str(args.layers), "--dtype", args.dtype, "--tokens",
-               str(args.tokens), "--repeats", str(args.repeats)] + (["--spin"] if spin else [])
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=openblas_env(),
-                                cwd=ROOT)
-        procs.append(proc)
-    for rank, proc in enumerate(procs):
-        if not proc.stdout.readline().startswith("ready"):  # listening
-            sys.exit(f"rank {rank} did not start")
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        results += [json.loads(line[7:]) for line in out.splitlines()
-                    if line.startswith("result ")]
-        if proc.returncode:
-            sys.exit(f"a ring rank failed ({proc.returncode})")
-    return results
+    try:
+        for rank in range(3):
+            cmd = [sys.executable, __file__, "--worker", "--rank", str(rank), "--port",
+                   str(ports[rank]), "--next-port", str(ports[(rank + 1) % 3]), "--model",
+                   args.model, "--layers", str(args.layers), "--dtype", args.dtype,
+                   "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+            procs.append(subprocess.Popen(cmd + (["--spin"] if spin else []),
+                                          stdout=subprocess.PIPE, text=True,
+                                          env=openblas_env(), cwd=ROOT))
+        for rank, proc in enumerate(procs):
+            if not proc.stdout.readline().startswith("ready"):  # listening
+                sys.exit(f"rank {rank} did not start")
+        results = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=600)
+            results += [json.loads(line[7:]) for line in out.splitlines()
+                        if line.startswith("result ")]
+            if proc.returncode:
+                sys.exit(f"a ring rank failed ({proc.returncode})")
+        return results
+    finally:  # a rank that failed leaves the others blocked in recv: they go too
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def bare_ring(model: str, layers: int, dtype: str, tokens: int) -> dict:
