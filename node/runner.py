@@ -196,8 +196,12 @@ async def serve_request(backend: Backend, request: pb.GenerateRequest,
 
 
 async def next_token(queue: asyncio.Queue, timeout: float) -> tuple[int, float, float | None]:
+    # (the queue is awaited in this task, under asyncio.timeout: wait_for would wrap
+    # queue.get() in a task of its own and wake this one two loop turns after the token
+    # came, every token)
     try:
-        item = await asyncio.wait_for(queue.get(), timeout)
+        async with asyncio.timeout(timeout):
+            item = await queue.get()
     except TimeoutError:
         raise RequestTimeout(f"no token came back within {timeout:.0f} s") from None
     if isinstance(item, Exception):

@@ -6,17 +6,20 @@ backend is checked on a real cluster in tests/test_ring.py)."""
 from __future__ import annotations
 
 import ast
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
+import pytest
 
 from node.engine import Engine
+from node.errors import PeerUnavailable, RequestTimeout
 from node.metrics import NodeMetrics
 from node.models import load_shard, resolve
 from node.peers import PeerChannels
 from node.pipeline import Pipeline
 from node.ring import RingGroup
-from node.runner import Runner
+from node.runner import Runner, next_token
 from node.sampling import RequestSampler, Sampling, sample_rows
 from protos import cluster_pb2 as pb
 from tests.helpers import ROOT
@@ -77,3 +80,22 @@ def test_a_sampler_resumed_mid_sequence_draws_what_the_whole_run_drew():
     resumed = RequestSampler(Sampling(temperature=1.5, top_p=0.95, seed=11), position=16)
     assert [sample_rows(logits, [resumed])[0] for _ in range(6)] == run[6:]
     assert len(set(run)) > 1
+
+
+async def test_a_token_wait_returns_the_token_raises_errors_and_times_out_clearly():
+    queue: asyncio.Queue = asyncio.Queue()
+    asyncio.get_running_loop().call_later(0.01, queue.put_nowait, (7, 0.5, None))
+    assert await next_token(queue, 5.0) == (7, 0.5, None)  # it came while waiting
+    queue.put_nowait(PeerUnavailable("the next shard is gone"))
+    with pytest.raises(PeerUnavailable, match="next shard is gone"):
+        await next_token(queue, 5.0)
+    with pytest.raises(RequestTimeout, match="no token came back within 0 s"):
+        await next_token(queue, 0.05)
+    # a request whose client went away is cancelled, not timed out; the queue stays usable
+    waiting = asyncio.ensure_future(next_token(queue, 5.0))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    queue.put_nowait((8, 0.1, -0.5))
+    assert await next_token(queue, 5.0) == (8, 0.1, -0.5)
