@@ -196,9 +196,8 @@ async def serve_request(backend: Backend, request: pb.GenerateRequest,
 
 
 async def next_token(queue: asyncio.Queue, timeout: float) -> tuple[int, float, float | None]:
-    # (the queue is awaited in this task, under asyncio.timeout: wait_for would wrap
-    # queue.get() in a task of its own and wake this one two loop turns after the token
-    # came, every token)
+    # (the queue is awaited in this task, under asyncio.timeout, rather than through
+    # wait_for, which wraps queue.get() in a task of its own for every token)
     try:
         async with asyncio.timeout(timeout):
             item = await queue.get()
