@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from node.auth import open_channel, read_token, token_metadata
+from node.auth import is_loopback, open_channel, read_token, token_metadata
 from node.jsonform import to_dict  # noqa: F401 - console modules import it from here
 from node.peers import CHANNEL_OPTIONS
 from protos import cluster_pb2 as pb
@@ -68,7 +68,9 @@ class NodeClient:
             raise ClusterError(describe_rpc_error(self.address, e)) from e
 
     async def info(self) -> pb.NodeInfo:
-        return await self._call(self.stub.GetInfo(pb.InfoRequest(), timeout=self.timeout_s))
+        """The node's info, with `address` the one this client reached it at (reached())."""
+        info = await self._call(self.stub.GetInfo(pb.InfoRequest(), timeout=self.timeout_s))
+        return reached(info, self.address)
 
     async def healthy(self) -> bool:
         if self._channel is None:
@@ -121,6 +123,19 @@ class NodeClient:
             raise ClusterError(describe_rpc_error(self.address, e)) from e
         finally:
             call.cancel()
+
+
+def reached(info: pb.NodeInfo, address: str) -> pb.NodeInfo:
+    """A console keeps using the address at which it reached a node: that address goes
+    into what it lists and into the plans it makes, so peers use it too. The exception is
+    a node reached over loopback (a tunnel, or the console on the node's own machine) that
+    reports a network address: its peers on other machines need that one."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    own = info.address.rsplit(":", 1)[0].strip("[]")
+    if info.address and is_loopback(host) and not is_loopback(own):
+        return info
+    info.address = address
+    return info
 
 
 async def gather_infos(clients: list[NodeClient]) -> list[pb.NodeInfo | ClusterError]:

@@ -25,7 +25,7 @@ from node.errors import ModelError
 from node.models import SYNTHETIC_PREFIX, ModelSource, resolve
 from node.placement import check_versions, next_epoch, node_specs, place, to_proto
 from node.plan import PartitionPlan, PlanError, backend_label, layer_bar
-from node.resume import NoEntry, entry_of, resumable
+from node.resume import NoEntry, Pending, entry_of, resumable
 from protos import cluster_pb2 as pb
 
 
@@ -74,11 +74,19 @@ class NoNodeUp(ClusterError):
     """Not one of the nodes answered GetInfo."""
 
 
+class EntryPending(ClusterError, Pending):
+    """No entry node now, but a plan is on its way (a load, or the survivors' re-plan
+    after a loss): a request waits for it (node.resume.resumable)."""
+
+
 def entry_node(infos: list[pb.NodeInfo]) -> pb.NodeInfo:
     """The node holding the first shard of the newest loaded plan: layer 0 of a pipeline,
-    rank 0 of an mlx-ring group. Generate requests go there (node.resume's one rule)."""
+    rank 0 of an mlx-ring group. Generate requests go there (node.resume's one rule).
+    EntryPending while a plan is on its way."""
     try:
         return entry_of(infos)
+    except Pending as e:
+        raise EntryPending(str(e)) from None
     except NoEntry as e:
         raise ClusterError(str(e)) from None
 
@@ -239,6 +247,8 @@ async def stream(clients: list[NodeClient], request: pb.GenerateRequest,
     async def find_entry(gone: set[str], again: bool) -> str:  # always a fresh look
         try:
             client, info = await entry_client([c for c in clients if c.address not in gone])
+        except EntryPending:
+            raise  # resumable waits for it
         except ClusterError as e:
             raise NoEntry(str(e)) from None
         if entry is not None:
@@ -253,6 +263,10 @@ async def stream(clients: list[NodeClient], request: pb.GenerateRequest,
     except grpc.aio.AioRpcError as e:
         address = entry[0].address if entry else "the entry node"
         raise ClusterError(describe_rpc_error(address, e)) from e
+    except NoEntry as e:  # none now and none coming, or one that did not come in time
+        if isinstance(e, ClusterError):
+            raise
+        raise ClusterError(str(e)) from e
 
 
 async def generate(clients: list[NodeClient], request: pb.GenerateRequest,

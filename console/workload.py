@@ -77,6 +77,8 @@ class Route:
         try:
             client, _ = await ops.entry_client([c for c in self.clients
                                                 if c.address not in gone])
+        except ops.EntryPending:
+            raise  # resumable waits for it
         except ClusterError as e:
             raise NoEntry(str(e)) from None
         self.address = client.address

@@ -23,18 +23,40 @@ SERVICE_TYPE = "_mlx-node._tcp.local."
 log = logging.getLogger(__name__)
 
 
+WILDCARDS = ("0.0.0.0", "", "::", "[::]")
+# bridges and tunnels that another machine cannot reach this one through
+VIRTUAL = ("docker", "br-", "veth", "virbr", "vmnet", "cni", "flannel", "podman", "lxc")
+
+
 def advertised_ips(host: str, interfaces: list[str]) -> list[str]:
-    """The IPv4 addresses to announce for a node bound to `host`."""
+    """The IPv4 addresses to announce for a node bound to `host`: `--interface` when
+    given, the bound address unless it is a wildcard, else this machine's addresses on
+    the network (interfaces that are up, leaving out loopback, link-local addresses and
+    container or VM bridges, unless nothing else is there). Never the wildcard."""
     if interfaces:
         return list(interfaces)
-    if host not in ("0.0.0.0", "", "::"):
+    if host not in WILDCARDS:
         return [host]
-    ips = []
-    for addrs in psutil.net_if_addrs().values():
+    stats = psutil.net_if_stats()
+    real, virtual = [], []
+    for name, addrs in psutil.net_if_addrs().items():
+        if name in stats and not stats[name].isup:
+            continue
         for a in addrs:
-            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
-                ips.append(a.address)
-    return ips or ["127.0.0.1"]
+            if a.family != socket.AF_INET:
+                continue
+            ip = ipaddress.ip_address(a.address)
+            if ip.is_loopback or ip.is_link_local:
+                continue
+            (virtual if name.startswith(VIRTUAL) else real).append(a.address)
+    return real or virtual or ["127.0.0.1"]
+
+
+def own_host(host: str, interfaces: list[str]) -> str:
+    """The host part of the address a node reports about itself (GetInfo, its ready file,
+    the plans it is in): one its peers and consoles can reach, not the wildcard it may be
+    bound to."""
+    return advertised_ips(host, interfaces)[0]
 
 
 def txt_record(node_id: str, name: str, port: int, memory_budget: int, ip: str) -> dict:

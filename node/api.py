@@ -34,7 +34,7 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
-from node.api_nodes import Loading, Nodes, NoNodeUp, plan_addresses
+from node.api_nodes import Nodes, NoNodeUp, plan_addresses
 from node.auth import bearer_matches
 from node.jsonform import to_dict
 from node.openai_api import (
@@ -47,7 +47,7 @@ from node.openai_api import (
     usage,
 )
 from node.peers import PeerChannels
-from node.resume import NoEntry, resumable
+from node.resume import NoEntry, Pending, resumable
 from protos import cluster_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -147,13 +147,14 @@ class Gateway:
                            kind="authentication_error", code="invalid_api_key")
 
     async def _entry_info(self) -> pb.NodeInfo:
-        """The entry node's info; while a plan loads (a reload under traffic), waited for
-        up to `load_wait_s`, then a 503 with Retry-After that names what is loading."""
+        """The entry node's info. While a plan loads (a reload under traffic) or the
+        survivors of a lost entry node re-plan, waited for up to `load_wait_s`, then a 503
+        with Retry-After that names what is on its way."""
         deadline = time.monotonic() + self.load_wait_s
         while True:
             try:
                 return (await self.nodes.entry())[1]
-            except Loading as e:
+            except Pending as e:
                 if time.monotonic() > deadline:
                     raise ApiError(503, f"{e}; it did not finish within "
                                         f"{self.load_wait_s:.0f} s: retry shortly",

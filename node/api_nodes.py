@@ -29,14 +29,6 @@ class NoNodeUp(NoEntry):
     """Not one of the known nodes answered."""
 
 
-class Loading(NoEntry):
-    """No entry node yet, but a plan is being loaded: worth waiting for."""
-
-    def __init__(self, model: str, epoch: int) -> None:
-        super().__init__(f"{model} is being loaded as plan epoch {epoch}")
-        self.model, self.epoch = model, epoch
-
-
 def unreachable(address: str, error: grpc.aio.AioRpcError) -> str:
     return f"node {address} is unreachable ({error.details()}); is it running?" if (
         error.code() == grpc.StatusCode.UNAVAILABLE) else (
@@ -76,7 +68,8 @@ class Nodes:
 
     async def entry(self, gone: set[str] = frozenset()) -> tuple[str, pb.NodeInfo]:
         """The entry node's address and info, leaving out `gone`. NoNodeUp when no node
-        answers, NoEntry when none serves a plan's first shard."""
+        answers, Pending (node.resume) while a plan loads or the survivors re-plan, NoEntry
+        when none serves a plan's first shard and none is coming."""
         now = time.monotonic()
         if self._entry is not None and now - self._entry[0] < self.ttl_s and (
                 self._entry[1] not in gone):
@@ -85,13 +78,7 @@ class Nodes:
         up = [(a, i) for a, i in found if isinstance(i, pb.NodeInfo)]
         if not up:
             raise NoNodeUp("; ".join(str(i) for _, i in found) or "no node is known")
-        try:
-            info = entry_of([i for _, i in up])
-        except NoEntry:
-            loading = max((i for _, i in up), key=lambda i: i.loading_epoch)
-            if loading.loading_epoch:
-                raise Loading(loading.loading_model, loading.loading_epoch) from None
-            raise
+        info = entry_of([i for _, i in up])  # Pending while a plan is on its way
         address = next(a for a, i in up if i is info)
         self._entry = (now, address, info)
         return address, info

@@ -34,22 +34,61 @@ POLL_S = 0.1
 MAX_RESUMES = 3
 
 
+PENDING_WAIT_S = 30.0  # how long a new request waits for a plan that is on its way
+
+
 class NoEntry(Exception):
     """No node serves the plan's first shard (yet): the message says what was seen."""
 
 
+class Pending(NoEntry):
+    """No entry node now, but one is on its way: worth waiting for (bounded)."""
+
+
+class Loading(Pending):
+    """A plan is being loaded (a `load`, or the survivors' new plan after a loss)."""
+
+    def __init__(self, model: str, epoch: int) -> None:
+        super().__init__(f"{model} is being loaded as plan epoch {epoch}")
+        self.model, self.epoch = model, epoch
+
+
+class Replanning(Pending):
+    """The node holding the plan's first shard is gone, and the survivors, which watch
+    each other (node/coordinator.py), are about to re-plan without it."""
+
+    def __init__(self, model: str, epoch: int) -> None:
+        super().__init__(f"the entry node of plan epoch {epoch} ({model}) is gone; the "
+                         "survivors are re-planning")
+        self.model, self.epoch = model, epoch
+
+
 def entry_of(infos: list[pb.NodeInfo]) -> pb.NodeInfo:
     """The node holding the first shard of the newest loaded plan: layer 0 of a pipeline,
-    rank 0 of an mlx-ring group. Generate goes there. `infos` are the nodes that answered."""
+    rank 0 of an mlx-ring group. Generate goes there. `infos` are the nodes that answered.
+
+    Raises Pending (Loading, Replanning) when there is none now but one is on its way, and
+    NoEntry, which says what to do, when none is coming: nothing loaded, or a recovery
+    that failed."""
     loaded = [i for i in infos if i.HasField("shard")]
+    loading = max(infos, key=lambda i: i.loading_epoch, default=None)
+    newest = max((i.shard.epoch for i in loaded), default=0)
+    if loading is not None and loading.loading_epoch > newest:
+        raise Loading(loading.loading_model, loading.loading_epoch)
+    failed = [r.error for i in infos for r in i.recoveries if r.error and (
+        r.from_epoch >= newest)]
     if not loaded:
-        raise NoEntry("no model is loaded; run: mlx-cluster load --model smollm2-135m")
-    epoch = max(i.shard.epoch for i in loaded)
-    for info in loaded:
-        if info.shard.epoch == epoch and info.plan.shards and (
-                info.plan.shards[0].node_id == info.node_id):
+        raise NoEntry(f"{failed[-1]}" if failed else
+                      "no model is loaded; run: mlx-cluster load --model smollm2-135m")
+    held = [i for i in loaded if i.shard.epoch == newest]
+    for info in held:
+        if info.plan.shards and info.plan.shards[0].node_id == info.node_id:
             return info
-    raise NoEntry(f"no node holds layer 0 of plan epoch {epoch}; reload the model")
+    if failed:
+        raise NoEntry(f"no node holds layer 0 of plan epoch {newest}: {failed[-1]}")
+    if any(len(i.plan.shards) > 1 for i in held):  # its members watch each other
+        raise Replanning(held[0].plan.model, newest)
+    raise NoEntry(f"no node holds layer 0 of plan epoch {newest}; reload the model")
 
 
 def with_seed(request: pb.GenerateRequest) -> pb.GenerateRequest:
@@ -96,7 +135,11 @@ async def resumable(request: pb.GenerateRequest,
     chars = 0
     gone: set[str] = set()
     resumes = 0
-    address = await find_entry(gone, False)
+    try:
+        address = await find_entry(gone, False)
+    except Pending as e:  # a plan on its way (a load, a re-plan after a loss): wait for it
+        log.info("waiting for the entry node: %s", e)
+        address = await _wait_for_entry(find_entry, gone, PENDING_WAIT_S, e)
     while True:
         attempt = request
         if ids:
@@ -134,16 +177,23 @@ async def resumable(request: pb.GenerateRequest,
 
 
 async def _wait_for_entry(find_entry: Callable[[set[str], bool], Awaitable[str]],
-                          gone: set[str],
-                          limit_s: float, error: grpc.aio.AioRpcError) -> str:
+                          gone: set[str], limit_s: float, error: Exception) -> str:
+    """The entry node's address once one serves, polling for up to `limit_s`; then `error`
+    (what the request failed with, or the Pending it found first), saying what was seen."""
     deadline = time.monotonic() + limit_s
-    seen = ""
+    seen = str(error)
     while time.monotonic() < deadline:
         try:
             return await find_entry(gone, True)
-        except NoEntry as e:
+        except Pending as e:
+            seen = str(e)
+        except NoEntry as e:  # nothing is coming: say so now, not after the wait
+            if isinstance(error, Pending):
+                raise
             seen = str(e)
         except grpc.aio.AioRpcError as e:
             seen = f"{e.code().name}: {e.details()}"
         await asyncio.sleep(POLL_S)
+    if isinstance(error, Pending):
+        raise NoEntry(f"{seen}; no entry node within {limit_s:.0f} s: retry shortly")
     raise error from NoEntry(f"no new entry node within {limit_s:.0f} s ({seen})")

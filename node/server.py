@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from node.advertise import own_host
 from node.auth import TokenInterceptor
 from node.datalink import DataServer, server_ssl
 from node.peers import CHANNEL_OPTIONS
@@ -23,11 +24,14 @@ SERVICE_NAME = "mlxcluster.NodeService"
 async def serve(servicer: NodeServicer, host: str, port: int,
                 credentials: grpc.ServerCredentials | None = None,
                 tls_files: tuple[Path, Path] | None = None,
-                data_port: int = 0) -> tuple[grpc.aio.Server, int]:
+                data_port: int = 0, interfaces: list[str] = ()
+                ) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server and the data port; returns the server and its bound port
     (useful with port 0). `tls_files` (certificate, key) are what `credentials` were made
     of: the data port serves TLS with them. A node serving TLS without them, or with
-    `data_port` -1, opens no data port: its upstream neighbour uses the Forward RPC."""
+    `data_port` -1, opens no data port: its upstream neighbour uses the Forward RPC.
+    `interfaces` (--interface) name the address the node reports when `host` is a
+    wildcard (node.advertise.own_host)."""
     interceptors = [TokenInterceptor(servicer.token)] if servicer.token else []
     # no SO_REUSEPORT: a second node on a taken port must fail, not share it silently
     server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
@@ -54,7 +58,8 @@ async def serve(servicer: NodeServicer, host: str, port: int,
                           ) from e
         servicer.data_server = data
     await server.start()
-    servicer.address = f"{host}:{bound}"
+    # what the node reports about itself: a routable address, never a wildcard it binds
+    servicer.address = f"{own_host(host, list(interfaces))}:{bound}"
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound

@@ -176,3 +176,34 @@ async def test_mlx_cluster_generate_survives_its_entry_node_and_prints_the_answe
     assert proc.returncode == 0, err.decode()
     assert (first + rest).decode() == whole.text + "\n"  # the whole answer, once
     assert "the entry node was lost after" in err.decode()
+
+
+async def test_a_request_sent_right_after_the_entry_node_dies_waits_for_the_new_plan(
+        small_cluster, tmp_path):
+    """The idle entry node is killed and requests come at once, before the survivors have
+    re-planned: through the CLI's path (console.ops) and through serve-api, each waits for
+    the new plan and answers what the whole plan answered, instead of failing with "reload
+    the model"."""
+    cluster = await asyncio.to_thread(small_cluster, 3, node_args=["--no-advertise"])
+    request = pb.GenerateRequest(prompt_ids=[256, *b"takeover"], max_tokens=8, ignore_eos=True)
+    async with ops.connect(addresses(cluster)) as clients:
+        plan, _ = await ops.load_plan(clients, "synthetic:tiny", "", 0, "memory",
+                                      progress=lambda m: None)
+        before = (await ops.generate(clients, request)).token_ids
+    with serve_api(addresses(cluster), tmp_path / "api.json") as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        text = (await client.completions.create(model="synthetic:tiny", prompt="takeover",
+                                                max_tokens=8, temperature=0)).choices[0].text
+        entry = next(n for n in cluster["nodes"] if n["node_id"] == plan.shards[0].node_id)
+        os.kill(entry["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        async with ops.connect(addresses(cluster)) as clients:
+            via_ops, via_api = await asyncio.gather(
+                ops.generate(clients, request),
+                client.completions.create(model="synthetic:tiny", prompt="takeover",
+                                          max_tokens=8, temperature=0))
+        waited = time.monotonic() - killed
+    assert via_ops.token_ids == before
+    assert via_api.choices[0].text == text
+    assert via_ops.epoch > plan.epoch  # served by the survivors' plan, not the old one
+    print(f"requests sent at the kill answered after {waited:.2f} s")
