@@ -165,7 +165,9 @@ def cmd_load(args: argparse.Namespace, connection: Connection) -> int:
     async def run(clients):
         return await ops.load_plan(clients, args.model, args.dtype, args.layers,
                                    args.strategy, progress=eprint, backend=args.backend,
-                                   auto_reform=args.auto_reform)
+                                   auto_reform=args.auto_reform,
+                                   auto_rejoin=False if args.no_auto_rejoin else None,
+                                   rejoin_settle_s=args.rejoin_settle)
 
     plan, shards = on_nodes(node_addresses(args, connection), connection, run)
     data = {"plan": to_dict(plan), "shards": [to_dict(s) for s in shards]}
@@ -177,11 +179,16 @@ def cmd_load(args: argparse.Namespace, connection: Connection) -> int:
 
 
 def cmd_rebalance(args: argparse.Namespace, connection: Connection) -> int:
-    plan, shards = on_nodes(node_addresses(args, connection), connection,
-                            lambda clients: ops.rebalance(clients, progress=eprint))
-    emit(args, {"plan": to_dict(plan)},
+    plan, shards, left_out = on_nodes(node_addresses(args, connection), connection,
+                                      lambda clients: ops.rebalance(clients, progress=eprint))
+    emit(args, {"plan": to_dict(plan), "left_out": left_out},
          f"{plan.model} epoch {plan.epoch} over {len(plan.shards)} node(s): " + ", ".join(
              f"{s.name or s.address} {s.start_layer}-{s.end_layer}" for s in plan.shards))
+    if left_out:  # a plan that shrank because a node moved must not look like success
+        eprint(f"left out {len(left_out)} node(s) that did not answer: " + "; ".join(left_out)
+               + ". A node that restarted on another address rejoins by itself (auto-rejoin); "
+               "or name its address with --nodes and rebalance again")
+        return EXIT_FAIL
     return EXIT_OK
 
 

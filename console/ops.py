@@ -22,6 +22,7 @@ import grpc
 from console.client import ClusterError, NodeClient, describe_rpc_error, gather_infos
 from node import PROTOCOL_VERSION
 from node.errors import ModelError
+from node.membership import REJOIN_SETTLE_S
 from node.models import SYNTHETIC_PREFIX, ModelSource, resolve
 from node.placement import check_versions, next_epoch, node_specs, place, to_proto
 from node.plan import PartitionPlan, PlanError, backend_label, layer_bar
@@ -131,10 +132,12 @@ def partition(infos: list[pb.NodeInfo], model: str, dtype: str, layers: int, str
 
 
 def proto_plan(plan: PartitionPlan, model: str, epoch: int, backend: str = "pipeline",
-               infos: list[pb.NodeInfo] = (), auto_reform: bool = False) -> pb.Plan:
-    """The wire form of a plan over these nodes (their ring ports for mlx-ring)."""
+               infos: list[pb.NodeInfo] = (), auto_reform: bool = False,
+               rejoin_settle_s: float | None = None) -> pb.Plan:
+    """The wire form of a plan over these nodes (their ring ports for mlx-ring);
+    `rejoin_settle_s` None: it takes no joiners."""
     return to_proto(plan, model, epoch, backend, {i.node_id: i.ring_port for i in infos},
-                    auto_reform)
+                    auto_reform, rejoin_settle_s)
 
 
 def _to_stderr(message: str) -> None:
@@ -143,14 +146,21 @@ def _to_stderr(message: str) -> None:
 
 async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: int,
                     strategy: str, progress: Callable[[str], None] = _to_stderr,
-                    backend: str = "pipeline",
-                    auto_reform: bool = False) -> tuple[pb.Plan, list[pb.ShardInfo]]:
+                    backend: str = "pipeline", auto_reform: bool = False,
+                    auto_rejoin: bool | None = None,
+                    rejoin_settle_s: float = REJOIN_SETTLE_S
+                    ) -> tuple[pb.Plan, list[pb.ShardInfo]]:
     """Plan `model` over the nodes and load every shard at once. For mlx-ring the node
-    services start one worker each and the loads return once the group has formed."""
+    services start one worker each and the loads return once the group has formed.
+    `auto_rejoin` (None: on unless the split is manual) lets the plan take in nodes that
+    join or come back, once they have been up `rejoin_settle_s` (node/membership.py)."""
     infos = await live_infos(clients)
     plan, _ = partition(infos, model, dtype, layers, strategy, backend)
     epoch = next_epoch(infos)
-    proto = proto_plan(plan, model, epoch, backend, infos, auto_reform)
+    if auto_rejoin is None:
+        auto_rejoin = not strategy.startswith("manual:")
+    proto = proto_plan(plan, model, epoch, backend, infos, auto_reform,
+                       rejoin_settle_s if auto_rejoin else None)
     progress(f"loading {model} ({plan.n_layers} layers, {backend}, {plan.strategy}) on "
              f"{len(clients)} node(s), epoch {epoch}")
     options = pb.ModelOptions(dtype=dtype, layers=layers)
@@ -175,9 +185,12 @@ async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: i
 
 
 async def rebalance(clients: list[NodeClient], progress: Callable[[str], None] = _to_stderr
-                    ) -> tuple[pb.Plan, list[pb.ShardInfo]]:
+                    ) -> tuple[pb.Plan, list[pb.ShardInfo], list[str]]:
     """Load the newest loaded plan's model again over every node that answers now (the
-    same backend, strategy and auto-reform), re-admitting nodes a recovery left out."""
+    same backend, strategy and joining rules), re-admitting nodes a recovery left out. The
+    plan's members are asked too, at the addresses the plan has for them (a member that
+    restarted on another port is found there once it has rejoined). Also returns the nodes
+    it knew about that did not answer and so were left out: `clients` and plan members."""
     infos = await gather_infos(clients)
     live = [(c, i) for c, i in zip(clients, infos) if not isinstance(i, ClusterError)]
     if not live:
@@ -186,11 +199,22 @@ async def rebalance(clients: list[NodeClient], progress: Callable[[str], None] =
     if not loaded:
         raise ClusterError("nothing is loaded; use mlx-cluster load --model SPEC")
     plan = max((i.plan for i in loaded), key=lambda p: p.epoch)
-    layers = plan.n_layers if plan.model.startswith(SYNTHETIC_PREFIX) else 0
-    return await load_plan([c for c, _ in live], plan.model, "", layers,
-                           plan.strategy or "memory", progress=progress,
-                           backend=backend_label(plan.backend, plan.parallel),
-                           auto_reform=plan.auto_reform)
+    seen = {i.node_id for _, i in live} | {c.address for c in clients}
+    extra = [NodeClient(s.address, clients[0].timeout_s, clients[0].token, clients[0].tls_ca)
+             for s in plan.shards if s.node_id not in seen and s.address not in seen]
+    try:
+        found = await gather_infos(extra)
+        live += [(c, i) for c, i in zip(extra, found) if not isinstance(i, ClusterError)]
+        left_out = [str(i) for i in [*infos, *found] if isinstance(i, ClusterError)]
+        layers = plan.n_layers if plan.model.startswith(SYNTHETIC_PREFIX) else 0
+        new, shards = await load_plan(
+            [c for c, _ in live], plan.model, "", layers, plan.strategy or "memory",
+            progress=progress, backend=backend_label(plan.backend, plan.parallel),
+            auto_reform=plan.auto_reform, auto_rejoin=plan.auto_rejoin,
+            rejoin_settle_s=plan.rejoin_settle_s or REJOIN_SETTLE_S)
+    finally:
+        await asyncio.gather(*(c.close() for c in extra))
+    return new, shards, left_out
 
 
 def plan_rows(plan: pb.Plan) -> list[dict]:

@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from node.faults import KINDS as FAULT_KINDS
+from node.membership import REJOIN_SETTLE_S
 
 DISCOVER_S = 3.0  # seconds of zeroconf browsing when no nodes are named
 
@@ -109,11 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--auto-reform", action="store_true",
                       help="mlx-ring: when a rank's node dies, re-form the group on the "
                            "survivors (if the model still fits and splits)")
+    load.add_argument("--no-auto-rejoin", action="store_true",
+                      help="keep the plan's members as they are: by default a gRPC pipeline "
+                           "loaded with a strategy takes in a node that restarts (same node "
+                           "id) or joins (mlx-node serve --join), with a new epoch; a manual "
+                           "split never does")
+    load.add_argument("--rejoin-settle", type=float, default=REJOIN_SETTLE_S, metavar="S",
+                      help="a node that joins or comes back is taken in once it has stayed up "
+                           f"S seconds, so a flapping node does not make the plan thrash "
+                           f"(default {REJOIN_SETTLE_S:.0f})")
 
     sub.add_parser("unload", parents=[common, nodes], help="drop the loaded shards")
     sub.add_parser("rebalance", parents=[common, nodes],
-                   help="re-plan the loaded model over every node up now (re-admits nodes "
-                        "that came back after a recovery)")
+                   help="re-plan the loaded model over every node up now and the plan's "
+                        "members (re-admits nodes a recovery left out); exits 1, naming "
+                        "them, when nodes it was told of do not answer")
 
     gen = sub.add_parser("generate", parents=[common, nodes], help="stream tokens for a prompt")
     gen.add_argument("--prompt", required=True)

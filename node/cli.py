@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "to consoles and peers (default: its addresses on the network)")
     disc.add_argument("--no-advertise", action="store_true",
                       help="do not announce the node with zeroconf (use --nodes or a peers file)")
+    disc.add_argument("--join", default="", metavar="HOST:PORT,...",
+                      help="ask the plan these nodes serve to take this node in (a plan loaded "
+                           "with a strategy takes it in once it has been up the plan's settle "
+                           "time); a node that restarts asks the members of its last plan by "
+                           "itself")
+    disc.add_argument("--peers-file", type=Path, default=None,
+                      help="the same as --join, for the nodes of a peers file ([[node]] "
+                           'address = "host:port")')
     serve.add_argument("--calibrate", action="store_true",
                        help="measure matmul speed for speed-weighted plans (cached per MLX "
                             "version in the state dir)")
@@ -150,6 +158,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
     state_dir = args.state_dir or default_state_dir()
     node_id = node_id_for(state_dir)
+    join = [a.strip() for a in args.join.split(",") if a.strip()]
+    if args.peers_file is not None:
+        join += _peers(args.peers_file)
     local = is_loopback(args.host)
     # a loopback cluster (local up, the tests) stays token-free unless given one; off
     # loopback the token `mlx-cluster token new` stored is read too
@@ -180,7 +191,7 @@ async def _serve(args: argparse.Namespace) -> None:
                             tls=credentials is not None, ring_port=args.ring_port,
                             protocol_version=args.protocol_version,
                             prompt_cache_bytes=args.prompt_cache_bytes,
-                            warmup_batches=args.warmup_batches)
+                            warmup_batches=args.warmup_batches, state_dir=state_dir)
     servicer.insecure = token is None and not local  # shown as open in status
     if args.calibrate:
         servicer.matmul_gflops = cached_calibration(state_dir)
@@ -218,10 +229,13 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    servicer.preload()
     reaper = loop.create_task(servicer.reap_idle_requests())
+    knocker = loop.create_task(_knock(servicer, join))
     await stop.wait()
     log.info("shutting down")
     reaper.cancel()
+    knocker.cancel()
     if api is not None:
         await api.cleanup()  # closes open HTTP streams, which cancels their Generate calls
     if advertiser is not None:
@@ -238,6 +252,35 @@ async def _advertise(advertiser, servicer) -> None:
         servicer.advertising = True
     except Exception as e:  # no multicast here: the node still serves, by address
         log.warning("zeroconf advertising failed (%s); name this node with --nodes instead", e)
+
+
+async def _knock(servicer, targets: list[str]) -> None:
+    """Ask to be taken into a plan (node/membership.py): that of --join / --peers-file, or
+    of the members of the last plan this node held before it restarted."""
+    from node.auth import token_metadata
+    from node.membership import knock, remembered
+    from protos import cluster_pb2 as pb
+
+    request = pb.JoinRequest(node_id=servicer.node_id, address=servicer.address,
+                             name=servicer.name)
+    try:
+        await knock(request, [*targets, *remembered(servicer.state_dir)], servicer.peers.get,
+                    token_metadata(servicer.token), lambda: servicer.runner is not None,
+                    servicer.stop)
+    except Exception:  # joining is a convenience: the node serves whatever happens here
+        log.exception("asking to join failed")
+
+
+def _peers(path: Path) -> list[str]:
+    """host:port of each [[node]] of a peers file."""
+    import tomllib
+
+    try:
+        nodes = tomllib.loads(path.read_text()).get("node", [])
+        return [str(n["address"]) for n in nodes]
+    except (OSError, tomllib.TOMLDecodeError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"peers file {path}: {e}; write one [[node]] table per node with "
+                         'address = "host:port"') from e
 
 
 def _batch_sizes(text: str) -> list[int] | None:

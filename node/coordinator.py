@@ -37,6 +37,7 @@ import time
 import grpc
 
 from node.auth import token_metadata
+from node.membership import HOLD_OUT_S, settled
 from node.placement import check_versions, place, to_proto
 from node.plan import NodeSpec, PlanError, backend_label
 from protos import cluster_pb2 as pb
@@ -63,6 +64,7 @@ class Coordinator:
         self.leader = plan.shards[0].node_id  # who coordinates, as this node sees it
         self._noticed: dict[str, str] = {}  # member declared down -> who declared it first
         self._refused: dict[str, bool] = {}  # its last heartbeat found its port closed
+        self._joins_checked = 0.0
 
     @property
     def ring(self) -> bool:
@@ -156,6 +158,16 @@ class Coordinator:
                 # the group went down but every peer answers: re-form on the same nodes
                 alone = (not dead and self._down_since is not None and now - self._down_since
                          >= self.interval_s * (self.misses + 1))
+                joined = [] if dead or alone else await self._joiners(now)
+                if joined:  # nodes that asked to join have settled: take them in
+                    self._recovering = True
+                    try:
+                        replaced = await self._recover([], now, 0.0, joined)
+                    finally:
+                        self._recovering = False
+                    if replaced:
+                        return
+                    continue  # refused before anything changed: this plan goes on
                 if dead or alone:
                     detect_s = (max(now - last_ok[p.node_id] for p in dead) if dead
                                 else now - (self._down_since or now))
@@ -174,10 +186,36 @@ class Coordinator:
         except Exception:
             log.exception("coordinator stopped")
 
+    async def _joiners(self, now: float) -> list[pb.PlanShard]:
+        """The nodes that asked to join (node/membership.py) and may be taken in now, as
+        plan members to add (checked at most once a second)."""
+        if not self.plan.auto_rejoin or now - self._joins_checked < 1.0:
+            return []
+        self._joins_checked = now
+        pending = self.servicer.joiners.pending(self.plan)
+        if not pending:
+            return []
+
+        async def info(address: str) -> pb.NodeInfo | None:
+            stub = pb_grpc.NodeServiceStub(self._channel(address))
+            try:
+                return await stub.GetInfo(pb.InfoRequest(), timeout=2.0)
+            except grpc.aio.AioRpcError:
+                return None
+
+        infos = await asyncio.gather(*(info(j.address) for j in pending))
+        return [pb.PlanShard(node_id=j.node_id, address=j.address, name=j.name)
+                for j, i in zip(pending, infos)
+                if settled(j, i, self.plan, self.servicer.protocol_version)]
+
     def _index(self, node_id: str) -> int:
         return [s.node_id for s in self.plan.shards].index(node_id)
 
-    async def _recover(self, dead: list[pb.PlanShard], t_down: float, detect_s: float) -> None:
+    async def _recover(self, dead: list[pb.PlanShard], t_down: float, detect_s: float,
+                       joined: list[pb.PlanShard] = ()) -> bool:
+        """A new plan without the `dead` members (a loss) or with the `joined` nodes added
+        (a join): same model, strategy and order, a new epoch, loaded everywhere. False
+        when a join was refused before anything changed (the plan serves on)."""
         from node.models import resolve
 
         record = pb.Recovery(from_epoch=self.plan.epoch, lost=[p.node_id for p in dead],
@@ -185,10 +223,13 @@ class Coordinator:
                              coordinator=self.servicer.node_id,
                              noticed_by=next((self._noticed[p.node_id] for p in dead
                                               if p.node_id in self._noticed),
-                                             self.servicer.node_id))
+                                             self.servicer.node_id),
+                             joined=[j.node_id for j in joined])
         record.backend = backend_label(self.plan.backend, self.plan.parallel)
-        names = ", ".join(p.name or p.address for p in dead)
-        if self.ring:
+        names = ", ".join(p.name or p.address for p in [*dead, *joined])
+        if joined:
+            log.warning("taking in %s (asked to join); re-planning", names)
+        elif self.ring:
             why = f"rank(s) {names} lost" if dead else (
                 f"rank 0's worker stopped: {self._down_reason}")
             if self.servicer.runner is not None:
@@ -200,11 +241,12 @@ class Coordinator:
                 log.error("%s", record.error)
                 self.servicer.recovery_failed(record)
                 await self._stop_ring_survivors(record)
-                return
+                return True
             log.warning("mlx-ring group down (%s); re-forming on the survivors", why)
         else:
             log.warning("declaring %s down; re-planning onto the survivors", names)
         survivors = [s for s in self.plan.shards if s.node_id not in set(record.lost)]
+        survivors += joined
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.gather(*(self._info(s) for s in survivors))
@@ -221,36 +263,55 @@ class Coordinator:
                         backend_label(self.plan.backend, self.plan.parallel or "tensor"),
                         self.plan.model, self.plan.context_length or None)
         except (PlanError, Exception) as e:  # noqa: B014 - PlanError named for the reader
+            if joined:  # nothing changed: the plan serves on without them, for a while
+                log.error("cannot take in %s: %s (asked again in %.0f s)", names, e,
+                          HOLD_OUT_S)
+                self.servicer.joiners.hold_out(set(record.joined), HOLD_OUT_S)
+                return False
             record.error = f"cannot re-plan {self.plan.model} onto the survivors: {e}"
             log.error("%s", record.error)
             self.servicer.recovery_failed(record)
             await self._stop_ring_survivors(record)
-            return
+            return True
         # newer than any epoch a survivor accepted (a load may have raced this recovery)
         epoch = max([self.plan.epoch, self.servicer.accepted_epoch,
                      *(i.accepted_epoch for i in infos)]) + 1
         proto = to_proto(new, self.plan.model, epoch,
                          backend_label(self.plan.backend, self.plan.parallel or "tensor"),
                          {s.node_id: i.ring_port for s, i in zip(survivors, infos)},
-                         self.plan.auto_reform)
+                         self.plan.auto_reform,
+                         self.plan.rejoin_settle_s if self.plan.auto_rejoin else None)
         t_planned = time.monotonic()
         record.to_epoch, record.replan_s = proto.epoch, t_planned - t_down
         others = [s for s in proto.shards if s.node_id != self.servicer.node_id]
         results = await asyncio.gather(
             self.servicer.load_local(proto, self.options),
             *(self._load_remote(s.address, proto) for s in others), return_exceptions=True)
-        failed = [str(r) for r in results if isinstance(r, BaseException)]
         record.reload_s = time.monotonic() - t_planned
+        failed = [f"{s.name or s.address}: {type(r).__name__}: {r}"
+                  for s, r in zip([None, *others], results) if isinstance(r, BaseException)
+                  and s is not None]
+        if failed and not isinstance(results[0], BaseException) and not self.ring:
+            # this node serves the new epoch, and its watchers declare a member that did not
+            # load it down like any other: the plan is not lost
+            log.warning("epoch %d: %s did not load it; the plan goes on without them",
+                        proto.epoch, "; ".join(failed))
+            failed = []
+        if isinstance(results[0], BaseException):
+            failed.insert(0, f"this node: {type(results[0]).__name__}: {results[0]}")
         if failed:
             record.error = "reload failed: " + "; ".join(failed)
             log.error("%s", record.error)
             self.servicer.recovery_failed(record)
             await self._stop_ring_survivors(record)
-            return
-        log.warning("recovered: epoch %d -> %d without %s (detect %.2f s, re-plan %.2f s, "
-                    "reload %.2f s)", record.from_epoch, record.to_epoch, names,
-                    record.detect_s, record.replan_s, record.reload_s)
+            return True
+        log.warning("%s: epoch %d -> %d %s %s (detect %.2f s, re-plan %.2f s, reload %.2f s)",
+                    "joined" if joined else "recovered", record.from_epoch, record.to_epoch,
+                    "with" if joined else "without", names, record.detect_s, record.replan_s,
+                    record.reload_s)
+        self.servicer.joiners.forget(set(record.joined))
         self.servicer.recovered(record)
+        return True
 
     async def _info(self, shard: pb.PlanShard) -> pb.NodeInfo:
         """A survivor's info: its memory budget, the port its next ring worker may listen

@@ -91,7 +91,10 @@ class _Framed(asyncio.Protocol):
         finally:
             view.release()
         if error is None:
-            del buffer[:start]
+            try:
+                del buffer[:start]
+            except BufferError:  # a handler kept a view of a message: leave it that buffer
+                self._buffer = bytearray(buffer[start:])
         else:  # (a view into the old buffer may live on in the error's traceback)
             self._buffer = bytearray()
             self._garbage(error)

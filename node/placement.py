@@ -68,13 +68,18 @@ def place(source: ModelSource, specs: list[NodeSpec], strategy: str, backend: st
 
 
 def to_proto(plan: PartitionPlan, model: str, epoch: int, backend: str = "pipeline",
-             ring_ports: dict[str, int] | None = None, auto_reform: bool = False) -> pb.Plan:
-    """The wire form of a plan. `ring_ports` (node id -> port) is used by mlx-ring only."""
+             ring_ports: dict[str, int] | None = None, auto_reform: bool = False,
+             rejoin_settle_s: float | None = None) -> pb.Plan:
+    """The wire form of a plan. `ring_ports` (node id -> port) is used by mlx-ring only.
+    `rejoin_settle_s` (None: no automatic joins) lets a gRPC pipeline take in nodes that
+    join once they have been up that long (node/membership.py)."""
     name, parallel = parse_backend(backend)
     ports = ring_ports if name == "mlx-ring" and ring_ports else {}
+    rejoin = rejoin_settle_s is not None and name == "pipeline"
     return pb.Plan(model=model, epoch=epoch, n_layers=plan.n_layers, strategy=plan.strategy,
                    context_length=plan.context, backend=name, parallel=parallel,
-                   auto_reform=auto_reform and name == "mlx-ring",
+                   auto_reform=auto_reform and name == "mlx-ring", auto_rejoin=rejoin,
+                   rejoin_settle_s=rejoin_settle_s if rejoin else 0.0,
                    shards=[pb.PlanShard(node_id=s.node.node_id, address=s.node.address,
                                         name=s.node.name, start_layer=s.start,
                                         end_layer=s.end, param_bytes=s.param_bytes,

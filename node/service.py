@@ -13,6 +13,7 @@ node keeps serving: nothing a request sends can take the process down.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from node.errors import (
 )
 from node.faults import FaultBook, exit_now
 from node.frames import Intake
+from node.membership import Joiners, check_join, remember_plan
 from node.metrics import NodeMetrics, histogram_messages
 from node.models import Shard, load_shard, resolve
 from node.peers import PeerChannels
@@ -70,7 +72,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                  peer_ca: Path | None = None, tls: bool = False, ring_port: int = 0,
                  protocol_version: int = PROTOCOL_VERSION,
                  prompt_cache_bytes: int | None = None,
-                 warmup_batches: list[int] | None = None) -> None:
+                 warmup_batches: list[int] | None = None,
+                 state_dir: Path | None = None) -> None:
         self.node_id = node_id
         self.protocol_version = protocol_version  # another one only in tests (node.cli)
         self.token = token
@@ -80,6 +83,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.faults = FaultBook(allow_faults)
         self.stop = asyncio.Event()  # set by Shutdown (and by signals in node.cli)
         self.coordinator: Coordinator | None = None
+        self.state_dir = state_dir  # where the node remembers its last plan's members
+        self.joiners = Joiners()  # nodes that asked to be taken into the plan
         self.recoveries: list[pb.Recovery] = []
         self._epoch_changed = asyncio.Condition()
         self.recovery_error: str = ""
@@ -107,7 +112,9 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.frame = Intake(self)
         self.matmul_gflops = 0.0  # set by --calibrate
         self.advertising = False
-        self.started = time.monotonic()
+        # up since the process started (imports included): a joiner's settle time counts
+        # from when it was started (node/membership.py)
+        self.started = time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
         # one thread for every MLX call: loads and forwards never run concurrently
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="mlx")
         self.shard: Shard | None = None  # gRPC pipeline: the weights this process holds
@@ -241,7 +248,11 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         loop = asyncio.get_running_loop()
         source = await loop.run_in_executor(self.executor, resolve, plan.model, options.dtype,
                                             options.layers)
-        check_source(plan, ours, source, self.memory_budget)
+        # off the event loop: sizing a shard builds the model's shapes with mlx-lm, whose
+        # first import (transformers with it) takes seconds in a fresh process, long enough
+        # for its peers to miss its heartbeats
+        await loop.run_in_executor(self.executor, check_source, plan, ours, source,
+                                   self.memory_budget)
         self._loading_epoch = self.accepted_epoch = plan.epoch
         self._loading_model = plan.model
         if self.coordinator is not None and not self.coordinator.recovering:
@@ -287,15 +298,23 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if self.coordinator is not None:
             await self.coordinator.stop()
             self.coordinator = None
-        if len(plan.shards) > 1:  # every member watches; the first live one coordinates
+        # every member watches; the first live one coordinates (and takes joiners in)
+        if len(plan.shards) > 1 or plan.auto_rejoin:
             self.coordinator = Coordinator(self, plan, options)
             self.coordinator.start()
+        remember_plan(self.state_dir, plan, self.node_id)
         self.recovery_error = ""
         async with self._epoch_changed:
             self._epoch_changed.notify_all()
         log.info("loaded %s layers %d-%d (epoch %d, %s) in %.1f s", plan.model,
                  ours.start_layer, ours.end_layer, plan.epoch, plan.backend or "pipeline",
                  load_seconds)
+
+    def preload(self) -> None:
+        """Import mlx-lm (and transformers with it) on the MLX thread now, while the node
+        is new, rather than at its first load."""
+        asyncio.get_running_loop().run_in_executor(self.executor, importlib.import_module,
+                                                   "mlx_lm")
 
     async def _warm(self, engine: Engine) -> None:
         """Run the batch sizes the node serves once, before the plan is live
@@ -408,6 +427,24 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                 yield event
         except Exception as e:
             await _abort(context, e)
+
+    async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        """A node asks to be taken into this node's plan (node/membership.py)."""
+        if why := check_join(request):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
+        runner = self.runner
+        if runner is None:
+            return pb.JoinReply(detail="this node holds no plan")
+        plan = runner.plan
+        if not plan.auto_rejoin:
+            return pb.JoinReply(epoch=plan.epoch, detail=(
+                f"plan epoch {plan.epoch} takes no joiners (a manual split, an mlx-ring "
+                "group or --no-auto-rejoin): run mlx-cluster rebalance"))
+        self.joiners.knock(request)
+        leader = self.coordinator.leader if self.coordinator else plan.shards[0].node_id
+        address = next((s.address for s in plan.shards if s.node_id == leader), "")
+        return pb.JoinReply(accepted=True, coordinator=leader, coordinator_address=address,
+                            epoch=plan.epoch)
 
     def note_resumed(self, seconds: float | None = None) -> None:
         """A request resumed after the newest recovery gave its first token: `seconds`

@@ -6,6 +6,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class JoinRequest(_message.Message):
+    __slots__ = ("node_id", "address", "name")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    name: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("accepted", "coordinator", "coordinator_address", "epoch", "detail")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    coordinator: str
+    coordinator_address: str
+    epoch: int
+    detail: str
+    def __init__(self, accepted: _Optional[bool] = ..., coordinator: _Optional[str] = ..., coordinator_address: _Optional[str] = ..., epoch: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class RingWakeRequest(_message.Message):
     __slots__ = ("epoch",)
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -189,7 +213,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ..., faults: _Optional[_Iterable[_Union[ActiveFault, _Mapping]]] = ..., tls: _Optional[bool] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ..., ring_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., coordinator: _Optional[str] = ..., api_port: _Optional[int] = ..., accepted_epoch: _Optional[int] = ..., data_port: _Optional[int] = ..., insecure: _Optional[bool] = ..., loading_epoch: _Optional[int] = ..., loading_model: _Optional[str] = ...) -> None: ...
 
 class Recovery(_message.Message):
-    __slots__ = ("from_epoch", "to_epoch", "lost", "detect_s", "replan_s", "reload_s", "first_token_s", "error", "at_unix", "resumed_requests", "backend", "coordinator", "noticed_by")
+    __slots__ = ("from_epoch", "to_epoch", "lost", "detect_s", "replan_s", "reload_s", "first_token_s", "error", "at_unix", "resumed_requests", "backend", "coordinator", "noticed_by", "joined")
     FROM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     TO_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOST_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +227,7 @@ class Recovery(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     NOTICED_BY_FIELD_NUMBER: _ClassVar[int]
+    JOINED_FIELD_NUMBER: _ClassVar[int]
     from_epoch: int
     to_epoch: int
     lost: _containers.RepeatedScalarFieldContainer[str]
@@ -216,7 +241,8 @@ class Recovery(_message.Message):
     backend: str
     coordinator: str
     noticed_by: str
-    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., lost: _Optional[_Iterable[str]] = ..., detect_s: _Optional[float] = ..., replan_s: _Optional[float] = ..., reload_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., error: _Optional[str] = ..., at_unix: _Optional[float] = ..., resumed_requests: _Optional[int] = ..., backend: _Optional[str] = ..., coordinator: _Optional[str] = ..., noticed_by: _Optional[str] = ...) -> None: ...
+    joined: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., lost: _Optional[_Iterable[str]] = ..., detect_s: _Optional[float] = ..., replan_s: _Optional[float] = ..., reload_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., error: _Optional[str] = ..., at_unix: _Optional[float] = ..., resumed_requests: _Optional[int] = ..., backend: _Optional[str] = ..., coordinator: _Optional[str] = ..., noticed_by: _Optional[str] = ..., joined: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PlanShard(_message.Message):
     __slots__ = ("node_id", "address", "start_layer", "end_layer", "param_bytes", "kv_bytes", "name", "ring_port")
@@ -239,7 +265,7 @@ class PlanShard(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., param_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., name: _Optional[str] = ..., ring_port: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("model", "epoch", "n_layers", "strategy", "shards", "context_length", "backend", "parallel", "auto_reform")
+    __slots__ = ("model", "epoch", "n_layers", "strategy", "shards", "context_length", "backend", "parallel", "auto_reform", "auto_rejoin", "rejoin_settle_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +275,8 @@ class Plan(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_FIELD_NUMBER: _ClassVar[int]
     AUTO_REFORM_FIELD_NUMBER: _ClassVar[int]
+    AUTO_REJOIN_FIELD_NUMBER: _ClassVar[int]
+    REJOIN_SETTLE_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     epoch: int
     n_layers: int
@@ -258,7 +286,9 @@ class Plan(_message.Message):
     backend: str
     parallel: str
     auto_reform: bool
-    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., n_layers: _Optional[int] = ..., strategy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[PlanShard, _Mapping]]] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., parallel: _Optional[str] = ..., auto_reform: _Optional[bool] = ...) -> None: ...
+    auto_rejoin: bool
+    rejoin_settle_s: float
+    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., n_layers: _Optional[int] = ..., strategy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[PlanShard, _Mapping]]] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., parallel: _Optional[str] = ..., auto_reform: _Optional[bool] = ..., auto_rejoin: _Optional[bool] = ..., rejoin_settle_s: _Optional[float] = ...) -> None: ...
 
 class ModelOptions(_message.Message):
     __slots__ = ("dtype", "layers")

@@ -94,6 +94,11 @@ class NodeServiceStub:
                 request_serializer=protos_dot_cluster__pb2.RingWakeRequest.SerializeToString,
                 response_deserializer=protos_dot_cluster__pb2.RingWakeReply.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/mlxcluster.NodeService/Join',
+                request_serializer=protos_dot_cluster__pb2.JoinRequest.SerializeToString,
+                response_deserializer=protos_dot_cluster__pb2.JoinReply.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -188,6 +193,16 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Join(self, request, context):
+        """A node asks to be taken into the plan: one that restarted (same node id, perhaps on
+        another port or address) or a new one. The plan's coordinator re-plans with it once
+        it has stayed up for the plan's settle time, when the plan allows it (auto_rejoin).
+        Mutating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +265,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.RingWake,
                     request_deserializer=protos_dot_cluster__pb2.RingWakeRequest.FromString,
                     response_serializer=protos_dot_cluster__pb2.RingWakeReply.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=protos_dot_cluster__pb2.JoinRequest.FromString,
+                    response_serializer=protos_dot_cluster__pb2.JoinReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -576,6 +596,33 @@ class NodeService:
             '/mlxcluster.NodeService/RingWake',
             protos_dot_cluster__pb2.RingWakeRequest.SerializeToString,
             protos_dot_cluster__pb2.RingWakeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxcluster.NodeService/Join',
+            protos_dot_cluster__pb2.JoinRequest.SerializeToString,
+            protos_dot_cluster__pb2.JoinReply.FromString,
             options,
             channel_credentials,
             insecure,
