@@ -100,13 +100,21 @@ class MonitorSource(Protocol):
 
 def recovery_event(r: pb.Recovery, labels: dict[str, str], plan: pb.Plan | None = None,
                    previous: str = "") -> tuple[str, str]:
-    """(kind, text) of the event log's line for one recovery: who was lost, who noticed,
+    """(kind, text) of the event log's line for one re-plan: a join (who joined), or a
+    recovery: who was lost, who noticed,
     who coordinates now (a takeover when `previous`, the old plan's coordinator where
     known, was among the lost), the new plan's epoch and ranges, how many requests
     resumed and how long each phase took. `labels` maps node ids to names."""
     def name(node_id: str) -> str:
         return labels.get(node_id, node_id[:8])
 
+    ranges = (" " + ", ".join(f"{name(s.node_id)} {s.start_layer}-{s.end_layer}"
+                               for s in plan.shards)) if plan is not None else ""
+    if r.joined:  # a node came (back): no loss, no resumed requests
+        joined = ", ".join(name(n) for n in r.joined)
+        return "join", (f"{joined} joined: coordinator {name(r.coordinator)}; epoch "
+                        f"{r.from_epoch}->{r.to_epoch}{ranges}; re-plan {r.replan_s:.2f} s, "
+                        f"reload {r.reload_s:.2f} s")
     lost = ", ".join(name(n) for n in r.lost) or "a node"
     if r.error:
         return "error", f"recovery from the loss of {lost} failed: {r.error}"
@@ -117,8 +125,6 @@ def recovery_event(r: pb.Recovery, labels: dict[str, str], plan: pb.Plan | None 
         took_over = previous in r.lost and previous != r.coordinator
         who.append(f"{name(r.coordinator)} took over as coordinator" if took_over
                    else f"coordinator {name(r.coordinator)}")
-    ranges = (" " + ", ".join(f"{name(s.node_id)} {s.start_layer}-{s.end_layer}"
-                               for s in plan.shards)) if plan is not None else ""
     timings = [f"detect {r.detect_s:.2f} s", f"re-plan {r.replan_s:.2f} s",
                f"reload {r.reload_s:.2f} s"]
     if r.first_token_s:

@@ -6,10 +6,12 @@ flaps is held out until it has stayed up, so the plan does not thrash."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import openai
 import psutil
@@ -79,9 +81,7 @@ def restart(cmdline: list[str]) -> subprocess.Popen:
 def ready_address(cmdline: list[str], before: str) -> str | bool:
     path = cmdline[cmdline.index("--ready-file") + 1]
     try:
-        import json
-
-        address = json.loads(open(path).read())["address"]
+        address = json.loads(Path(path).read_text())["address"]
     except (OSError, ValueError, KeyError):
         return False
     return address if address != before else False

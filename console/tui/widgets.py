@@ -299,7 +299,7 @@ class EventsPanel(Rerendered):
 
     STYLES = {"up": "green", "down": "red", "suspect": "yellow", "error": "bold red",
               "load": "cyan", "info": "white", "recovery": "bold magenta",
-              "fault": "bold yellow", "bench": "cyan"}
+              "join": "bold green", "fault": "bold yellow", "bench": "cyan"}
 
     def render_from(self, monitor: MonitorSource) -> None:
         region = self.content_region  # inside the border: what can show

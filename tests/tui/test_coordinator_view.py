@@ -107,3 +107,13 @@ async def test_the_nodes_table_stars_the_coordinator():
         assert [n for n in names.values() if "★" in n] == ["local-1 ★"]
         assert table.border_subtitle == "★ coordinator"
         assert any("took over as coordinator" in e.text for e in fake.events)
+
+
+def test_a_join_names_who_joined_the_new_plan_and_no_loss():
+    new = plan(5, ("aaa", 0, 2), ("bbb", 3, 5), ("ccc", 6, 7))
+    kind, text = recovery_event(pb.Recovery(
+        from_epoch=4, to_epoch=5, joined=["ccc"], coordinator="aaa", replan_s=0.01,
+        reload_s=0.3), LABELS, new)
+    assert kind == "join"
+    assert text.startswith("local-2 joined: coordinator local-0; epoch 4->5 ")
+    assert "local-2 6-7" in text and "lost" not in text
