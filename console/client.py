@@ -87,10 +87,16 @@ class NodeClient:
         return await self._call(self.stub.GetMetrics(pb.MetricsRequest(), timeout=self.timeout_s))
 
     async def load(self, plan: pb.Plan, options: pb.ModelOptions,
-                   timeout_s: float = 900.0) -> pb.LoadShardReply:
-        request = pb.LoadShardRequest(plan=plan, options=options)
+                   timeout_s: float = 900.0, stage: bool = False) -> pb.LoadShardReply:
+        """Load the node's shard of `plan`; with `stage`, beside the plan it serves when
+        its memory holds both (reply.staged: `activate` switches to it)."""
+        request = pb.LoadShardRequest(plan=plan, options=options, stage=stage)
         return await self._call(self.stub.LoadShard(request, timeout=timeout_s,
                                                     metadata=self.metadata))
+
+    async def activate(self, epoch: int) -> pb.LoadShardReply:
+        return await self._call(self.stub.Activate(pb.ActivateRequest(epoch=epoch),
+                                                   timeout=60.0, metadata=self.metadata))
 
     async def unload(self) -> bool:
         reply = await self._call(self.stub.UnloadShard(pb.UnloadShardRequest(),

@@ -148,12 +148,14 @@ async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: i
                     strategy: str, progress: Callable[[str], None] = _to_stderr,
                     backend: str = "pipeline", auto_reform: bool = False,
                     auto_rejoin: bool | None = None,
-                    rejoin_settle_s: float = REJOIN_SETTLE_S
+                    rejoin_settle_s: float = REJOIN_SETTLE_S, stage: bool = True
                     ) -> tuple[pb.Plan, list[pb.ShardInfo]]:
     """Plan `model` over the nodes and load every shard at once. For mlx-ring the node
     services start one worker each and the loads return once the group has formed.
     `auto_rejoin` (None: on unless the split is manual) lets the plan take in nodes that
-    join or come back, once they have been up `rejoin_settle_s` (node/membership.py)."""
+    join or come back, once they have been up `rejoin_settle_s` (node/membership.py).
+    `stage` False: every node drops the plan it serves before it loads (requests wait for
+    the whole load), even where its memory would hold both."""
     infos = await live_infos(clients)
     plan, _ = partition(infos, model, dtype, layers, strategy, backend)
     epoch = next_epoch(infos)
@@ -167,21 +169,29 @@ async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: i
     client_of = {i.node_id: c for c, i in zip(clients, infos)}
     t0 = time.perf_counter()
 
-    async def one(shard: pb.PlanShard) -> pb.ShardInfo:
-        reply = await client_of[shard.node_id].load(proto, options)
+    async def one(shard: pb.PlanShard) -> pb.LoadShardReply:
+        reply = await client_of[shard.node_id].load(proto, options, stage=stage)
         part = (f"rank {reply.shard.ring.rank}/{reply.shard.ring.size} "
                 f"({reply.shard.ring.parallel})" if reply.shard.HasField("ring")
                 else f"layers {shard.start_layer}-{shard.end_layer}")
-        progress(f"  {shard.address}: {part} loaded "
+        progress(f"  {shard.address}: {part} "
+                 f"{'staged beside the serving plan' if reply.staged else 'loaded'} "
                  f"({reply.shard.weight_bytes / 2**20:.0f} MiB, {reply.shard.form}) "
                  f"after {time.perf_counter() - t0:.1f} s")
-        return reply.shard
+        return reply
 
+    # each node loads beside the plan it serves where its memory holds both (the old plan
+    # serves meanwhile), then all switch together: requests in flight go on under the new
+    # plan, and wait only for the switch (node/staging.py)
     results = await asyncio.gather(*(one(s) for s in proto.shards), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise ClusterError("load failed: " + "; ".join(str(e) for e in errors))
-    return proto, results  # type: ignore[return-value]
+    staged = [client_of[s.node_id] for s, r in zip(proto.shards, results) if r.staged]
+    if staged:
+        await asyncio.gather(*(c.activate(epoch) for c in staged))
+        progress(f"  switched {len(staged)} node(s) to epoch {epoch}")
+    return proto, [r.shard for r in results]  # type: ignore[union-attr]
 
 
 async def rebalance(clients: list[NodeClient], progress: Callable[[str], None] = _to_stderr

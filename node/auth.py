@@ -18,7 +18,7 @@ TOKEN_METADATA_KEY = "x-mlx-cluster-token"
 TOKEN_ENV = "MLX_CLUSTER_TOKEN"
 SERVICE_PREFIX = "/mlxcluster.NodeService/"
 MUTATING = frozenset({"LoadShard", "UnloadShard", "InjectFault", "HealFaults", "Shutdown",
-                      "Forward", "RingWake", "Join"})
+                      "Forward", "RingWake", "Join", "Activate"})
 
 
 def default_token_file() -> Path:

@@ -284,9 +284,17 @@ class Coordinator:
         t_planned = time.monotonic()
         record.to_epoch, record.replan_s = proto.epoch, t_planned - t_down
         others = [s for s in proto.shards if s.node_id != self.servicer.node_id]
+        # a join leaves the plan whole: load beside it where memory allows, then switch
+        # everyone at once (node/staging.py); a loss has no whole plan left to serve
+        stage = bool(joined)
         results = await asyncio.gather(
-            self.servicer.load_local(proto, self.options),
-            *(self._load_remote(s.address, proto) for s in others), return_exceptions=True)
+            self.servicer.load_local(proto, self.options, stage),
+            *(self._load_remote(s.address, proto, stage) for s in others),
+            return_exceptions=True)
+        if stage and not any(isinstance(r, BaseException) for r in results):
+            results = await asyncio.gather(*(
+                self._activate(s, proto.epoch) if staged else asyncio.sleep(0)
+                for s, staged in zip([None, *others], results)), return_exceptions=True)
         record.reload_s = time.monotonic() - t_planned
         failed = [f"{s.name or s.address}: {type(r).__name__}: {r}"
                   for s, r in zip([None, *others], results) if isinstance(r, BaseException)
@@ -334,7 +342,19 @@ class Coordinator:
         await stub.UnloadShard(pb.UnloadShardRequest(epoch=self.plan.epoch), timeout=10.0,
                                metadata=token_metadata(self.servicer.token))
 
-    async def _load_remote(self, address: str, plan: pb.Plan) -> None:
+    async def _load_remote(self, address: str, plan: pb.Plan, stage: bool = False) -> bool:
+        """Load a member's share of `plan`; True when it was staged (then `_activate`)."""
         stub = pb_grpc.NodeServiceStub(self._channel(address))
-        await stub.LoadShard(pb.LoadShardRequest(plan=plan, options=self.options),
-                             timeout=300.0, metadata=token_metadata(self.servicer.token))
+        reply = await stub.LoadShard(pb.LoadShardRequest(plan=plan, options=self.options,
+                                                         stage=stage),
+                                     timeout=300.0, metadata=token_metadata(self.servicer.token))
+        return reply.staged
+
+    async def _activate(self, shard: pb.PlanShard | None, epoch: int) -> None:
+        """Switch a member (None: this node) to the staged plan `epoch`."""
+        if shard is None:
+            await self.servicer.activate(epoch)
+            return
+        stub = pb_grpc.NodeServiceStub(self._channel(shard.address))
+        await stub.Activate(pb.ActivateRequest(epoch=epoch), timeout=60.0,
+                            metadata=token_metadata(self.servicer.token))

@@ -126,7 +126,8 @@ class Intake:
     (the `FrameHandler` of every `Frames`): the node's faults first, then its plan's
     runner, which starts the frame at once (Runner.handle_frame); what is left is returned
     to be waited for, and errors are answered on the frame's link. `node` is the node's
-    servicer (node/service.py): its faults, runner, metrics and `loading`."""
+    servicer (node/service.py): its faults, runners (`runner_for`), metrics and
+    `loading`."""
 
     def __init__(self, node) -> None:
         self._node = node
@@ -151,11 +152,12 @@ class Intake:
     def _start(self, frame: pb.ForwardFrame, replies: Replies) -> Awaitable[None] | None:
         node = self._node
         try:
-            if node.runner is None:
+            runner = node.runner_for(frame.epoch)  # a plan still draining, or the current
+            if runner is None:
                 if node.loading:  # mid-load: the sender should retry shortly
                     raise EpochNotLoaded(f"this node is loading epoch {frame.epoch}")
                 raise NotLoaded("no shard is loaded on this node; run mlx-cluster load first")
-            work = node.runner.handle_frame(frame, replies)
+            work = runner.handle_frame(frame, replies)
         except Exception as e:
             self._reject(frame, replies, e)
             return None

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,19 @@ def check_range(start: int, end: int, n_layers: int) -> None:
 def load_shard(source: ModelSource, start: int, end: int) -> Shard:
     """Layers start..end of `source` (plus the embedding / head where needed), run through
     the model's own forward; only this shard's tensors are read or made."""
+    steps = load_steps(source, start, end)
+    while (shard := next(steps)) is None:
+        pass
+    return shard
+
+
+STEP_BYTES = 16 * 2**20  # what one step of a load reads or makes (load_steps)
+
+
+def load_steps(source: ModelSource, start: int, end: int) -> Iterator[Shard | None]:
+    """`load_shard` in steps, each a short call on the MLX thread: None after each part,
+    then the shard. A node that loads a new plan while the old one serves runs one step at
+    a time, so that the old plan's forwards go on between them (node/service.py)."""
     import mlx.core as mx
 
     from node.shardrun import ShardModel
@@ -260,7 +274,14 @@ def load_shard(source: ModelSource, start: int, end: int) -> Shard:
         model, tokenizer = _model(source, start, end)
         runner = ShardModel(model, start, end, source.n_layers)
         used = runner.parameters_used()
-        mx.eval(used)
+        part: list = []
+        for array in used:
+            part.append(array)
+            if sum(a.nbytes for a in part) >= STEP_BYTES:
+                mx.eval(part)
+                part = []
+                yield None
+        mx.eval(part)
         dtype = _dtype_of(runner.kept_layers[0])
         shard = Shard(source, model, start, end, tokenizer, dtype,
                       sum(a.nbytes for a in used), 0.0, runner)
@@ -285,7 +306,7 @@ def load_shard(source: ModelSource, start: int, end: int) -> Shard:
             + ("" if whole else " or with --backend mlx-ring:tensor if mlx-lm shards it")
         ) from e
     shard.load_seconds = time.perf_counter() - t0
-    return shard
+    yield shard
 
 
 def load_tensor_shard(source: ModelSource, group: Any) -> Shard:

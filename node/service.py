@@ -49,6 +49,7 @@ from node.placement import check_source, own_shard
 from node.plan import GIB
 from node.ring import RingGroup, free_port
 from node.runner import Runner
+from node.staging import Staged, fits_beside, load_beside, same_shard
 from node.tokenizers import prompt_tokenizer
 from node.warmup import warm
 from protos import cluster_pb2 as pb
@@ -85,6 +86,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.coordinator: Coordinator | None = None
         self.state_dir = state_dir  # where the node remembers its last plan's members
         self.joiners = Joiners()  # nodes that asked to be taken into the plan
+        self._staged: Staged | None = None  # a plan loaded beside the serving one
+        self._draining: list[Runner] = []  # plans switched away from, finishing requests
         self.recoveries: list[pb.Recovery] = []
         self._epoch_changed = asyncio.Condition()
         self.recovery_error: str = ""
@@ -233,14 +236,88 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     async def LoadShard(self, request: pb.LoadShardRequest, context) -> pb.LoadShardReply:
         try:
             async with self._load_lock:
-                await self._load(request.plan, request.options)
+                staged = await self._load(request.plan, request.options, request.stage)
         except Exception as e:
             await _abort(context, e)
-        info = self._shard_info()
+        info = staged.runner.shard_info() if staged else self._shard_info()
         assert info is not None
-        return pb.LoadShardReply(shard=info)
+        return pb.LoadShardReply(shard=info, staged=staged is not None)
 
-    async def _load(self, plan: pb.Plan, options: pb.ModelOptions) -> None:
+    async def Activate(self, request: pb.ActivateRequest, context) -> pb.LoadShardReply:
+        """Switch to the plan staged beside the serving one (node/staging.py)."""
+        try:
+            await self.activate(request.epoch)
+        except Exception as e:
+            await _abort(context, e)
+        return pb.LoadShardReply(shard=self._shard_info())
+
+    async def activate(self, epoch: int) -> None:
+        async with self._load_lock:
+            staged = self._staged
+            if staged is None or staged.plan.epoch != epoch:
+                if self.runner is not None and self.runner.epoch == epoch:
+                    return  # already switched
+                raise StaleEpoch(f"plan epoch {epoch} is not staged on this node")
+            self._staged = None
+            if self.coordinator is not None:
+                await self.coordinator.stop()
+                self.coordinator = None
+            old_runner, self.runner, self.shard = self.runner, staged.runner, staged.shard
+            if old_runner is not None:  # new requests go to the new plan from now on
+                self._draining.append(old_runner)
+                asyncio.get_running_loop().create_task(self._drain(old_runner, epoch))
+            del old_runner
+            ours = next(s for s in staged.plan.shards if s.node_id == self.node_id)
+            await self._installed(staged.plan, staged.options, ours, staged.shard.load_seconds)
+
+    async def _drain(self, old: Runner, epoch: int) -> None:
+        """The requests in flight on a plan that was switched away from finish on it (its
+        frames still reach it, node/frames.py); then it closes and its weights go back.
+        Past `request_timeout_s`, those left go on under the new plan (node/failover.py)."""
+        deadline = time.monotonic() + self.request_timeout_s
+        while old.active_requests and time.monotonic() < deadline and old in self._draining:
+            await asyncio.sleep(0.05)
+        if old in self._draining:
+            self._draining.remove(old)
+            await old.close(f"plan epoch {epoch} replaced epoch {old.epoch}")
+        del old
+        await asyncio.get_running_loop().run_in_executor(self.executor, _clear_mlx_cache)
+
+    async def _close_draining(self, reason: str) -> None:
+        draining, self._draining = self._draining, []
+        for old in draining:
+            await old.close(reason)
+
+    def runner_for(self, epoch: int) -> Runner | None:
+        """The plan a frame of `epoch` belongs to: one still draining, or the current."""
+        return next((r for r in self._draining if r.epoch == epoch), self.runner)
+
+    async def _stage(self, plan: pb.Plan, options: pb.ModelOptions, ours: pb.PlanShard,
+                     source) -> Staged:
+        """Load `plan` beside the serving one, which goes on serving (node/staging.py)."""
+        self.accepted_epoch = plan.epoch
+        self._staged = None  # a newer plan replaces one staged before it
+        if same_shard(self.shard, source, ours):
+            shard = self.shard  # the weights it holds serve both
+        else:
+            shard = await load_beside(self.executor, source, ours.start_layer, ours.end_layer)
+        assert shard is not None
+        gather_s, admit_s = windows(ours.start_layer == 0, len(plan.shards) == 1)
+        engine = Engine(shard, self.executor, on_forward=self._count_forward,
+                        gather_s=gather_s, admit_s=admit_s,
+                        prompt_cache_bytes=self.prompt_cache_bytes)
+        self._staged = Staged(plan, options, shard, Pipeline(
+            self.node_id, plan, engine, self.metrics, self.peers, self.request_timeout_s,
+            token_metadata(self.token), self.faults))
+        log.info("staged %s layers %d-%d (epoch %d) beside epoch %d in %.1f s", plan.model,
+                 ours.start_layer, ours.end_layer, plan.epoch, self.runner.epoch,
+                 shard.load_seconds)
+        return self._staged
+
+    async def _load(self, plan: pb.Plan, options: pb.ModelOptions,
+                    stage: bool = False) -> Staged | None:
+        """Load `plan`. With `stage`, where the memory budget holds both, beside the plan
+        that serves (returned, for Activate); otherwise in its place (None)."""
         # everything that can refuse the plan runs before the loaded one is touched
         ours = own_shard(plan, self.node_id, self.runner.epoch if self.runner else 0,
                          self.accepted_epoch)
@@ -253,6 +330,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         # for its peers to miss its heartbeats
         await loop.run_in_executor(self.executor, check_source, plan, ours, source,
                                    self.memory_budget)
+        if stage and not ring and isinstance(self.runner, Pipeline) and (
+                same_shard(self.shard, source, ours)
+                or fits_beside(self.shard, ours, self.memory_budget)):
+            return await self._stage(plan, options, ours, source)
+        self._staged = None
+        await self._close_draining(f"plan epoch {plan.epoch} replaced them")
         self._loading_epoch = self.accepted_epoch = plan.epoch
         self._loading_model = plan.model
         if self.coordinator is not None and not self.coordinator.recovering:
@@ -295,6 +378,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
                                    self.request_timeout_s, token_metadata(self.token),
                                    self.faults)
             load_seconds = self.shard.load_seconds
+        await self._installed(plan, options, ours, load_seconds)
+        return None
+
+    async def _installed(self, plan: pb.Plan, options: pb.ModelOptions, ours: pb.PlanShard,
+                         load_seconds: float) -> None:
+        """A plan now serves here: its watch, its memory, and whoever waits for it."""
         if self.coordinator is not None:
             await self.coordinator.stop()
             self.coordinator = None
@@ -339,10 +428,12 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         if self.coordinator is not None and group is self.runner:
             self.coordinator.group_down(group.error)
 
-    async def load_local(self, plan: pb.Plan, options: pb.ModelOptions) -> None:
-        """Load a plan on this node (the coordinator's own share of a re-plan)."""
+    async def load_local(self, plan: pb.Plan, options: pb.ModelOptions,
+                         stage: bool = False) -> bool:
+        """Load a plan on this node (the coordinator's own share of a re-plan); True when
+        it was staged beside the serving plan (then `activate`)."""
         async with self._load_lock:
-            await self._load(plan, options)
+            return await self._load(plan, options, stage) is not None
 
     def recovered(self, record: pb.Recovery) -> None:
         self.recoveries.append(record)
@@ -374,6 +465,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
 
     async def UnloadShard(self, request: pb.UnloadShardRequest, context) -> pb.UnloadShardReply:
         async with self._load_lock:
+            self._staged = None
+            await self._close_draining("the shard was unloaded")
             if self.runner is None:
                 return pb.UnloadShardReply(unloaded=False)
             if request.epoch and request.epoch != self.runner.epoch:
@@ -508,6 +601,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             self.data_server.close()
         if self.coordinator is not None:
             await self.coordinator.stop()
+        await self._close_draining("the node is shutting down")
         if self.runner is not None:
             await self.runner.close("the node is shutting down")
         await self.peers.close()

@@ -6,6 +6,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ActivateRequest(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
 class JoinRequest(_message.Message):
     __slots__ = ("node_id", "address", "name")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -299,18 +305,22 @@ class ModelOptions(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., layers: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("plan", "options")
+    __slots__ = ("plan", "options", "stage")
     PLAN_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     plan: Plan
     options: ModelOptions
-    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., options: _Optional[_Union[ModelOptions, _Mapping]] = ...) -> None: ...
+    stage: bool
+    def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ..., options: _Optional[_Union[ModelOptions, _Mapping]] = ..., stage: _Optional[bool] = ...) -> None: ...
 
 class LoadShardReply(_message.Message):
-    __slots__ = ("shard",)
+    __slots__ = ("shard", "staged")
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     shard: ShardInfo
-    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+    staged: bool
+    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., staged: _Optional[bool] = ...) -> None: ...
 
 class UnloadShardRequest(_message.Message):
     __slots__ = ("epoch",)

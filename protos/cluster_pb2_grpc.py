@@ -99,6 +99,11 @@ class NodeServiceStub:
                 request_serializer=protos_dot_cluster__pb2.JoinRequest.SerializeToString,
                 response_deserializer=protos_dot_cluster__pb2.JoinReply.FromString,
                 _registered_method=True)
+        self.Activate = channel.unary_unary(
+                '/mlxcluster.NodeService/Activate',
+                request_serializer=protos_dot_cluster__pb2.ActivateRequest.SerializeToString,
+                response_deserializer=protos_dot_cluster__pb2.LoadShardReply.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -203,6 +208,15 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Activate(self, request, context):
+        """Switch to the plan a LoadShard with `stage` loaded beside the one serving (a token
+        boundary for the requests in flight, which go on under it); the old weights are
+        freed. Mutating.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -270,6 +284,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Join,
                     request_deserializer=protos_dot_cluster__pb2.JoinRequest.FromString,
                     response_serializer=protos_dot_cluster__pb2.JoinReply.SerializeToString,
+            ),
+            'Activate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Activate,
+                    request_deserializer=protos_dot_cluster__pb2.ActivateRequest.FromString,
+                    response_serializer=protos_dot_cluster__pb2.LoadShardReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -623,6 +642,33 @@ class NodeService:
             '/mlxcluster.NodeService/Join',
             protos_dot_cluster__pb2.JoinRequest.SerializeToString,
             protos_dot_cluster__pb2.JoinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Activate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxcluster.NodeService/Activate',
+            protos_dot_cluster__pb2.ActivateRequest.SerializeToString,
+            protos_dot_cluster__pb2.LoadShardReply.FromString,
             options,
             channel_credentials,
             insecure,
