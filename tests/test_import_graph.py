@@ -51,6 +51,7 @@ CONSOLE_MAY_IMPORT = {
     "node.auth": "the cluster token, TLS and the authenticated channel",
     "node.peers": "gRPC channel options and the peer-channel cache",
     "node.histogram": "the shared latency-histogram bucket layout, to merge node metrics",
+    "node.membership": "joining a plan: the default settle time a load gives its plan",
 }
 
 # Named explicitly so a failure says "internal", not merely "not on the list".
