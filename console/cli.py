@@ -393,6 +393,13 @@ def cmd_bench(args: argparse.Namespace, connection: Connection) -> int:
                     warmup=args.warmup, repeats=args.repeats, strategy=args.strategy,
                     seed=args.seed, backends=backend_list(args.backend))
     sweep = int_list(args.nodes_sweep, "--nodes-sweep") if args.nodes_sweep else None
+    if args.scenario == "chaos":
+        from console.chaos import run_local_chaos
+
+        doc = run_local_chaos(work, (sweep or [3])[-1], args.duration, args.local, eprint)
+        args.out.write_text(json.dumps(doc, indent=1))
+        emit(args, doc, views.chaos_text(doc["chaos"]) + f"\nresults: {args.out}")
+        return EXIT_OK if views.chaos_passed(doc["chaos"]) else EXIT_FAIL
     addresses = None if args.local else node_addresses(args, connection)
     doc = run_bench(work, addresses, sweep, args.local, connection, args.scenario or "",
                     args.fault_at, positions=args.node)

@@ -33,6 +33,20 @@ def comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def duration(text: str) -> float:
+    """Seconds from 90, 90s, 20m or 1h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    scale = units.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if text[-1:].lower() in units else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write 90s, 20m or "
+                                         "1h") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-cluster", description="Console for an MLX inference cluster.",
@@ -202,9 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
                                              "local clusters with --local)")
     bench.add_argument("--local", action="store_true",
                        help="start and stop local clusters for each node count")
-    bench.add_argument("--scenario", choices=["kill", "partition", "latency", "loss", "memory"],
+    bench.add_argument("--scenario",
+                       choices=["kill", "partition", "latency", "loss", "memory", "chaos"],
                        help="inject this fault into a node mid-run and record success, the "
-                            "longest stall, recovery times and output correctness")
+                            "longest stall, recovery times and output correctness; chaos: a "
+                            "soak of --duration with faults one after another (kill and "
+                            "restart, latency, loss, partition) under streaming chat load "
+                            "through the API, with --local (it restarts the nodes it kills)")
+    bench.add_argument("--duration", type=duration, default=1200.0, metavar="TIME",
+                       help="how long the chaos soak runs, e.g. 20m, 1h, 90s (default 20m)")
     bench.add_argument("--node", default="last", type=comma_list, metavar="POSITION",
                        help="where the faulty node sits in the plan: entry (the first shard, "
                             "where requests enter), middle or last (default); several, "

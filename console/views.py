@@ -87,3 +87,30 @@ def bench_text(doc: dict) -> str:
              + (f" ({s['recovery_error']})" if s.get("recovery_error") else "")
              for s in doc["scenarios"]]
     return "\n".join(rows)
+
+
+def chaos_passed(c: dict) -> bool:
+    """The soak's invariants: every request completed with its fault-free answer, and one
+    plan per epoch."""
+    return (c["requests"] > 0 and c["succeeded"] == c["requests"]
+            and c["identical"] == c["requests"] and c["one_plan_per_epoch"])
+
+
+def chaos_text(c: dict) -> str:
+    """The chaos soak in a few lines."""
+    growth = c["rss_growth_after_warmup"]
+    kv = [f"{k[:8]} {c['kv_bytes_baseline'].get(k, 0) / 2**20:.1f} -> {v / 2**20:.1f} MiB"
+          for k, v in c["kv_bytes_after"].items()]
+    kinds = sorted({f["kind"] for f in c["faults"]})
+    return "\n".join([
+        f"chaos {c['duration_s'] / 60:.0f} min, {c['nodes']} nodes, c={c['concurrency']}: "
+        f"{c['succeeded']}/{c['requests']} requests succeeded, {c['identical']} identical to "
+        f"the fault-free answer; one plan per epoch: {c['one_plan_per_epoch']}",
+        f"{len(c['faults'])} faults ({', '.join(kinds)}); epochs {c['first_epoch']}.."
+        f"{max((e['epoch'] for e in c['epochs']), default=c['first_epoch'])}; longest stall "
+        f"{c['longest_stall_s']:.2f} s",
+        "RSS growth after the first 2 min: " + (", ".join(
+            f"{k} {v:+.1%}" for k, v in growth.items()) or "(run shorter than that)"),
+        "KV held, before the load -> after it: " + ", ".join(kv),
+        *(f"error: {e}" for e in c["errors"][:3]),
+        "PASSED" if chaos_passed(c) else "FAILED"])

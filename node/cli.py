@@ -231,11 +231,10 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     servicer.preload()
     reaper = loop.create_task(servicer.reap_idle_requests())
-    knocker = loop.create_task(_knock(servicer, join))
+    servicer.start_knocking(join)  # a restarted member, or one named --join, asks in
     await stop.wait()
     log.info("shutting down")
     reaper.cancel()
-    knocker.cancel()
     if api is not None:
         await api.cleanup()  # closes open HTTP streams, which cancels their Generate calls
     if advertiser is not None:
@@ -252,23 +251,6 @@ async def _advertise(advertiser, servicer) -> None:
         servicer.advertising = True
     except Exception as e:  # no multicast here: the node still serves, by address
         log.warning("zeroconf advertising failed (%s); name this node with --nodes instead", e)
-
-
-async def _knock(servicer, targets: list[str]) -> None:
-    """Ask to be taken into a plan (node/membership.py): that of --join / --peers-file, or
-    of the members of the last plan this node held before it restarted."""
-    from node.auth import token_metadata
-    from node.membership import knock, remembered
-    from protos import cluster_pb2 as pb
-
-    request = pb.JoinRequest(node_id=servicer.node_id, address=servicer.address,
-                             name=servicer.name)
-    try:
-        await knock(request, [*targets, *remembered(servicer.state_dir)], servicer.peers.get,
-                    token_metadata(servicer.token), lambda: servicer.runner is not None,
-                    servicer.stop)
-    except Exception:  # joining is a convenience: the node serves whatever happens here
-        log.exception("asking to join failed")
 
 
 def _peers(path: Path) -> list[str]:

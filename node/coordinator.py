@@ -115,6 +115,14 @@ class Coordinator:
         """The first member in plan order this node does not hold down."""
         return next(s.node_id for s in self.plan.shards if s.node_id not in self.down)
 
+    def _quorum(self, dead: list[pb.PlanShard], live: list[str]) -> bool:
+        """Whether this node may re-plan without `dead`: it reaches a majority of the plan
+        (itself and `live`), or every one of `dead` refused the connection (its process is
+        gone: nobody behind a partition is serving it). A node partitioned from the rest
+        sees them all time out, and waits instead of starting a second plan."""
+        return (len(live) + 1) * 2 > len(self.plan.shards) or all(
+            self._refused.get(p.node_id) for p in dead)
+
     def _confirmed(self, before: set[str], live: list[str]) -> bool:
         """Every live member heard from agrees that `before` are down."""
         return all(before <= self._heard.get(p, set()) for p in live)
@@ -155,6 +163,8 @@ class Coordinator:
                 before = {s.node_id for s in self.plan.shards[:self._index(me)]}
                 if before and not self._confirmed(before, live):
                     continue  # taking over needs the other survivors to agree
+                if dead and not self._quorum(dead, live):
+                    continue  # a minority cut off from the rest must not start a plan
                 # the group went down but every peer answers: re-form on the same nodes
                 alone = (not dead and self._down_since is not None and now - self._down_since
                          >= self.interval_s * (self.misses + 1))
@@ -181,6 +191,11 @@ class Coordinator:
                     return  # the new plan's coordinator takes over
             log.info("a newer plan than epoch %d is in place; this node stops watching it",
                      self.plan.epoch)
+            # if this node is not in it (cut off while the others re-planned), it is a ghost
+            # holding a dead plan's weights: it drops them and asks to join the new one
+            self.servicer.maybe_left_behind(
+                self.plan, [s.address for s in self.plan.shards
+                            if s.node_id != self.servicer.node_id])
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -196,14 +211,18 @@ class Coordinator:
         if not pending:
             return []
 
-        async def info(address: str) -> pb.NodeInfo | None:
-            stub = pb_grpc.NodeServiceStub(self._channel(address))
+        async def info(joiner) -> pb.NodeInfo | None:
+            """Its info, if it answers a heartbeat from here as a member would have to."""
+            stub = pb_grpc.NodeServiceStub(self._channel(joiner.address))
             try:
+                await stub.Heartbeat(pb.HeartbeatRequest(sender=self.servicer.node_id),
+                                     timeout=1.0)
                 return await stub.GetInfo(pb.InfoRequest(), timeout=2.0)
             except grpc.aio.AioRpcError:
+                joiner.blocked = time.monotonic()  # its settle time starts again
                 return None
 
-        infos = await asyncio.gather(*(info(j.address) for j in pending))
+        infos = await asyncio.gather(*(info(j) for j in pending))
         return [pb.PlanShard(node_id=j.node_id, address=j.address, name=j.name)
                 for j, i in zip(pending, infos)
                 if settled(j, i, self.plan, self.servicer.protocol_version)]

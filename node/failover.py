@@ -11,7 +11,9 @@ output is the same as without the failure. What is retried, and how often:
   watches the plan: retried once the survivors have loaded the new epoch.
 A request may also arrive as a client's continuation (`resume_ids`, `resume_chars`: its
 entry node was lost; node/resume.py): its tokens are replayed the same way.
-At most MAX_RETRIES faults per request; anything else fails it with the error.
+At most MAX_RETRIES faults per request in a row (a token in between starts the count
+again: under steady frame loss a request makes progress and is not stuck); anything else
+fails it with the error.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ async def generate(node: EntryNode, request: pb.GenerateRequest
             async for event in runner.generate(request, already, emitted):
                 if event.HasField("token"):
                     behind_since = 0.0
+                    retries = 0  # a request that makes progress is not stuck
                     already.append(event.token.token_id)
                     emitted += len(event.token.text)
                     if resumed_at:

@@ -47,6 +47,7 @@ class Joiner:
     address: str
     name: str
     knocked: float  # monotonic time of its latest knock
+    blocked: float = 0.0  # monotonic time the coordinator last failed to reach it
 
 
 class Joiners:
@@ -57,8 +58,13 @@ class Joiners:
         self._held: dict[str, float] = {}  # node id -> monotonic time it may be tried again
 
     def knock(self, request: pb.JoinRequest) -> None:
-        self._by_id[request.node_id] = Joiner(request.node_id, request.address, request.name,
-                                              time.monotonic())
+        known = self._by_id.get(request.node_id)
+        if known is None:
+            self._by_id[request.node_id] = Joiner(request.node_id, request.address,
+                                                  request.name, time.monotonic())
+        else:  # in place: a check of it may be under way
+            known.address, known.name = request.address, request.name
+            known.knocked = time.monotonic()
 
     def pending(self, plan: pb.Plan) -> list[Joiner]:
         """Those still knocking that are not members of `plan`."""
@@ -77,13 +83,18 @@ class Joiners:
             self._held[node_id] = time.monotonic() + seconds
 
 
-def settled(joiner: Joiner, info: pb.NodeInfo | None, plan: pb.Plan, protocol: int) -> bool:
+def settled(joiner: Joiner, info: pb.NodeInfo | None, plan: pb.Plan, protocol: int,
+            now: float | None = None) -> bool:
     """Whether a re-plan may take `joiner` in now: it answers as the node that knocked,
-    speaks the plan's protocol, has stayed up the plan's settle time, and holds no newer
-    plan than this one (a node serving another cluster is not taken)."""
+    speaks the plan's protocol, has stayed up and reachable for the plan's settle time
+    (since its process started and since the coordinator last failed to reach it: a node
+    behind a partition knocks too), and holds no newer plan than this one (a node serving
+    another cluster is not taken)."""
     if info is None or info.node_id != joiner.node_id or info.protocol_version != protocol:
         return False
-    if info.loading_epoch or info.uptime_s < plan.rejoin_settle_s:
+    now = time.monotonic() if now is None else now
+    stayed = min(info.uptime_s, now - joiner.blocked)
+    if info.loading_epoch or stayed < plan.rejoin_settle_s:
         return False
     return not info.HasField("shard") or info.shard.epoch < plan.epoch
 

@@ -40,7 +40,7 @@ from node.errors import (
 )
 from node.faults import FaultBook, exit_now
 from node.frames import Intake
-from node.membership import Joiners, check_join, remember_plan
+from node.membership import Joiners, check_join, knock, remember_plan, remembered
 from node.metrics import NodeMetrics, histogram_messages
 from node.models import Shard, load_shard, resolve
 from node.peers import PeerChannels
@@ -56,6 +56,7 @@ from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+LEFT_BEHIND_GRACE_S = 2.0  # a member slower to switch to a new plan is not left behind
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
@@ -88,6 +89,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         self.joiners = Joiners()  # nodes that asked to be taken into the plan
         self._staged: Staged | None = None  # a plan loaded beside the serving one
         self._draining: list[Runner] = []  # plans switched away from, finishing requests
+        self._knocker: asyncio.Task | None = None  # asking a plan to take this node in
         self.recoveries: list[pb.Recovery] = []
         self._epoch_changed = asyncio.Condition()
         self.recovery_error: str = ""
@@ -291,6 +293,40 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
     def runner_for(self, epoch: int) -> Runner | None:
         """The plan a frame of `epoch` belongs to: one still draining, or the current."""
         return next((r for r in self._draining if r.epoch == epoch), self.runner)
+
+    def maybe_left_behind(self, plan: pb.Plan, members: list[str]) -> None:
+        """The other members of `plan` moved to a newer one. If this node is still on
+        `plan` after a grace period (it was not left out, only slower to switch, when it
+        is not), it unloads it and asks the members to take it in (node/membership.py)."""
+        asyncio.get_running_loop().create_task(self._left_behind(plan, members))
+
+    async def _left_behind(self, plan: pb.Plan, members: list[str]) -> None:
+        await asyncio.sleep(LEFT_BEHIND_GRACE_S)
+        async with self._load_lock:
+            runner = self.runner
+            if runner is None or runner.epoch != plan.epoch or self._staged is not None:
+                return
+            log.warning("plan epoch %d went on without this node; dropping its shard and "
+                        "asking to join the new plan", plan.epoch)
+            if self.coordinator is not None:
+                await self.coordinator.stop()
+                self.coordinator = None
+            self.runner, self.shard = None, None
+            await runner.close(f"plan epoch {plan.epoch} went on without this node")
+            del runner
+            await asyncio.get_running_loop().run_in_executor(self.executor, _clear_mlx_cache)
+        if plan.auto_rejoin:
+            self.start_knocking(members)
+
+    def start_knocking(self, targets: list[str]) -> None:
+        """Ask the plan of `targets` (and of the last plan's members) to take this node in,
+        until one does (node/membership.py)."""
+        request = pb.JoinRequest(node_id=self.node_id, address=self.address, name=self.name)
+        if self._knocker is not None:
+            self._knocker.cancel()
+        self._knocker = asyncio.get_running_loop().create_task(knock(
+            request, [*targets, *remembered(self.state_dir)], self.peers.get,
+            token_metadata(self.token), lambda: self.runner is not None, self.stop))
 
     async def _stage(self, plan: pb.Plan, options: pb.ModelOptions, ours: pb.PlanShard,
                      source) -> Staged:
@@ -601,6 +637,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
             self.data_server.close()
         if self.coordinator is not None:
             await self.coordinator.stop()
+        if self._knocker is not None:
+            self._knocker.cancel()
         await self._close_draining("the node is shutting down")
         if self.runner is not None:
             await self.runner.close("the node is shutting down")
