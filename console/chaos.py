@@ -141,8 +141,9 @@ async def load(soak: Soak, stop: asyncio.Event, reference: dict[str, str], token
         while not stop.is_set():
             question = QUESTIONS[i % len(QUESTIONS)]
             i += concurrency
+            t0 = time.monotonic() - soak.started
             r = await chat(session, soak.url, question, tokens)
-            r["t_s"] = time.monotonic() - soak.started
+            r["t_s"], r["start_s"], r["question"] = time.monotonic() - soak.started, t0, question
             r["identical"] = r["ok"] and r["text"] == reference[question]
             soak.results.append(r)
 
@@ -312,6 +313,9 @@ async def run_chaos(cluster: dict, cluster_path: Path, model: str, duration_s: f
         "identical": sum(r["identical"] for r in results),
         "errors": [r["error"] for r in results if not r["ok"]][:10],
         "longest_stall_s": max((r["max_gap_s"] for r in results if r["ok"]), default=0.0),
+        "longest_stalls": [{k: r[k] for k in ("start_s", "t_s", "max_gap_s", "question")}
+                           for r in sorted((r for r in results if r["ok"]),
+                                           key=lambda r: -r["max_gap_s"])[:5]],
         "one_plan_per_epoch": not soak.split_brain, "split_brain": soak.split_brain[:10],
         "epochs": [{"epoch": e, "shards": [list(s) for s in shape]}
                    for e, shape in sorted(soak.plans.items())],

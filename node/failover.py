@@ -11,9 +11,9 @@ output is the same as without the failure. What is retried, and how often:
   watches the plan: retried once the survivors have loaded the new epoch.
 A request may also arrive as a client's continuation (`resume_ids`, `resume_chars`: its
 entry node was lost; node/resume.py): its tokens are replayed the same way.
-At most MAX_RETRIES faults per request in a row (a token in between starts the count
-again: under steady frame loss a request makes progress and is not stuck); anything else
-fails it with the error.
+At most MAX_RETRIES faults per request in a row, MAX_LOSS_RETRIES for lost frames (a
+token in between starts the count again: under steady frame loss a request makes
+progress and is not stuck); anything else fails it with the error.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from protos import cluster_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-MAX_RETRIES = 3  # fail-overs one request may go through
+MAX_RETRIES = 3  # fail-overs one request may go through in a row
+MAX_LOSS_RETRIES = 10  # replays after lost frames in a row (each loses a frame or two)
 FAILOVER_WAIT_S = 60.0  # how long a request waits for the survivors to reload
 
 
@@ -102,7 +103,7 @@ async def generate(node: EntryNode, request: pb.GenerateRequest
                 behind_since = behind_since or time.monotonic()
                 if time.monotonic() - behind_since < FAILOVER_WAIT_S:
                     retries = min(retries, MAX_RETRIES - 1)  # a load, not a fault
-            if not retryable or retries >= MAX_RETRIES:
+            if not retryable or retries >= (MAX_LOSS_RETRIES if lost else MAX_RETRIES):
                 raise
             retries += 1
             node.metrics.inc("requests_retried")
