@@ -366,7 +366,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):
         # for its peers to miss its heartbeats
         await loop.run_in_executor(self.executor, check_source, plan, ours, source,
                                    self.memory_budget)
-        if stage and not ring and isinstance(self.runner, Pipeline) and (
+        serving = self.runner is not None and self.runner.plan.backend in ("", "pipeline")
+        if stage and not ring and serving and (
                 same_shard(self.shard, source, ours)
                 or fits_beside(self.shard, ours, self.memory_budget)):
             return await self._stage(plan, options, ours, source)
