@@ -16,6 +16,7 @@ from pathlib import Path
 
 from console.bench import SCHEMA, validate_results
 from console.client import ClusterError
+from console.report_chaos import chaos_section
 from node.plan import GIB
 
 # what tests/bench/peers.py --json writes: serve-api beside mlx_lm.server on one machine
@@ -447,11 +448,14 @@ def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
     rs = rows(docs)
     if peers and not docs:
         return "\n\n".join(["# Cluster benchmark report", peers_section(peers)]) + "\n"
-    if not rs and not any(d.get("scenarios") for d in docs):
+    chaos = chaos_section(docs)
+    if not rs and not any(d.get("scenarios") for d in docs) and not chaos:
         raise ClusterError("the result files hold no runs")
     if not rs:  # fault scenarios only
         return "\n\n".join(["# Cluster fault report", environment_section(docs),
-                             fault_section(docs)]) + "\n"
+                             *([fault_section(docs)] if not chaos or any(
+                                 d.get("scenarios") for d in docs) else []),
+                             *([chaos] if chaos else [])]) + "\n"
     parts = ["# Cluster benchmark report",
              "Every number below was measured by `mlx-cluster bench` on the machines named in "
              "the setup section; rerun it to check them.",
@@ -460,7 +464,7 @@ def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
              throughput_section(rs),
              latency_section(rs), memory_section(docs), communication_section(rs),
              scaling_section(rs), reliability_section(rs), fault_section(docs),
-             recommendations(rs)]
+             *([chaos] if chaos else []), recommendations(rs)]
     if chart_names:
         parts.append("## Charts\n\n" + "\n\n".join(f"![{n}]({n})" for n in chart_names))
     return "\n\n".join(parts) + "\n"
@@ -468,7 +472,7 @@ def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
 
 def write_report(docs: list[dict], output: Path) -> list[Path]:
     output.parent.mkdir(parents=True, exist_ok=True)
-    pngs = charts(rows([d for d in docs if d.get("schema") != PEERS_SCHEMA]), output.parent,
-                  output.stem)
+    rs = rows([d for d in docs if d.get("schema") != PEERS_SCHEMA])
+    pngs = charts(rs, output.parent, output.stem) if rs else []  # (a chaos soak: no runs)
     output.write_text(render(docs, [p.name for p in pngs]))
     return [output, *pngs]
