@@ -16,10 +16,16 @@ every survivor, itself included, and records who noticed, who coordinated and ho
 each phase took. Every node accepts a given epoch once (node/service.py), so two
 coordinators can never install different plans under one epoch.
 
+A re-plan also needs a majority of the plan (this node and the members it reaches),
+unless every lost member refused the connection (its process is gone): a node
+partitioned from all the others waits rather than start a plan of its own.
+
 Requests in flight on a surviving entry fail over to the new epoch in the service's
 Generate (node/failover.py); requests whose entry died are resent by their clients as
-continuations to the new entry (node/resume.py). A node that comes back is not
-re-admitted automatically: the operator rebalances (`mlx-cluster rebalance`).
+continuations to the new entry (node/resume.py). Nodes that ask to join (a member that
+restarted or was left behind, a new node: node/membership.py) are taken in by the same
+fenced re-plan once they have settled, for plans that allow it (`auto_rejoin`), with the
+new plan loaded beside the old one where memory allows (node/staging.py).
 
 An mlx-ring plan (node/ring.py) is watched the same way, but MLX's groups cannot lose a
 rank: a dead peer (or a rank's worker exiting) takes the group down. The coordinator
