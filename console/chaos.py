@@ -128,7 +128,10 @@ async def watch(soak: Soak, stop: asyncio.Event) -> None:
                 soak.memory.append({"t_s": round(now, 1), "node": node_id, "pid": info.pid,
                                     "rss_bytes": info.rss_bytes,
                                     "mlx_active_bytes": info.mlx_active_bytes,
-                                    "kv_bytes": kv_bytes(info), "epoch": info.shard.epoch})
+                                    "kv_bytes": kv_bytes(info), "epoch": info.shard.epoch,
+                                    "layers": [info.shard.start_layer, info.shard.end_layer]
+                                    if info.HasField("shard") else None,
+                                    "loading": bool(info.loading_epoch)})
         if now >= next_memory:
             next_memory = now + SAMPLE_S
         await asyncio.sleep(1.0)
@@ -237,10 +240,16 @@ async def fault(soak: Soak, kind: str, rng: random.Random, cluster_path: Path) -
 
 def rss_growth(memory: list[dict]) -> dict[str, float]:
     """Per node process: RSS at its last sample over its first sample once it has run
-    WARM_S (a restarted node's process counts from its own first sample)."""
+    WARM_S (a restarted node's process counts from its own first sample), both holding the
+    layers it holds at its last sample. (A re-plan moves layers between nodes, and a shard
+    of 15 layers is rightly bigger than one of 10: what is compared is the same shard, so
+    that growth means memory kept, not memory the plan gave it.)"""
     growth: dict[str, float] = {}
     for key in {(m["node"], m["pid"]) for m in memory}:
-        mine = [m for m in memory if (m["node"], m["pid"]) == key]
+        mine = [m for m in memory if (m["node"], m["pid"]) == key and not m.get("loading")]
+        if not mine:
+            continue
+        mine = [m for m in mine if m.get("layers") == mine[-1].get("layers")]
         samples = [m for m in mine if m["t_s"] >= max(WARM_S, mine[0]["t_s"] + WARM_S)]
         if len(samples) >= 2 and samples[0]["rss_bytes"]:
             growth[f"{key[0][:8]} pid {key[1]}"] = (samples[-1]["rss_bytes"]
