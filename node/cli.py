@@ -229,7 +229,6 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    servicer.preload()
     reaper = loop.create_task(servicer.reap_idle_requests())
     servicer.start_knocking(join)  # a restarted member, or one named --join, asks in
     await stop.wait()

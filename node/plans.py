@@ -8,7 +8,6 @@ load lock, the coordinator, the executor (the MLX thread) and the node's setting
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import time
 
@@ -245,12 +244,6 @@ class PlanHolder:
         log.info("loaded %s layers %d-%d (epoch %d, %s) in %.1f s", plan.model,
                  ours.start_layer, ours.end_layer, plan.epoch, plan.backend or "pipeline",
                  load_seconds)
-
-    def preload(self) -> None:
-        """Import mlx-lm (and transformers with it) on the MLX thread now, while the node
-        is new, rather than at its first load."""
-        asyncio.get_running_loop().run_in_executor(self.executor, importlib.import_module,
-                                                   "mlx_lm")
 
     async def _warm(self, engine: Engine) -> None:
         """Run the batch sizes the node serves once, before the plan is live

@@ -11,6 +11,7 @@ import sys
 import grpc
 import pytest
 
+from console import ops
 from console.client import ClusterError
 from node.peers import CHANNEL_OPTIONS
 from protos import cluster_pb2 as pb
@@ -164,7 +165,12 @@ async def test_replacing_the_plan_mid_request_moves_the_request_to_the_new_plan(
 
         task = asyncio.ensure_future(stream())
         await eventually(lambda: got, 30, "the request's first token")
-        plan = await load(addrs, "synthetic:tiny", "manual:0-3,4-5,6-7")  # new epoch meanwhile
+        # a new epoch meanwhile, loaded in place of the old plan (not beside it, where the
+        # request would finish on the old plan: tests/test_reload.py)
+        async with ops.connect(addrs) as clients:
+            plan, _ = await ops.load_plan(clients, "synthetic:tiny", "", 0,
+                                          "manual:0-3,4-5,6-7", progress=lambda m: None,
+                                          stage=False)
         await asyncio.wait_for(task, 60)
         assert got == reference  # replayed on the new plan: no gap, no duplicate
         # the old plan's pipeline closed under the request, which the entry node retried
