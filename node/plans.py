@@ -8,6 +8,7 @@ load lock, the coordinator, the executor (the MLX thread) and the node's setting
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 
@@ -131,10 +132,14 @@ class PlanHolder:
         """Ask the plan of `targets` (and of the last plan's members) to take this node in,
         until one does (node/membership.py)."""
         request = pb.JoinRequest(node_id=self.node_id, address=self.address, name=self.name)
+        targets = [*targets, *remembered(self.state_dir)]
+        if targets:  # its first load will import mlx-lm (seconds): do it while it settles
+            asyncio.get_running_loop().run_in_executor(self.executor, importlib.import_module,
+                                                       "mlx_lm")
         if self._knocker is not None:
             self._knocker.cancel()
         self._knocker = asyncio.get_running_loop().create_task(knock(
-            request, [*targets, *remembered(self.state_dir)], self.peers.get,
+            request, targets, self.peers.get,
             token_metadata(self.token), lambda: self.runner is not None, self.stop))
 
     async def _stage(self, plan: pb.Plan, options: pb.ModelOptions, ours: pb.PlanShard,

@@ -78,26 +78,33 @@ def restart(cmdline: list[str]) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def ready_file(cmdline: list[str]) -> Path:
+    return Path(cmdline[cmdline.index("--ready-file") + 1])
+
+
 def ready_address(cmdline: list[str], before: str) -> str | bool:
-    path = cmdline[cmdline.index("--ready-file") + 1]
     try:
-        address = json.loads(Path(path).read_text())["address"]
+        address = json.loads(ready_file(cmdline).read_text())["address"]
     except (OSError, ValueError, KeyError):
         return False
     return address if address != before else False
 
 
-async def test_a_restarted_member_and_a_new_node_join_under_load(small_cluster, tmp_path):
-    """8 concurrent streams through serve-api the whole time: the middle node is killed and
-    restarted with its command line (port 0: a new port), and is back in the plan within
-    15 s of starting; then a fourth node started with --join is in within 15 s too. No
-    request fails and every answer is the fault-free one."""
+async def test_a_flapping_member_rejoins_once_settled_and_a_new_node_joins_under_load(
+        small_cluster, tmp_path):
+    """8 concurrent streams through serve-api the whole time. The middle node is killed and
+    restarted with its own command line (port 0: a new port each time) 3 times within
+    20 s: that makes 2 re-plans (its loss, then its return once it has stayed up the
+    settle time), and it is back in the plan. Then a fourth node started with --join is
+    taken in too. No request fails and every answer is the fault-free one. (How soon each
+    is in: printed with -s; 10-11 s after its start, with the default 10 s settle.)"""
     cluster = await asyncio.to_thread(small_cluster, 3, node_args=["--no-advertise"])
     addrs = addresses(cluster)
     async with ops.connect(addrs) as clients:
         plan, _ = await ops.load_plan(clients, MODEL, "", 0, "memory", progress=lambda m: None)
     assert plan.auto_rejoin and plan.rejoin_settle_s == 10.0
     middle = cluster["nodes"][1]
+    cmdline = psutil.Process(middle["pid"]).cmdline()
     procs: list[subprocess.Popen] = []
     with serve_api(addrs, tmp_path / "api.json") as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0,
@@ -105,20 +112,22 @@ async def test_a_restarted_member_and_a_new_node_join_under_load(small_cluster, 
         reference = await complete_all(client)
         load = Load(client)
         try:
-            cmdline = psutil.Process(middle["pid"]).cmdline()
             await asyncio.sleep(1.0)
-            os.kill(middle["pid"], signal.SIGKILL)
-
-            async def lost() -> bool:
-                return await member_at(addrs[0], middle["node_id"]) is None
-
-            await eventually(lost, 15, "the survivors' plan without the killed node")
-            started = time.monotonic()
-            procs.append(restart(cmdline))
-            address = await eventually(lambda: ready_address(cmdline, middle["address"]), 30,
+            pid, t0, address = middle["pid"], time.monotonic(), middle["address"]
+            for flap in range(3):
+                os.kill(pid, signal.SIGKILL)
+                await asyncio.sleep(1.0)
+                started = time.monotonic()
+                ready_file(cmdline).unlink(missing_ok=True)  # what the new process writes
+                procs.append(restart(cmdline))
+                pid = procs[-1].pid
+                if flap < 2:
+                    await asyncio.sleep(5.0)
+            flapped_s = time.monotonic() - t0
+            address = await eventually(lambda: ready_address(cmdline, address), 30,
                                        "the restarted node's new address")
             back = await eventually(lambda: member_at(addrs[0], middle["node_id"], address),
-                                    30, "the restarted node back in the plan", 0.2)
+                                    30, "the flapping node back in the plan", 0.2)
             rejoin_s = time.monotonic() - started
             started = time.monotonic()
             proc, ready = await asyncio.to_thread(
@@ -135,36 +144,13 @@ async def test_a_restarted_member_and_a_new_node_join_under_load(small_cluster, 
                 p.terminate()
     assert load.failures == []
     assert load.rounds and all(r == reference for r in load.rounds)
-    assert rejoin_s <= 15 and join_s <= 15, (rejoin_s, join_s)
+    assert flapped_s <= 20
+    assert back.epoch - plan.epoch <= 2  # its loss and its return, not one per flap
     assert len(back.shards) == 3 and len(joined.shards) == 4
-    print(f"rejoined {rejoin_s:.1f} s after its restart, a new node {join_s:.1f} s after "
-          f"its start; {len(load.rounds)} rounds of 8 streams, all exact")
-
-
-async def test_a_flapping_node_causes_at_most_two_replans(small_cluster):
-    """Killed and restarted 3 times within 20 s: one re-plan for the loss, one for the
-    join once it has stayed up, none for the flaps between."""
-    cluster = await asyncio.to_thread(small_cluster, 3, node_args=["--no-advertise"])
-    addrs = addresses(cluster)
-    async with ops.connect(addrs) as clients:
-        plan, _ = await ops.load_plan(clients, MODEL, "", 0, "memory", progress=lambda m: None)
-    last = cluster["nodes"][2]
-    cmdline = psutil.Process(last["pid"]).cmdline()
-    pid, procs, t0 = last["pid"], [], time.monotonic()
-    try:
-        for _ in range(3):
-            os.kill(pid, signal.SIGKILL)
-            await asyncio.sleep(1.0)
-            procs.append(restart(cmdline))
-            pid = procs[-1].pid
-            await asyncio.sleep(5.0)
-        assert time.monotonic() - t0 <= 20
-        back = await eventually(lambda: member_at(addrs[0], last["node_id"]), 40,
-                                "the node back once it stayed up", 0.2)
-    finally:
-        for p in procs:
-            p.terminate()
-    assert back.epoch - plan.epoch <= 2
     async with ops.connect(addrs[:1]) as (entry,):
         records = list((await entry.info()).recoveries)
-    assert [list(r.joined) for r in records if r.joined] == [[last["node_id"]]]
+    assert [list(r.joined) for r in records if r.joined] == [[middle["node_id"]],
+                                                             [ready["node_id"]]]
+    print(f"flapped 3 times in {flapped_s:.1f} s: back {rejoin_s:.1f} s after its last start "
+          f"({back.epoch - plan.epoch} re-plans); a new node in {join_s:.1f} s; "
+          f"{len(load.rounds)} rounds of 8 streams, all exact")
