@@ -214,10 +214,10 @@ async def _serve(args: argparse.Namespace) -> None:
         log.info("OpenAI-compatible API on %s/v1", api_url)
     advertiser = None
     if not args.no_advertise:
-        from node.advertise import Advertiser
+        from node.advertise import Advertiser, cluster_id
 
         advertiser = Advertiser(node_id, args.name, args.host, port, servicer.memory_budget,
-                                args.interface)
+                                args.interface, cluster_id(token))
         asyncio.get_running_loop().create_task(_advertise(advertiser, servicer))
     if args.ready_file:
         tmp = args.ready_file.with_suffix(".tmp")
@@ -244,10 +244,12 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 async def _advertise(advertiser, servicer) -> None:
-    """Register with zeroconf in the background (it takes a second or two)."""
+    """Register with zeroconf in the background (it takes a second or two), then look for
+    the other nodes of this node's cluster, to ask to join their plan while it holds none."""
     try:
         await advertiser.start()
         servicer.advertising = True
+        advertiser.browse_cluster(servicer.knock_on)
     except Exception as e:  # no multicast here: the node still serves, by address
         log.warning("zeroconf advertising failed (%s); name this node with --nodes instead", e)
 

@@ -4,8 +4,10 @@ re-plan once it has stayed up for the plan's settle time.
 
 The node id is a node's identity, not its address. A node remembers the members of the
 last plan it held (in its state dir); when it starts holding none, it knocks (the Join
-RPC) on them, on the nodes named by `mlx-node serve --join` or `--peers-file`, and on
-whatever coordinator they point it to, once a second until a plan takes it in. Every
+RPC) on them, on the nodes named by `mlx-node serve --join` or `--peers-file`, on the
+nodes that announce its cluster on zeroconf (node/advertise.py: same token, same
+cluster), and on whatever coordinator they point it to, once a second until a plan takes
+it in. Every
 member notes the knock (`Joiners`), so a coordinator that takes over after a loss knows of
 it too; only the coordinator acts (node/coordinator.py), through the same fenced re-plan
 as a loss, and only for plans loaded with `auto_rejoin`.
@@ -142,8 +144,8 @@ async def knock(request: pb.JoinRequest, targets: list[str],
                 channel: Callable[[str], grpc.aio.Channel], metadata: tuple,
                 holds_plan: Callable[[], bool], stop: asyncio.Event) -> None:
     """Knock on `targets` (and on the coordinators they name) every KNOCK_S until this node
-    holds a plan or stops. What stands in the way is logged once per kind."""
-    targets = list(dict.fromkeys(t for t in targets if t != request.address))
+    holds a plan or stops. `targets` may grow meanwhile (nodes found by zeroconf). What
+    stands in the way is logged once per kind."""
     said: set[str] = set()
 
     def say(key: str, message: str, *args) -> None:
@@ -154,7 +156,7 @@ async def knock(request: pb.JoinRequest, targets: list[str],
     if targets:
         log.info("asking to join the plan of %s", ", ".join(targets))
     while targets and not holds_plan() and not stop.is_set():
-        for target in list(targets):
+        for target in list(dict.fromkeys(t for t in targets if t != request.address)):
             stub = pb_grpc.NodeServiceStub(channel(target))
             try:
                 reply = await stub.Join(request, timeout=KNOCK_S, metadata=metadata)

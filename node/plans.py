@@ -128,11 +128,21 @@ class PlanHolder:
         if plan.auto_rejoin:
             self.start_knocking(members)
 
+    def knock_on(self, address: str) -> None:
+        """A node of this node's cluster was found (zeroconf): ask it too, while this node
+        holds no plan."""
+        if address not in self._knock_targets:
+            self._knock_targets.append(address)
+        if self.runner is None and (self._knocker is None or self._knocker.done()):
+            self.start_knocking([])
+
     def start_knocking(self, targets: list[str]) -> None:
         """Ask the plan of `targets` (and of the last plan's members) to take this node in,
         until one does (node/membership.py)."""
         request = pb.JoinRequest(node_id=self.node_id, address=self.address, name=self.name)
-        targets = [*targets, *remembered(self.state_dir)]
+        self._knock_targets[:] = dict.fromkeys([*self._knock_targets, *targets,
+                                                *remembered(self.state_dir)])
+        targets = self._knock_targets  # shared: zeroconf may add to it (knock_on)
         if targets:  # its first load will import mlx-lm (seconds): do it while it settles
             asyncio.get_running_loop().run_in_executor(self.executor, importlib.import_module,
                                                        "mlx_lm")

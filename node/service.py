@@ -76,6 +76,7 @@ class NodeServicer(PlanHolder, pb_grpc.NodeServiceServicer):
         self._staged: Staged | None = None  # a plan loaded beside the serving one
         self._draining: list[Runner] = []  # plans switched away from, finishing requests
         self._knocker: asyncio.Task | None = None  # asking a plan to take this node in
+        self._knock_targets: list[str] = []  # whom it asks (node/membership.py)
         self.recoveries: list[pb.Recovery] = []
         self._epoch_changed = asyncio.Condition()
         self.recovery_error: str = ""

@@ -30,7 +30,7 @@ import pytest
 from console import ops
 from protos import cluster_pb2 as pb
 from tests import netns
-from tests.helpers import ROOT, eventually_sync
+from tests.helpers import ROOT, eventually, eventually_sync
 
 pytestmark = [pytest.mark.cluster,
               pytest.mark.skipif(bool(netns.unavailable()),
@@ -252,6 +252,28 @@ async def test_killing_the_entry_host_under_api_load_loses_no_request(cluster):
     assert entry.node_id not in {s.node_id for s in newest.plan.shards}
     assert {s.address for s in newest.plan.shards} == set(survivors)
     print(f"entry host killed under load: all answers exact in {time.monotonic() - t0:.1f} s")
+
+
+async def test_a_new_host_with_the_token_joins_the_serving_plan_by_zeroconf(cluster):
+    """A fresh node (a new home: no plan it remembers, no --join), given the cluster's
+    token and started where the killed entry node was: it finds the cluster's nodes on
+    zeroconf (they announce the token's digest) and is taken into their plan."""
+    c = cluster
+    home = c.homes[0].parent / "studio-4"
+    (home / ".config/mlx-cluster-console").mkdir(parents=True)
+    shutil.copy(c.homes[3] / ".config/mlx-cluster-console/token",
+                home / ".config/mlx-cluster-console/token")
+    dead = next(i for i, p in enumerate(c.nodes) if p.poll() is not None)
+    c.nodes[dead] = start_node(c.bed, dead, home)
+    survivors = [c.address(i) for i in range(3) if i != dead]
+
+    async def joined() -> pb.Plan | None:
+        async with ops.connect(survivors) as clients:
+            _, entry = await ops.entry_client(clients)
+        return entry.plan if c.address(dead) in {s.address for s in entry.plan.shards} else None
+
+    plan = await eventually(joined, 60, "the new host in the plan")
+    assert len(plan.shards) == 3
 
 
 def test_sigterm_stops_every_host_cleanly_at_the_same_moment(cluster):
