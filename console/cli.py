@@ -14,64 +14,16 @@ import json
 import os
 import sys
 import time
-from typing import Any
 
 from console import ops, views
 from console.client import ClusterError, NodeClient, gather_infos, to_dict
+from console.cliio import connection_of, emit, eprint, node_addresses, on_nodes
 from console.ops import Connection
-from console.parser import DISCOVER_S, build_parser
+from console.parser import backend_list, build_parser, int_list
 from node.auth import API_KEY_ENV, default_token_file, is_loopback, new_token, read_token
-from node.plan import PlanError, backend_label, parse_backend
 from protos import cluster_pb2 as pb
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-
-def eprint(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else text, flush=True)
-
-
-def connection_of(args: argparse.Namespace) -> Connection:
-    """--token / --token-file / --tls-ca as a Connection (a ValueError for an unreadable
-    token file)."""
-    token, token_file = getattr(args, "token", None), getattr(args, "token_file", None)
-    return Connection(token=read_token(token, token_file) if token or token_file else None,
-                      tls_ca=getattr(args, "tls_ca", None))
-
-
-def node_addresses(args: argparse.Namespace, connection: Connection) -> list[str]:
-    """Nodes from --nodes, else --peers-file FILE, else the cluster file, else zeroconf."""
-    from console.discovery import discover, read_peers_file
-    from console.local import cluster_file, read_cluster
-
-    if getattr(args, "nodes", None):
-        return [a.strip() for a in args.nodes.split(",") if a.strip()]
-    if getattr(args, "peers_file", None):
-        return read_peers_file(args.peers_file)
-    cluster = read_cluster()
-    if cluster and cluster.get("nodes"):
-        return [n["address"] for n in cluster["nodes"]]
-    eprint(f"no --nodes, --peers-file or cluster file ({cluster_file()}); browsing zeroconf "
-           f"for {DISCOVER_S:.0f} s ...")
-    found = asyncio.run(discover(DISCOVER_S, client_options=connection.options()))
-    if not found:
-        raise ClusterError("no nodes found: start some (`mlx-cluster local up -n 3`, or "
-                           "`mlx-node serve` on each machine) or name them with --nodes "
-                           "host:port,... or --peers-file FILE")
-    return [i.address for i in found]
-
-
-def on_nodes(addresses: list[str], connection: Connection, fn):
-    """Run `await fn(clients)` with one client per address; the result."""
-    async def run():
-        async with ops.connect(addresses, connection) as clients:
-            return await fn(clients)
-
-    return asyncio.run(run())
 
 
 # ---------------------------------------------------------------- local
@@ -362,23 +314,6 @@ def cmd_discover(args: argparse.Namespace, connection: Connection) -> int:
     emit(args, {"nodes": [to_dict(i) for i in found]},
          views.found_text(found) or f"no nodes found in {args.timeout:.0f} s")
     return EXIT_OK if found else EXIT_FAIL
-
-
-def int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ClusterError(f"{what} must be integers separated by commas, e.g. 1,2,4") from None
-    if not values or min(values) < 1:
-        raise ClusterError(f"{what} must be positive integers")
-    return values
-
-
-def backend_list(text: str) -> list[str]:
-    try:
-        return [backend_label(*parse_backend(b.strip())) for b in text.split(",") if b.strip()]
-    except PlanError as e:
-        raise ClusterError(str(e)) from e
 
 
 def cmd_bench(args: argparse.Namespace, connection: Connection) -> int:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from console.client import ClusterError
 from node.faults import KINDS as FAULT_KINDS
 from node.membership import REJOIN_SETTLE_S
+from node.plan import PlanError, backend_label, parse_backend
 
 DISCOVER_S = 3.0  # seconds of zeroconf browsing when no nodes are named
 
@@ -45,6 +47,23 @@ def duration(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError("a duration must be positive")
     return value
+
+
+def int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ClusterError(f"{what} must be integers separated by commas, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise ClusterError(f"{what} must be positive integers")
+    return values
+
+
+def backend_list(text: str) -> list[str]:
+    try:
+        return [backend_label(*parse_backend(b.strip())) for b in text.split(",") if b.strip()]
+    except PlanError as e:
+        raise ClusterError(str(e)) from e
 
 
 def build_parser() -> argparse.ArgumentParser:
