@@ -131,7 +131,12 @@ async def watch(soak: Soak, stop: asyncio.Event) -> None:
                                     "kv_bytes": kv_bytes(info), "epoch": info.shard.epoch,
                                     "layers": [info.shard.start_layer, info.shard.end_layer]
                                     if info.HasField("shard") else None,
-                                    "loading": bool(info.loading_epoch)})
+                                    "mlx_cache_bytes": info.mlx_cache_bytes,
+                                    "loading": bool(info.loading_epoch),
+                                    # a replaced plan finishing its requests, or a plan
+                                    # loaded beside: two plans' weights, for a while
+                                    "extra_plans": len(info.draining_epochs)
+                                    + bool(info.staged_epoch)})
         if now >= next_memory:
             next_memory = now + SAMPLE_S
         await asyncio.sleep(1.0)
@@ -241,12 +246,15 @@ async def fault(soak: Soak, kind: str, rng: random.Random, cluster_path: Path) -
 def rss_growth(memory: list[dict]) -> dict[str, float]:
     """Per node process: RSS at its last sample over its first sample once it has run
     WARM_S (a restarted node's process counts from its own first sample), both holding the
-    layers it holds at its last sample. (A re-plan moves layers between nodes, and a shard
-    of 15 layers is rightly bigger than one of 10: what is compared is the same shard, so
-    that growth means memory kept, not memory the plan gave it.)"""
+    layers it holds at its last sample and one plan only. (A re-plan moves layers between
+    nodes, and a shard of 15 layers is rightly bigger than one of 10; while a replaced plan
+    finishes its requests, or a new one is staged beside, the node rightly holds both: what
+    is compared is the same shard alone, so that growth means memory kept, not memory the
+    plan gave it.)"""
     growth: dict[str, float] = {}
     for key in {(m["node"], m["pid"]) for m in memory}:
-        mine = [m for m in memory if (m["node"], m["pid"]) == key and not m.get("loading")]
+        mine = [m for m in memory if (m["node"], m["pid"]) == key and not m.get("loading")
+                and not m.get("extra_plans")]
         if not mine:
             continue
         mine = [m for m in mine if m.get("layers") == mine[-1].get("layers")]

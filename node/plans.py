@@ -19,6 +19,7 @@ from node.coordinator import Coordinator
 from node.engine import Engine, windows
 from node.errors import NodeError, StaleEpoch
 from node.membership import check_join, knock, remember_plan, remembered
+from node.memory import release as release_memory
 from node.models import load_shard, resolve
 from node.pipeline import Pipeline
 from node.placement import check_source, own_shard
@@ -93,7 +94,7 @@ class PlanHolder:
             self._draining.remove(old)
             await old.close(f"plan epoch {epoch} replaced epoch {old.epoch}")
         del old
-        await asyncio.get_running_loop().run_in_executor(self.executor, _clear_mlx_cache)
+        await asyncio.get_running_loop().run_in_executor(self.executor, release_memory)
 
     async def _close_draining(self, reason: str) -> None:
         draining, self._draining = self._draining, []
@@ -124,7 +125,7 @@ class PlanHolder:
             self.runner, self.shard = None, None
             await runner.close(f"plan epoch {plan.epoch} went on without this node")
             del runner
-            await asyncio.get_running_loop().run_in_executor(self.executor, _clear_mlx_cache)
+            await asyncio.get_running_loop().run_in_executor(self.executor, release_memory)
         if plan.auto_rejoin:
             self.start_knocking(members)
 
@@ -214,7 +215,7 @@ class PlanHolder:
             del old_runner  # it holds the old shard: its weights go before the new load
         if not same:
             self.shard = None  # drop the old weights before loading new ones
-            await loop.run_in_executor(self.executor, _clear_mlx_cache)
+            await loop.run_in_executor(self.executor, release_memory)
         if ring:
             tokenizer = None
             if plan.shards[0].node_id == self.node_id:  # rank 0 tokenises for the group
@@ -335,7 +336,7 @@ class PlanHolder:
             self.shard = None
             await old_runner.close("the shard was unloaded")
             del old_runner  # its shard's weights go back before the cache is cleared
-            await asyncio.get_running_loop().run_in_executor(self.executor, _clear_mlx_cache)
+            await asyncio.get_running_loop().run_in_executor(self.executor, release_memory)
         return pb.UnloadShardReply(unloaded=True)
 
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
@@ -355,12 +356,3 @@ class PlanHolder:
         address = next((s.address for s in plan.shards if s.node_id == leader), "")
         return pb.JoinReply(accepted=True, coordinator=leader, coordinator_address=address,
                             epoch=plan.epoch)
-
-
-def _clear_mlx_cache() -> None:
-    import gc
-
-    import mlx.core as mx
-
-    gc.collect()
-    mx.clear_cache()

@@ -159,6 +159,10 @@ class NodeServicer(PlanHolder, pb_grpc.NodeServiceServicer):
         if self._load_lock.locked():
             info.loading_epoch, info.loading_model = self._loading_epoch, self._loading_model
         info.data_port = self.data_port
+        info.mlx_cache_bytes = mx.get_cache_memory()
+        info.draining_epochs.extend(r.epoch for r in self._draining)
+        if self._staged is not None:
+            info.staged_epoch = self._staged.plan.epoch
         shard = self._shard_info()
         if shard is not None and self.runner is not None:
             info.shard.CopyFrom(shard)

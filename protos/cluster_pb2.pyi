@@ -159,7 +159,7 @@ class RingWorker(_message.Message):
     def __init__(self, parallel: _Optional[str] = ..., rank: _Optional[int] = ..., size: _Optional[int] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., error: _Optional[str] = ..., formed_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests", "mlx_active_bytes", "rss_bytes", "mlx_peak_bytes", "advertising", "faults_allowed", "auth_required", "faults", "tls", "recoveries", "ring_port", "protocol_version", "coordinator", "api_port", "accepted_epoch", "data_port", "insecure", "loading_epoch", "loading_model")
+    __slots__ = ("node_id", "name", "version", "address", "capabilities", "shard", "plan", "pid", "uptime_s", "active_requests", "mlx_active_bytes", "rss_bytes", "mlx_peak_bytes", "advertising", "faults_allowed", "auth_required", "faults", "tls", "recoveries", "ring_port", "protocol_version", "coordinator", "api_port", "accepted_epoch", "data_port", "insecure", "loading_epoch", "loading_model", "mlx_cache_bytes", "draining_epochs", "staged_epoch")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +188,9 @@ class NodeInfo(_message.Message):
     INSECURE_FIELD_NUMBER: _ClassVar[int]
     LOADING_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOADING_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MLX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_EPOCH_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     version: str
@@ -216,7 +219,10 @@ class NodeInfo(_message.Message):
     insecure: bool
     loading_epoch: int
     loading_model: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ..., faults: _Optional[_Iterable[_Union[ActiveFault, _Mapping]]] = ..., tls: _Optional[bool] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ..., ring_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., coordinator: _Optional[str] = ..., api_port: _Optional[int] = ..., accepted_epoch: _Optional[int] = ..., data_port: _Optional[int] = ..., insecure: _Optional[bool] = ..., loading_epoch: _Optional[int] = ..., loading_model: _Optional[str] = ...) -> None: ...
+    mlx_cache_bytes: int
+    draining_epochs: _containers.RepeatedScalarFieldContainer[int]
+    staged_epoch: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., active_requests: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., mlx_peak_bytes: _Optional[int] = ..., advertising: _Optional[bool] = ..., faults_allowed: _Optional[bool] = ..., auth_required: _Optional[bool] = ..., faults: _Optional[_Iterable[_Union[ActiveFault, _Mapping]]] = ..., tls: _Optional[bool] = ..., recoveries: _Optional[_Iterable[_Union[Recovery, _Mapping]]] = ..., ring_port: _Optional[int] = ..., protocol_version: _Optional[int] = ..., coordinator: _Optional[str] = ..., api_port: _Optional[int] = ..., accepted_epoch: _Optional[int] = ..., data_port: _Optional[int] = ..., insecure: _Optional[bool] = ..., loading_epoch: _Optional[int] = ..., loading_model: _Optional[str] = ..., mlx_cache_bytes: _Optional[int] = ..., draining_epochs: _Optional[_Iterable[int]] = ..., staged_epoch: _Optional[int] = ...) -> None: ...
 
 class Recovery(_message.Message):
     __slots__ = ("from_epoch", "to_epoch", "lost", "detect_s", "replan_s", "reload_s", "first_token_s", "error", "at_unix", "resumed_requests", "backend", "coordinator", "noticed_by", "joined")
