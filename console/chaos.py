@@ -42,6 +42,7 @@ QUESTIONS = ["What is the capital of France?", "Name three planets.",
 FAULTS = ("kill", "latency", "loss", "partition")
 SAMPLE_S = 10.0  # memory samples
 WARM_S = 120.0  # RSS growth is measured after this (allocators settle first)
+PLAN_SETTLE_S = 30.0  # ... and this long after a plan switch (caches fill again first)
 RECOVERY_WAIT_S = 60.0  # at most this long for a node to be back in the plan
 GAP_S = 10.0  # quiet time after each fault's recovery
 
@@ -244,21 +245,33 @@ async def fault(soak: Soak, kind: str, rng: random.Random, cluster_path: Path) -
 
 
 def rss_growth(memory: list[dict]) -> dict[str, float]:
-    """Per node process: RSS at its last sample over its first sample once it has run
-    WARM_S (a restarted node's process counts from its own first sample), both holding the
-    layers it holds at its last sample and one plan only. (A re-plan moves layers between
-    nodes, and a shard of 15 layers is rightly bigger than one of 10; while a replaced plan
-    finishes its requests, or a new one is staged beside, the node rightly holds both: what
-    is compared is the same shard alone, so that growth means memory kept, not memory the
-    plan gave it.)"""
+    """Per node process: RSS at its last steady sample over its first one. Steady: the
+    process has run WARM_S (a restarted node's process counts from its own first sample),
+    its plan has served there for PLAN_SETTLE_S, it holds that plan only, and the layers
+    it holds at its last sample.
+
+    Why each condition: a re-plan moves layers between nodes, and a shard of 15 layers is
+    rightly bigger than one of 10; while a replaced plan finishes its requests, or a new
+    one is staged beside, the node rightly holds both; and a node that drops a plan gives
+    its memory back (node/memory.py), MLX's buffer cache included, which then fills again
+    with the new plan's traffic (about 30 MiB of cache and the KV of the streams, seconds
+    after the switch). What is compared is the same shard alone and in use, so that growth
+    means memory kept, not memory a plan gave it or a switch had just returned."""
     growth: dict[str, float] = {}
     for key in {(m["node"], m["pid"]) for m in memory}:
-        mine = [m for m in memory if (m["node"], m["pid"]) == key and not m.get("loading")
-                and not m.get("extra_plans")]
-        if not mine:
+        mine = [m for m in memory if (m["node"], m["pid"]) == key]
+        born = mine[0]["t_s"]
+        since: dict[int, float] = {}  # when each epoch was first seen serving here
+        for m in mine:
+            since.setdefault(m["epoch"], m["t_s"])
+        alone = [m for m in mine if not m.get("loading") and not m.get("extra_plans")
+                 and m.get("layers") is not None]
+        if not alone:
             continue
-        mine = [m for m in mine if m.get("layers") == mine[-1].get("layers")]
-        samples = [m for m in mine if m["t_s"] >= max(WARM_S, mine[0]["t_s"] + WARM_S)]
+        layers = alone[-1]["layers"]
+        samples = [m for m in alone if m["layers"] == layers
+                   and m["t_s"] >= max(WARM_S, born + WARM_S)
+                   and m["t_s"] >= since[m["epoch"]] + PLAN_SETTLE_S]
         if len(samples) >= 2 and samples[0]["rss_bytes"]:
             growth[f"{key[0][:8]} pid {key[1]}"] = (samples[-1]["rss_bytes"]
                                                     / samples[0]["rss_bytes"] - 1)

@@ -22,6 +22,7 @@ from typing import Any
 
 from node.errors import ModelCodeError, ModelError, NodeError
 from node.hub import LAYER_KEY, fetch_layer_files
+from node.memory import settle_random_key
 from node.plan import ModelShape
 from node.sizes import build_model, measure_shape, mlx_lm_version
 from node.synthetic import SYNTHETIC, describe
@@ -375,6 +376,7 @@ def _dir_model(source: ModelSource, start: int, end: int) -> tuple[Any, PromptTo
         strict = not fetch_layer_files(source.spec, source.path, start, end, source.n_layers)
     try:
         model, _ = load_model(source.path, lazy=True, strict=strict)
+        settle_random_key()  # node/memory.py: mlx-lm built it with random initial weights
         tokenizer = _tokenizer(source)
     except (FileNotFoundError, ValueError) as e:
         raise ModelError(f"cannot load model from {source.path}: {e}") from e

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from node.errors import ModelError
+from node.memory import settle_random_key
 from node.plan import DTYPE_BYTES, ModelShape
 
 
@@ -32,10 +33,12 @@ def build_model(config: dict, spec: str) -> Any:
                          f"{config.get('model_type')!r} ({e}); upgrade mlx-lm or use another "
                          "model") from None
     try:
-        return model_class(args_class.from_dict(config))
+        model = model_class(args_class.from_dict(config))
     except Exception as e:  # the model's own code rejects the config
         raise ModelError(f"{spec}: mlx-lm cannot build a {config.get('model_type')} model "
                          f"from this config ({type(e).__name__}: {e})") from e
+    settle_random_key()  # its layers' initial draws leave a graph on the global key
+    return model
 
 
 def mlx_lm_version() -> str:
