@@ -53,11 +53,20 @@ def test_the_report_has_a_chaos_section():
 
 
 def test_rss_growth_counts_each_process_from_its_own_first_two_minutes():
-    memory = [{"node": "a", "pid": 1, "t_s": t, "rss_bytes": r}
-              for t, r in ((0, 100), (130, 200), (400, 210))]
-    memory += [{"node": "a", "pid": 2, "t_s": t, "rss_bytes": r}  # restarted at 300 s
-               for t, r in ((300, 50), (420, 100), (500, 101))]
-    assert rss_growth(memory) == pytest.approx({"a pid 1": 0.05, "a pid 2": 0.01})
+    def sample(pid, t, rss, epoch=1, layers=(0, 9), **more):
+        return {"node": "a", "pid": pid, "t_s": t, "rss_bytes": rss, "epoch": epoch,
+                "layers": list(layers), **more}
+
+    memory = [sample(1, t, r) for t, r in ((0, 100), (130, 200), (400, 210))]
+    # restarted at 300 s; its plan switches at 440 s (caches emptied, refilled by 480 s)
+    memory += [sample(2, 300, 50), sample(2, 420, 100), sample(2, 430, 180, extra_plans=1),
+               sample(2, 440, 90, epoch=2), sample(2, 460, 95, epoch=2),
+               sample(2, 480, 100, epoch=2), sample(2, 500, 101, epoch=2)]
+    # the last shard differs: only samples of the same layers count
+    memory += [sample(3, 0, 100), sample(3, 130, 300), sample(3, 200, 150, layers=(0, 14)),
+               sample(3, 400, 160, layers=(0, 14))]
+    assert rss_growth(memory) == pytest.approx({"a pid 1": 0.05, "a pid 2": 0.01,
+                                                "a pid 3": 160 / 150 - 1})
 
 
 def test_durations_and_the_local_requirement():
