@@ -95,7 +95,8 @@ async def bench_cluster(addresses: list[str], work: Workload, progress=None,
     progress = progress or (lambda *a: None)
     async with ops.connect(addresses, connection) as clients:
         plan, shards = await ops.load_plan(clients, work.model, "", 0, work.strategy,
-                                           progress=lambda m: None, backend=backend)
+                                           progress=lambda m: None, backend=backend,
+                                           microbatches=work.microbatches)
         after_load = await node_state(clients)
         entry = Route(clients)
         prompts = workload_prompts(work.model, work.requests, work.prompt_tokens, work.seed)
@@ -159,7 +160,9 @@ def run_bench(work: Workload, addresses: list[str] | None, nodes_sweep: list[int
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "cluster.json"
                     print(f"starting a {n}-node local cluster ...", file=sys.stderr)
-                    cluster = local_cluster.up(n, path=path, node_args=["--no-advertise"])
+                    cluster = local_cluster.up(n, path=path, node_args=["--no-advertise"],
+                                               cpus_per_node=work.cpus_per_node,
+                                               oversubscribe=work.oversubscribe)
                     try:
                         addrs = [x["address"] for x in cluster["nodes"]]
                         configs.extend(every_backend(addrs, work, connection))

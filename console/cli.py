@@ -38,7 +38,8 @@ def cmd_local(args: argparse.Namespace, connection: Connection) -> int:
         if args.token_file:
             node_args += ["--token-file", str(args.token_file)]
         cluster = local.up(args.n, budgets, log=eprint if not args.json else lambda m: None,
-                           node_args=node_args)
+                           node_args=node_args, cpus_per_node=args.cpus_per_node,
+                           oversubscribe=args.oversubscribe)
         lines = [f"{n['name']:10} {n['address']:22} pid {n['pid']:<8} id {n['node_id']}"
                  for n in cluster["nodes"]]
         emit(args, cluster, "\n".join(lines) + f"\ncluster file: {local.cluster_file()}")
@@ -119,7 +120,8 @@ def cmd_load(args: argparse.Namespace, connection: Connection) -> int:
                                    args.strategy, progress=eprint, backend=args.backend,
                                    auto_reform=args.auto_reform,
                                    auto_rejoin=False if args.no_auto_rejoin else None,
-                                   rejoin_settle_s=args.rejoin_settle)
+                                   rejoin_settle_s=args.rejoin_settle,
+                                   microbatches=args.microbatches)
 
     plan, shards = on_nodes(node_addresses(args, connection), connection, run)
     data = {"plan": to_dict(plan), "shards": [to_dict(s) for s in shards]}
@@ -326,7 +328,9 @@ def cmd_bench(args: argparse.Namespace, connection: Connection) -> int:
                     gen_tokens=args.gen_tokens, requests=args.requests,
                     concurrency=int_list(args.concurrency, "--concurrency"),
                     warmup=args.warmup, repeats=args.repeats, strategy=args.strategy,
-                    seed=args.seed, backends=backend_list(args.backend))
+                    seed=args.seed, backends=backend_list(args.backend),
+                    microbatches=args.microbatches, cpus_per_node=args.cpus_per_node,
+                    oversubscribe=args.oversubscribe)
     sweep = int_list(args.nodes_sweep, "--nodes-sweep") if args.nodes_sweep else None
     if args.scenario == "chaos":
         from console.chaos import run_local_chaos

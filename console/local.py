@@ -60,10 +60,29 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def cpu_lists(n: int, per_node: int, oversubscribe: bool = False) -> list[str]:
+    """`mlx-node serve --cpus` for each of n nodes of `per_node` cores: node i gets the
+    i-th K cores this process may use. More than there are is refused unless
+    `oversubscribe` (then the cores are dealt round again)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        list(range(os.cpu_count() or 1))
+    if per_node < 1:
+        raise ClusterError("--cpus-per-node must be 1 or more")
+    if n * per_node > len(cores) and not oversubscribe:
+        raise ClusterError(f"{n} nodes x {per_node} cores = {n * per_node} cores, but this "
+                           f"machine gives {len(cores)}: use fewer nodes or cores per node, "
+                           "or --oversubscribe to share cores (the figures then measure the "
+                           "sharing, not the nodes)")
+    return [",".join(str(cores[(i * per_node + k) % len(cores)]) for k in range(per_node))
+            for i in range(n)]
+
+
 def up(n: int, memory_budgets: list[str] | None = None, path: Path | None = None,
-       timeout_s: float = 60.0, log=lambda msg: None, node_args: list[str] = ()) -> dict:
+       timeout_s: float = 60.0, log=lambda msg: None, node_args: list[str] = (),
+       cpus_per_node: int = 0, oversubscribe: bool = False) -> dict:
     """Start n nodes on loopback and write the cluster file; returns its contents.
-    `node_args` go to every `mlx-node serve` (e.g. --allow-faults, --token-file F)."""
+    `node_args` go to every `mlx-node serve` (e.g. --allow-faults, --token-file F).
+    `cpus_per_node` K: node i runs on its own K cores (`cpu_lists`)."""
     path = path or cluster_file()
     existing = read_cluster(path)
     if existing and live_nodes(existing):
@@ -73,6 +92,7 @@ def up(n: int, memory_budgets: list[str] | None = None, path: Path | None = None
         raise ClusterError("a cluster needs at least one node (-n 1 or more)")
     if memory_budgets and len(memory_budgets) != n:
         raise ClusterError(f"--memory-budgets has {len(memory_budgets)} values for {n} nodes")
+    cpus = cpu_lists(n, cpus_per_node, oversubscribe) if cpus_per_node else None
     base = path.parent / (path.stem + ".d")
     base.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -89,6 +109,8 @@ def up(n: int, memory_budgets: list[str] | None = None, path: Path | None = None
                    str(ready)]
             if memory_budgets:
                 cmd += ["--memory-budget", memory_budgets[i]]
+            if cpus:
+                cmd += ["--cpus", cpus[i]]
             cmd += list(node_args)
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,

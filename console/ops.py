@@ -24,7 +24,14 @@ from node import PROTOCOL_VERSION
 from node.errors import ModelError
 from node.membership import REJOIN_SETTLE_S
 from node.models import SYNTHETIC_PREFIX, ModelSource, resolve
-from node.placement import check_versions, next_epoch, node_specs, place, to_proto
+from node.placement import (
+    MAX_MICROBATCHES,
+    check_versions,
+    next_epoch,
+    node_specs,
+    place,
+    to_proto,
+)
 from node.plan import PartitionPlan, PlanError, backend_label, layer_bar
 from node.resume import NoEntry, Pending, entry_of, resumable
 from protos import cluster_pb2 as pb
@@ -148,14 +155,18 @@ async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: i
                     strategy: str, progress: Callable[[str], None] = _to_stderr,
                     backend: str = "pipeline", auto_reform: bool = False,
                     auto_rejoin: bool | None = None,
-                    rejoin_settle_s: float = REJOIN_SETTLE_S, stage: bool = True
-                    ) -> tuple[pb.Plan, list[pb.ShardInfo]]:
+                    rejoin_settle_s: float = REJOIN_SETTLE_S, stage: bool = True,
+                    microbatches: int = 0) -> tuple[pb.Plan, list[pb.ShardInfo]]:
     """Plan `model` over the nodes and load every shard at once. For mlx-ring the node
     services start one worker each and the loads return once the group has formed.
     `auto_rejoin` (None: on unless the split is manual) lets the plan take in nodes that
     join or come back, once they have been up `rejoin_settle_s` (node/membership.py).
     `stage` False: every node drops the plan it serves before it loads (requests wait for
-    the whole load), even where its memory would hold both."""
+    the whole load), even where its memory would hold both. `microbatches`: decode groups
+    in flight round a pipeline (0: one per shard; node/engine.py)."""
+    if not 0 <= microbatches <= MAX_MICROBATCHES:
+        raise ClusterError(f"--microbatches {microbatches}: use 1 to {MAX_MICROBATCHES} "
+                           "(or 0, one per node)")
     infos = await live_infos(clients)
     plan, _ = partition(infos, model, dtype, layers, strategy, backend)
     epoch = next_epoch(infos)
@@ -163,6 +174,7 @@ async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: i
         auto_rejoin = not strategy.startswith("manual:")
     proto = proto_plan(plan, model, epoch, backend, infos, auto_reform,
                        rejoin_settle_s if auto_rejoin else None)
+    proto.microbatches = microbatches
     progress(f"loading {model} ({plan.n_layers} layers, {backend}, {plan.strategy}) on "
              f"{len(clients)} node(s), epoch {epoch}")
     options = pb.ModelOptions(dtype=dtype, layers=layers)
@@ -221,7 +233,8 @@ async def rebalance(clients: list[NodeClient], progress: Callable[[str], None] =
             [c for c, _ in live], plan.model, "", layers, plan.strategy or "memory",
             progress=progress, backend=backend_label(plan.backend, plan.parallel),
             auto_reform=plan.auto_reform, auto_rejoin=plan.auto_rejoin,
-            rejoin_settle_s=plan.rejoin_settle_s or REJOIN_SETTLE_S)
+            rejoin_settle_s=plan.rejoin_settle_s or REJOIN_SETTLE_S,
+            microbatches=plan.microbatches)
     finally:
         await asyncio.gather(*(c.close() for c in extra))
     return new, shards, left_out

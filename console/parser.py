@@ -66,6 +66,15 @@ def backend_list(text: str) -> list[str]:
         raise ClusterError(str(e)) from e
 
 
+def cpus_help(parser: argparse.ArgumentParser) -> None:
+    """--cpus-per-node and --oversubscribe, for commands that start local nodes."""
+    parser.add_argument("--cpus-per-node", type=int, default=0, metavar="K",
+                        help="pin node i to its own K cores (mlx-node serve --cpus), so that "
+                             "one many-core host stands in for N machines (default: unpinned)")
+    parser.add_argument("--oversubscribe", action="store_true",
+                        help="allow nodes x cores above this machine's cores (they then share)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-cluster", description="Console for an MLX inference cluster.",
@@ -100,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-n", type=int, default=3, help="number of nodes (default 3)")
     up.add_argument("--memory-budgets", help="per-node budgets, e.g. 4GiB,2GiB,2GiB")
     up.add_argument("--allow-faults", action="store_true", help="nodes accept fault injection")
+    cpus_help(up)
     up.add_argument("--token-file", type=Path,
                     help="nodes require this cluster token (env MLX_CLUSTER_TOKEN works too)")
     lsub.add_parser("down", parents=[common], help="stop the nodes `local up` started")
@@ -152,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a node that joins or comes back is taken in once it has stayed up "
                            f"S seconds, so a flapping node does not make the plan thrash "
                            f"(default {REJOIN_SETTLE_S:.0f})")
+    load.add_argument("--microbatches", type=int, default=0, metavar="K",
+                      help="pipeline: K decode groups travel the ring at once, so that every "
+                           "node computes one while the others are on their way (default: one "
+                           "per node; 1 = a single batch in lockstep)")
 
     sub.add_parser("unload", parents=[common, nodes], help="drop the loaded shards")
     sub.add_parser("rebalance", parents=[common, nodes],
@@ -235,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "local clusters with --local)")
     bench.add_argument("--local", action="store_true",
                        help="start and stop local clusters for each node count")
+    cpus_help(bench)
+    bench.add_argument("--microbatches", type=int, default=0, metavar="K",
+                       help="pipeline: decode groups in flight (default: one per node)")
     bench.add_argument("--scenario",
                        choices=["kill", "partition", "latency", "loss", "memory", "chaos"],
                        help="inject this fault into a node mid-run and record success, the "

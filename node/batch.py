@@ -5,7 +5,9 @@ schedules it).
 Every forward is the model's own mlx-lm code over the shard's layers (node/shardrun.py),
 with mlx-lm's caches: a request alone keeps its own, requests that decode together share
 mlx-lm's batch caches (`BatchKVCache`, `BatchRotatingKVCache`: merge, extend, filter,
-extract), and prefill chunks of several requests share one right-padded forward as
+extract). A shard keeps one such decode group per micro-batch (the frames say which a
+request belongs to), so that a forward of one group leaves the others' caches as they are
+and taking turns copies no KV. Prefill chunks of several requests share one right-padded forward as
 mlx-lm's `BatchGenerator` pads prompts. Sampling is `generate_step`'s (logits of the last
 position, log-softmax, then the sampler; node/sampling.py), so a split model gives the
 same tokens as the whole one.
@@ -40,6 +42,7 @@ class Step:
     # a request's first step: its whole prompt (the prefix cache's key); the step's
     # position is then the number of cached positions it reuses
     prompt: list[int] | None = None
+    group: int = 0  # its micro-batch (a forward runs the steps of one group only)
 
     @property
     def size(self) -> int:
@@ -72,6 +75,7 @@ class RequestState:
     sampler: RequestSampler | None = None  # its own random key (sampled requests)
     stepped: float = 0.0  # when its last step reached this shard
     prompt: list[int] | None = None  # its prompt's ids: its KV is cached when it ends
+    group: int = 0  # the micro-batch its last step was in
 
 
 @dataclass
@@ -96,7 +100,7 @@ class ShardBatch:
         self.prompts = PromptStore(prompt_cache_bytes)
         self._retiring: deque[RequestState] = deque()  # ended; their KV goes to `prompts`
         self.requests: dict[str, RequestState] = {}
-        self.group: _Group | None = None
+        self.groups: dict[int, _Group] = {}  # each micro-batch's decode group
         self.cycle = 0.0  # seconds between a request's steps here (moving average)
 
     # ---------------------------------------------------------------- MLX thread
@@ -113,7 +117,7 @@ class ShardBatch:
             try:
                 h = self._input(step.tokens, step.hidden)
                 ready.append((k, h, self._state(step.request_id, step.position,
-                                                step.prompt)))
+                                                step.prompt, step.group)))
             except Exception as e:
                 out[k] = self.failure(e)
         if len(ready) == 1:  # its cache was touched by _state only: run it the ordinary way
@@ -123,7 +127,8 @@ class ShardBatch:
             try:
                 results = self._step_batch([steps[k].request_id for k, _, _ in ready],
                                            [h for _, h, _ in ready], [st for _, _, st in ready],
-                                           [steps[k].sample for k, _, _ in ready])
+                                           [steps[k].sample for k, _, _ in ready],
+                                           steps[ready[0][0]].group)
             except Exception as e:
                 # their caches may be part-way through the forward: forget them (and the
                 # group), so that a later frame of theirs gets a clear error, not wrong caches
@@ -150,11 +155,16 @@ class ShardBatch:
         return result
 
     def lost(self, request_ids: list[str]) -> None:
-        """A forward failed part-way: these requests' caches (and the group's) are gone."""
-        group, self.group = self.group, None
-        for r, st in zip(group.ids, group.states) if group else ():
-            if self.requests.get(r) is st:
-                self.requests.pop(r, None)
+        """A forward failed part-way: these requests' caches (and those of the groups they
+        were in) are gone."""
+        ids = set(request_ids)
+        for g, group in list(self.groups.items()):
+            if ids.isdisjoint(group.ids):
+                continue
+            del self.groups[g]
+            for r, st in zip(group.ids, group.states):
+                if self.requests.get(r) is st:
+                    self.requests.pop(r, None)
         for r in request_ids:
             self.requests.pop(r, None)
 
@@ -167,7 +177,7 @@ class ShardBatch:
         return reused
 
     def _state(self, request_id: str, position: int,
-               prompt: list[int] | None = None) -> RequestState:
+               prompt: list[int] | None = None, group: int = 0) -> RequestState:
         state = self.requests.get(request_id)
         if state is None:
             if position != 0 and prompt is None:
@@ -195,6 +205,7 @@ class ShardBatch:
             cycle = now - state.stepped
             self.cycle = cycle if not self.cycle else 0.8 * self.cycle + 0.2 * cycle
         state.last_used = state.stepped = now
+        state.group = group
         return state
 
     def _input(self, tokens: list[int] | None, hidden: Wire | None) -> Any:
@@ -223,7 +234,7 @@ class ShardBatch:
     def _step(self, step: Step) -> StepResult:
         t0 = time.perf_counter()
         x = self._input(step.tokens, step.hidden)
-        state = self._state(step.request_id, step.position, step.prompt)
+        state = self._state(step.request_id, step.position, step.prompt, step.group)
         self._ungroup_one(step.request_id)  # stepping alone: its own cache
         try:
             return self._finish([x.shape[1]], [state], [step.sample],
@@ -273,12 +284,12 @@ class ShardBatch:
         return [StepResult(w, None, compute) for w in encode_rows(out, lengths)]
 
     def _step_batch(self, ids: list[str], inputs: list[Any], states: list[RequestState],
-                    samples: list[Sampling | None]) -> list[StepResult]:
-        """Several requests' steps: the decode steps (one position each) are the rows of
-        the group and share one forward over mlx-lm's batch caches; the prefill chunks (and
-        a decode step too long for the group) share another, right-padded as mlx-lm's
-        BatchGenerator pads prompts (each chunk's caches merged for it and taken back
-        after). Both forwards are evaluated together."""
+                    samples: list[Sampling | None], g: int = 0) -> list[StepResult]:
+        """Several requests' steps, all of micro-batch `g`: the decode steps (one position
+        each) are the rows of its group and share one forward over mlx-lm's batch caches;
+        the prefill chunks (and a decode step too long for the group) share another,
+        right-padded as mlx-lm's BatchGenerator pads prompts (each chunk's caches merged
+        for it and taken back after). Both forwards are evaluated together."""
         import mlx.core as mx
 
         t0 = time.perf_counter()
@@ -293,7 +304,7 @@ class ShardBatch:
         for i in chunks:
             self._ungroup_one(ids[i])
         # (a forward of chunks alone leaves the group as it is, for the next decode steps)
-        group = self._regroup([ids[i] for i in rows], [states[i] for i in rows]) if rows \
+        group = self._regroup(g, [ids[i] for i in rows], [states[i] for i in rows]) if rows \
             else None
         parts: list[tuple[list[int], Any, list]] = []  # (rows of inputs, output, caches)
         if group is not None:
@@ -347,14 +358,19 @@ class ShardBatch:
             states[i].caches = [cache.extract(k) for cache in batch]
         return which, out, [states[i].caches for i in which]
 
-    def _regroup(self, ids: list[str], states: list[RequestState]) -> _Group | None:
-        """The group made of exactly these decode rows: rows not among them get their own
-        caches back, new ones join (mlx-lm's BatchKVCache.merge / extend / filter)."""
-        group = self.group
+    def _regroup(self, g: int, ids: list[str], states: list[RequestState]) -> _Group | None:
+        """Micro-batch `g`'s group made of exactly these decode rows: rows not among them
+        get their own caches back, new ones join (mlx-lm's BatchKVCache.merge / extend /
+        filter). A request that moved here from another group leaves that one first (its
+        KV is copied once, on the move)."""
+        for other, group in list(self.groups.items()):
+            if other != g and not set(ids).isdisjoint(group.ids):
+                self._ungroup(other, keep=set(group.ids) - set(ids), restore=ids)
+        group = self.groups.get(g)
         rows = dict(zip(group.ids, group.states)) if group else {}
         # a row stays if it is this very request (an id freed and used again is not)
-        self._ungroup(keep={r for r, st in zip(ids, states) if rows.get(r) is st})
-        group = self.group
+        self._ungroup(g, keep={r for r, st in zip(ids, states) if rows.get(r) is st})
+        group = self.groups.get(g)
         held = set(group.ids) if group else set()
         new = [(r, st) for r, st in zip(ids, states) if r not in held]
         if new:
@@ -362,7 +378,7 @@ class ShardBatch:
             merged = [new[0][1].caches[layer].merge([st.caches[layer] for _, st in new])
                       for layer in range(self.shard.end - self.shard.start + 1)]
             if group is None:
-                group = self.group = _Group([], [], merged)
+                group = self.groups[g] = _Group([], [], merged)
             else:
                 for cache, more in zip(group.caches, merged):
                     cache.extend(more)
@@ -372,24 +388,24 @@ class ShardBatch:
                 st.caches = []  # the group holds them now
         return group
 
-    def _ungroup(self, keep: set[str], restore: str = "") -> None:
-        """Rows not in `keep` leave the group; those of requests still held (and
-        `restore`'s, held or not: a step of it is running) get their own caches back,
+    def _ungroup(self, g: int, keep: set[str], restore: list[str] = ()) -> None:
+        """Rows not in `keep` leave group `g`; those of requests still held (and those in
+        `restore`, held or not: a step of theirs is running) get their own caches back,
         copied out of the group's."""
         import mlx.core as mx
 
-        group = self.group
+        group = self.groups.get(g)
         if group is None:
             return
         stay = [k for k, r in enumerate(group.ids) if r in keep]
         if len(stay) == len(group.ids):
             return
         for k, (r, state) in enumerate(zip(group.ids, group.states)):
-            if r not in keep and (r == restore or self.requests.get(r) is state):
+            if r not in keep and (r in restore or self.requests.get(r) is state):
                 state.caches = [cache.extract(k) for cache in group.caches]
                 mx.eval([c.state for c in state.caches])  # not a view of the whole group
         if not stay:
-            self.group = None
+            del self.groups[g]
             return
         for cache in group.caches:
             cache.filter(stay)
@@ -397,9 +413,9 @@ class ShardBatch:
         group.states = [group.states[k] for k in stay]
 
     def _ungroup_one(self, request_id: str) -> None:
-        group = self.group
-        if group is not None and request_id in group.ids:
-            self._ungroup(keep=set(group.ids) - {request_id}, restore=request_id)
+        for g, group in list(self.groups.items()):
+            if request_id in group.ids:
+                self._ungroup(g, keep=set(group.ids) - {request_id}, restore=[request_id])
 
     def _sample_rows(self, logits: Any, states: list[RequestState],
                      samples: list[Sampling], positions: list[int]) -> list[int]:
@@ -426,20 +442,21 @@ class ShardBatch:
         return stale
 
     def stale_rows(self) -> bool:
-        """Whether the group holds rows of requests freed since, or ended requests wait
+        """Whether a group holds rows of requests freed since, or ended requests wait
         to be cached (`prune` does both)."""
-        group = self.group
-        return bool(self._retiring) or group is not None and any(
-            self.requests.get(r) is not st for r, st in zip(group.ids, group.states))
+        return bool(self._retiring) or any(
+            self.requests.get(r) is not st for group in list(self.groups.values())
+            for r, st in zip(group.ids, group.states))
 
     def prune(self) -> None:
         """MLX thread: ended requests' prompts go to the prefix cache, and rows of freed
         requests leave the group, releasing their caches."""
-        group = self.group
         while self._retiring:
             state = self._retiring.popleft()
-            rows = [k for k, st in enumerate(group.states) if st is state] if group else []
-            caches = [c.extract(rows[0]) for c in group.caches] if rows else state.caches
+            where = [(group, k) for group in self.groups.values()
+                     for k, st in enumerate(group.states) if st is state]
+            caches = [c.extract(where[0][1]) for c in where[0][0].caches] if where \
+                else state.caches
             # what the caches hold (a step may have run since it was freed)
             held = getattr(caches[0], "offset", state.length) if caches else 0
             try:
@@ -447,19 +464,25 @@ class ShardBatch:
             except Exception:  # a cache kind that cannot be kept: serve on without it
                 log.exception("caching a prompt's KV failed")
             state.caches = []
-        if group is not None:
-            self._ungroup(keep={r for r, st in zip(group.ids, group.states)
-                                if self.requests.get(r) is st})
+        for g, group in list(self.groups.items()):
+            self._ungroup(g, keep={r for r, st in zip(group.ids, group.states)
+                                   if self.requests.get(r) is st})
 
     def drop_prompts(self) -> None:
         """MLX thread: the prefix cache and the ended requests waiting for it go."""
         self.prompts.close()
         self._retiring.clear()
 
-    def recent(self, within_s: float) -> set[str]:
-        """Requests that stepped here within the last `within_s` seconds."""
+    def recent(self, within_s: float, group: int | None = None) -> set[str]:
+        """Requests (of micro-batch `group`, or any) that stepped here within the last
+        `within_s` seconds."""
         now = time.monotonic()
-        return {r for r, st in list(self.requests.items()) if now - st.last_used < within_s}
+        return {r for r, st in list(self.requests.items())
+                if now - st.last_used < within_s and (group is None or st.group == group)}
+
+    def busy_groups(self) -> int:
+        """Micro-batches with requests decoding here now."""
+        return sum(bool(group.ids) for group in list(self.groups.values()))
 
     def cache_offset(self, request_id: str) -> int:
         state = self.requests.get(request_id)

@@ -47,12 +47,47 @@ def openblas_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def reexec_with_openblas() -> None:
-    """Re-run this process with OpenBLAS preloaded, once; a no-op where it can't help."""
-    lib = openblas_path()
-    if not lib or lib in os.environ.get("LD_PRELOAD", "") or os.environ.get(_REEXEC_MARK):
+def parse_cpus(text: str) -> set[int]:
+    """`0-1`, `2,3` or `0-3,6`: CPU numbers this process may run on (Linux numbering, as
+    taskset's --cpu-list)."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"--cpus {text!r}: give CPU numbers like 0-1 or 2,3") from None
+    if not cpus:
+        raise ValueError(f"--cpus {text!r}: no CPU named")
+    if hasattr(os, "sched_getaffinity"):
+        allowed = os.sched_getaffinity(0)
+        if not cpus <= allowed:
+            raise ValueError(f"--cpus {text}: this process may use CPUs "
+                             f"{','.join(map(str, sorted(allowed)))} only")
+    return cpus
+
+
+def pin(cpus: set[int]) -> None:
+    """Keep this process, its MLX thread and its BLAS threads on `cpus` (a node per core
+    or two: one many-core host standing in for several machines). The affinity mask is
+    inherited by every thread started after this and survives the re-exec below; BLAS
+    reads its thread count from the environment when it loads, so the process re-executes
+    once with it set (reexec_with_openblas). Linux only: elsewhere a warning."""
+    if not hasattr(os, "sched_setaffinity"):
+        print("mlx-node: --cpus works on Linux only; running unpinned", file=sys.stderr)
         return
-    if "mlx.core" in sys.modules:  # too late: the reference BLAS is already mapped
+    os.sched_setaffinity(0, cpus)
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ[name] = str(len(cpus))
+
+
+def reexec_with_openblas(force: bool = False) -> None:
+    """Re-run this process with OpenBLAS preloaded, once; a no-op where it can't help.
+    `force`: re-run once even so (a pinned process: its BLAS reads the thread count then)."""
+    lib = openblas_path()
+    if os.environ.get(_REEXEC_MARK) or "mlx.core" in sys.modules:
+        return  # done once already, or too late: a BLAS is already mapped
+    if not force and (not lib or lib in os.environ.get("LD_PRELOAD", "")):
         return
     env = openblas_env()
     env[_REEXEC_MARK] = "1"

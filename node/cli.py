@@ -23,7 +23,7 @@ from node.auth import (
     read_token,
     server_credentials,
 )
-from node.blas import reexec_with_openblas
+from node.blas import parse_cpus, pin, reexec_with_openblas
 from node.capabilities import cached_calibration, parse_bytes
 
 log = logging.getLogger("mlx-node")
@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("--peers-file", type=Path, default=None,
                       help="the same as --join, for the nodes of a peers file ([[node]] "
                            'address = "host:port")')
+    serve.add_argument("--cpus", default="", metavar="LIST",
+                       help="run on these CPUs only, e.g. 0-1 or 2,3: the process, its MLX "
+                            "and its BLAS threads (Linux). One many-core host then stands in "
+                            "for several machines: give each node its own cores")
     serve.add_argument("--calibrate", action="store_true",
                        help="measure matmul speed for speed-weighted plans (cached per MLX "
                             "version in the state dir)")
@@ -278,7 +282,14 @@ def _batch_sizes(text: str) -> list[int] | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        reexec_with_openblas()  # before MLX is imported; a no-op where it can't help
+        if args.cpus:
+            try:
+                pin(parse_cpus(args.cpus))
+            except (ValueError, OSError) as e:
+                print(f"mlx-node: {e}", file=sys.stderr)
+                return 1
+        # before MLX is imported; a no-op where it can't help
+        reexec_with_openblas(force=bool(args.cpus))
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
         try:

@@ -306,6 +306,7 @@ class Coordinator:
                          {s.node_id: i.ring_port for s, i in zip(survivors, infos)},
                          self.plan.auto_reform,
                          self.plan.rejoin_settle_s if self.plan.auto_rejoin else None)
+        proto.microbatches = self.plan.microbatches
         t_planned = time.monotonic()
         record.to_epoch, record.replan_s = proto.epoch, t_planned - t_down
         others = [s for s in proto.shards if s.node_id != self.servicer.node_id]

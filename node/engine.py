@@ -10,12 +10,20 @@ Continuous batching: each time the MLX thread is free the scheduler takes what i
 and runs the steps of different requests (decode steps and prefill chunks) as one forward,
 so the weights are read once for all of them. A request joins or leaves between two
 forwards. Every tuning knob is in `Tuning`.
+
+Micro-batches: in a plan of several shards a request belongs to one of K decode groups
+(the first shard chooses, node/pipeline.py; every frame says which). A forward runs the
+steps of one group only, so while one group's steps travel to the other shards, this one
+computes another's: K groups keep K shards busy at once, where one batch would leave all
+but one waiting. Each group has its own gather window, and no window waits for another
+group: the scheduler runs whichever group may go first, in the order their steps came.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +69,8 @@ class Tuning:
     cycle_share: float = 0.5  # ... or within two cycles; the first shard waits this share
     max_gather_s: float = 2.0  # of a cycle at most, and never longer than this
     pack_tokens: int = 2048  # prefill positions packed into one forward beside decode steps
+    # a prompt's chunk while other requests decode: they wait for it in their forward
+    busy_chunk: int = 64
     pad_factor: float = 2.0  # a decoding group's padding may at most double its KV cache
     max_batch: int = 64  # steps in one forward
 
@@ -86,6 +96,10 @@ class _Job:
     def request_id(self) -> str:
         return self.step.request_id
 
+    @property
+    def group(self) -> int:
+        return self.step.group
+
 
 @dataclass
 class _Window:
@@ -103,7 +117,7 @@ class Engine:
     """Holds a Shard and schedules the steps of its requests on the MLX thread."""
 
     def __init__(self, shard: Shard, executor: ThreadPoolExecutor,
-                 on_forward: Callable[[int], None] | None = None,
+                 on_forward: Callable[..., None] | None = None,
                  gather_s: float = 0.0, admit_s: float = 0.0, tuning: Tuning = TUNING,
                  prompt_cache_bytes: int = 0) -> None:
         self.shard = shard
@@ -113,28 +127,36 @@ class Engine:
         self.admit_s = admit_s
         self.max_batch = tuning.max_batch
         self._executor = executor
-        self._on_forward = on_forward  # called with each forward's size (the batch size)
+        # called with each forward's size (the batch size) and its micro-batch
+        self._on_forward = on_forward
         self._queue: list[_Job] = []  # steps waiting, in arrival order (leftovers first)
-        self._carried = False  # the queue starts with steps a forward had no room for
+        self._carried: set[int] = set()  # groups with steps a forward had no room for
         self._running = False  # a forward is on the MLX thread
         self._kick_due = False
-        self._window: _Window | None = None
+        self._windows: dict[int, _Window] = {}  # each group's wait in progress
+        self.busy_s = 0.0  # seconds the MLX thread spent on forwards (busy fraction)
 
     # ---------------------------------------------------------------- async API
 
     async def step(self, request_id: str, position: int, *, tokens: list[int] | None = None,
                    hidden: Wire | None = None, sample: Sampling | None = None,
-                   prompt: list[int] | None = None) -> StepResult:
+                   prompt: list[int] | None = None, group: int = 0) -> StepResult:
         return await self.submit(request_id, position, tokens=tokens, hidden=hidden,
-                                 sample=sample, prompt=prompt)
+                                 sample=sample, prompt=prompt, group=group)
 
     def submit(self, request_id: str, position: int, *, tokens: list[int] | None = None,
                hidden: Wire | None = None, sample: Sampling | None = None,
-               prompt: list[int] | None = None) -> asyncio.Future:
-        """Queue a step now; its future gets the result. A caller that goes away cancels
-        the future: the job is dropped."""
+               prompt: list[int] | None = None, group: int = 0) -> asyncio.Future:
+        """Queue a step of micro-batch `group` now; its future gets the result. A caller
+        that goes away cancels the future: the job is dropped."""
         loop = asyncio.get_running_loop()
-        job = _Job(Step(request_id, position, tokens, hidden, sample, prompt),
+        state = self.batch.requests.get(request_id)
+        if state is not None and state.group != group:
+            # it moved to another group (the first shard evens them out): the windows of
+            # the group it left wait for it no longer
+            state.group = group
+            self._unexpect({request_id}, but=group)
+        job = _Job(Step(request_id, position, tokens, hidden, sample, prompt, group),
                    loop.create_future())
         self._queue.append(job)
         if not self._kick_due:
@@ -151,20 +173,35 @@ class Engine:
         if self._running:
             return  # the forward's end kicks again
         self._queue = [job for job in self._queue if not job.future.done()]
-        if not self._queue:
-            self._close_window()
-            return
-        if not self._may_go():
+        queued = dict.fromkeys(job.group for job in self._queue)  # in arrival order
+        for g in list(self._windows):
+            if g not in queued:
+                self._close_window(g)
+        # first come, first served: the first group whose steps may go runs
+        g = next((g for g in queued if self._may_go(g)), None)
+        if g is None:
             return  # a timer, or the next step to arrive, kicks again
-        self._close_window()
-        batch, self._queue = self._pick(self._queue)
-        self._carried = bool(self._queue)
+        self._close_window(g)
+        batch, rest = self._pick([job for job in self._queue if job.group == g])
+        left = set(map(id, rest))
+        self._queue = [job for job in self._queue if job.group != g or id(job) in left]
+        self._carried.discard(g)
+        if rest:
+            self._carried.add(g)
         self._running = True
         loop = asyncio.get_running_loop()
         # from the MLX thread straight to _ran, in the loop turn it wakes: run_in_executor
         # would go through an asyncio future and call _ran a turn later, every forward
-        done = self._executor.submit(self.batch.run, [j.step for j in batch])
+        done = self._executor.submit(self._timed, [j.step for j in batch])
         done.add_done_callback(partial(_on_loop, loop, partial(self._ran, batch)))
+
+    def _timed(self, steps: list) -> list:
+        """MLX thread: one forward, its time added to `busy_s`."""
+        t0 = time.perf_counter()
+        try:
+            return self.batch.run(steps)
+        finally:
+            self.busy_s += time.perf_counter() - t0
 
     def _ran(self, jobs: list[_Job], done: Future) -> None:
         """On the event loop: a forward ended; deliver its steps' outcomes together (their
@@ -177,7 +214,7 @@ class Engine:
             outcomes = [e] * len(jobs)
         served = sum(not isinstance(o, BaseException) for o in outcomes)
         if served and self._on_forward is not None:
-            self._on_forward(served)
+            self._on_forward(served, jobs[0].group)
         for job, outcome in zip(jobs, outcomes):
             if job.future.done():
                 continue  # the request went away meanwhile
@@ -210,61 +247,63 @@ class Engine:
 
     # ---------------------------------------------------------------- waiting
 
-    def _may_go(self) -> bool:
-        """Whether the queued steps may run now. If not, a window is open: its timer (or
-        the step that completes it) kicks again. Steps left over from the last forward go
-        at once: the requests that just ran cannot be back yet."""
-        if self._carried or not (self.gather_s or self.admit_s):
+    def _may_go(self, g: int) -> bool:
+        """Whether the queued steps of group `g` may run now. If not, a window is open for
+        the group: its timer (or the step that completes it) kicks again. Steps left over
+        from the group's last forward go at once: the requests that just ran cannot be back
+        yet."""
+        if g in self._carried or not (self.gather_s or self.admit_s):
             return True
         loop = asyncio.get_running_loop()
         now = loop.time()
-        waiting = {job.request_id for job in self._queue}
-        window = self._window
+        queued = [job for job in self._queue if job.group == g]
+        waiting = {job.request_id for job in queued}
+        window = self._windows.get(g)
         if window is not None:
             if window.expired:
                 return True
             if window.admitting:  # a new request came: the burst goes on
-                self._arm(min(now + self.admit_s, window.last_call) - now)
+                self._arm(g, min(now + self.admit_s, window.last_call) - now)
                 return False
             return window.expected <= waiting
-        # requests that stepped here recently: their next step is on its way round the ring
-        # (a decode step) or right behind (the first decode step after a prefill, the next
-        # chunk of a long prompt)
+        # the group's requests that stepped here recently: their next step is on its way
+        # round the ring (a decode step) or right behind (the first decode step after a
+        # prefill, the next chunk of a long prompt)
         t = self.tuning
-        expected = self.batch.recent(max(t.gather_recent_s, 2 * self.batch.cycle))
+        expected = self.batch.recent(max(t.gather_recent_s, 2 * self.batch.cycle), g)
         if expected:
             if expected <= waiting or not self.gather_s:
                 return True
             paced = self.admit_s > 0  # the first shard sets the pace of the ring
             wait = (max(self.gather_s, min(t.cycle_share * self.batch.cycle, t.max_gather_s))
                     if paced else self.gather_s)
-            self._open_window(expected, False, 0.0, wait)
-        elif self.admit_s and not any(job.step.decode for job in self._queue):
-            self._open_window(set(), True, now + t.admit_rounds * self.admit_s, self.admit_s)
+            self._open_window(g, expected, False, 0.0, wait)
+        elif self.admit_s and not any(job.step.decode for job in queued):
+            self._open_window(g, set(), True, now + t.admit_rounds * self.admit_s,
+                              self.admit_s)
         else:
             return True
         return False
 
-    def _open_window(self, expected: set[str], admitting: bool, last_call: float,
+    def _open_window(self, g: int, expected: set[str], admitting: bool, last_call: float,
                      wait: float) -> None:
-        timer = asyncio.get_running_loop().call_later(wait, self._expire)
-        self._window = _Window(expected, admitting, last_call, timer)
+        timer = asyncio.get_running_loop().call_later(wait, self._expire, g)
+        self._windows[g] = _Window(expected, admitting, last_call, timer)
 
-    def _arm(self, wait: float) -> None:
-        window = self._window
-        assert window is not None
+    def _arm(self, g: int, wait: float) -> None:
+        window = self._windows[g]
         window.timer.cancel()
-        window.timer = asyncio.get_running_loop().call_later(max(0.0, wait), self._expire)
+        window.timer = asyncio.get_running_loop().call_later(max(0.0, wait), self._expire, g)
 
-    def _expire(self) -> None:
-        if self._window is not None:
-            self._window.expired = True
+    def _expire(self, g: int) -> None:
+        if g in self._windows:
+            self._windows[g].expired = True
         self._kick()
 
-    def _close_window(self) -> None:
-        if self._window is not None:
-            self._window.timer.cancel()
-            self._window = None
+    def _close_window(self, g: int) -> None:
+        window = self._windows.pop(g, None)
+        if window is not None:
+            window.timer.cancel()
 
     # ---------------------------------------------------------------- requests
 
@@ -293,15 +332,17 @@ class Engine:
         self._unexpect(set(stale))
         return stale
 
-    def _unexpect(self, request_ids: set[str]) -> None:
-        """Requests that ended will not step again: a window that waits for them waits no
-        longer (without this, the requests still under way lost a whole gather window,
-        0.25 s on the first shard, each time one of them finished before the others)."""
-        window = self._window
-        if window is None or window.admitting or not window.expected & request_ids:
-            return
-        window.expected -= request_ids
-        if not self._kick_due:
+    def _unexpect(self, request_ids: set[str], but: int | None = None) -> None:
+        """Requests that ended will not step again (or, moved, not in the windows of groups
+        other than `but`): a window that waits for them waits no longer (without this, the
+        requests still under way lost a whole gather window, 0.25 s on the first shard, each
+        time one of them finished before the others)."""
+        touched = False
+        for g, window in self._windows.items():
+            if g != but and not window.admitting and window.expected & request_ids:
+                window.expected -= request_ids
+                touched = True
+        if touched and not self._kick_due:
             self._kick_due = True
             asyncio.get_running_loop().call_soon(self._kick)
 

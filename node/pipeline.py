@@ -8,6 +8,13 @@ last shard samples and sends the token back to the first, which streams it to th
 and feeds it in again. Frames for one request travel in order on one stream, so each
 shard sees positions in order; frames of different requests interleave freely.
 
+Micro-batches: the first shard puts each request in one of K decode groups (the plan's
+`microbatches`, by default one per shard) and every frame of the request carries its
+group, so that K groups circulate the ring at once and each shard computes one while the
+others travel (node/engine.py). A new request joins the group with the fewest requests;
+when a request ends and the groups differ by more than one, a request of the largest group
+moves to the smallest with its next step.
+
 Errors travel backwards: a shard that rejects a frame answers on the link the frame
 came in on; the sender passes it on to its own upstream until it reaches the first
 shard, which fails the request. Every request's caches are freed by a `release` frame
@@ -41,6 +48,14 @@ from node.runner import sampling_of, serve_request
 from protos import cluster_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+def microbatches_of(plan: pb.Plan) -> int:
+    """Decode groups in flight for a pipeline plan: its `microbatches`, by default one
+    per shard (one shard alone has nobody to overlap with: 1)."""
+    if len(plan.shards) < 2:
+        return 1
+    return plan.microbatches or len(plan.shards)
 
 PREFILL_STEP = 2048  # prompt positions per step, as mlx_lm.generate_step's prefill_step_size
 
@@ -78,6 +93,9 @@ class Pipeline:
             self.link = PeerLink(nxt.address, peers, self._on_reply, self._on_broken,
                                  metadata)
         self.pending: dict[str, asyncio.Queue] = {}  # first shard: requests it owns
+        # first shard: each request's micro-batch (decode group), 0..microbatches-1
+        self.microbatches = microbatches_of(plan)
+        self.group_of: dict[str, int] = {}
         self._routes: dict[str, asyncio.Queue] = {}  # where to send errors back for a request
 
     # ------------------------------------------------------------ Runner
@@ -91,6 +109,16 @@ class Pipeline:
         return "serving" if self.active_requests else "ready"
 
     held_bytes = 0  # the weights are in this process
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds this shard has spent computing forwards."""
+        return self.engine.busy_s
+
+    @property
+    def microbatches_busy(self) -> int:
+        """Decode groups holding requests on this shard now."""
+        return self.engine.batch.busy_groups()
 
     def shard_info(self) -> pb.ShardInfo:
         s = self.shard
@@ -202,7 +230,7 @@ class Pipeline:
         sample = sampling_of(frame.sampling) if (frame.sample and self.is_last) else None
         step = self.engine.submit(frame.request_id, frame.position,
                                   hidden=(t.data, list(t.shape), t.dtype), sample=sample,
-                                  prompt=prompt)
+                                  prompt=prompt, group=frame.group)
         return self._forward_on(frame, step, prompt)
 
     async def _forward_on(self, frame: pb.ForwardFrame, step: asyncio.Future,
@@ -212,16 +240,16 @@ class Pipeline:
         self.metrics.observe("step_compute", result.compute_s)
         await self.faults.after_compute(result.compute_s)
         self._send_on(frame.request_id, frame.position, result, frame.sample, frame.sampling,
-                      frame.compute_s + result.compute_s, prompt)
+                      frame.compute_s + result.compute_s, prompt, frame.group)
 
     def _send_on(self, request_id: str, position: int, result: StepResult, sample: bool,
                  sampling: pb.SamplingParams, compute_s: float,
-                 prompt: list[int] | None = None) -> None:
+                 prompt: list[int] | None = None, group: int = 0) -> None:
         """Hand a step's output to the next shard (or, from the last, the token home)."""
         assert self.link is not None
         frame = pb.ForwardFrame(request_id=request_id, epoch=self.epoch, position=position,
                                 compute_s=compute_s, sent_unix_ns=time.time_ns(),
-                                sender=self.node_id)
+                                sender=self.node_id, group=group)
         if result.token is not None:
             frame.tokens.ids.append(result.token)
         elif result.hidden is not None:
@@ -240,6 +268,8 @@ class Pipeline:
         self.link.send(frame)
 
     def _release(self, request_id: str, reason: str, forward: bool) -> None:
+        if self.group_of.pop(request_id, None) is not None:
+            self._even_groups()
         self.engine.free(request_id)
         self._routes.pop(request_id, None)
         if self.link is not None:
@@ -263,14 +293,25 @@ class Pipeline:
         rest in chunks, replay `already` one decode step each without sampling (the same
         computation as the first time), then start the first sampled step. The first step
         carries the whole prompt: every shard takes the same prefix and caches the prompt
-        when the request ends."""
+        when the request ends.
+
+        While other requests decode, the chunks are small (`Tuning.busy_chunk`): each rides
+        in a forward beside their steps, which then wait for a short chunk, not for the
+        whole prompt. Each shard starts the next chunk as soon as it has sent one on, so
+        the chunks of a long prompt flow through the shards one behind the other."""
+        self.group_of[request_id] = self._least_loaded()
         pos = await self.engine.adopt(request_id, prompt) if reuse else 0
         if pos:
             self.metrics.inc("prompt_tokens_reused", pos)
-        steps = [prompt[i:min(i + PREFILL_STEP, len(prompt) - 1)]
-                 for i in range(pos, len(prompt) - 1, PREFILL_STEP)]
-        steps += [[token] for token in [prompt[-1], *already]]
         first = prompt if self.engine.batch.prompts.enabled else None
+        end = len(prompt) - 1  # the last prompt token is the first decode step
+        while pos < end:
+            alone = self.engine.active_requests <= 1
+            size = PREFILL_STEP if alone else self.engine.tuning.busy_chunk
+            tokens = prompt[pos:min(pos + size, end)]
+            await self._advance(request_id, pos, tokens, None, first)
+            pos, first = pos + len(tokens), None
+        steps = [[token] for token in [prompt[-1], *already]]
         for tokens in steps[:-1]:
             await self._advance(request_id, pos, tokens, None, first)
             pos, first = pos + len(tokens), None
@@ -290,8 +331,10 @@ class Pipeline:
         """Run this shard on `tokens` and pass the result on (or sample, if alone)."""
         sample = sampling_of(sampling) if sampling is not None else None
         alone = self.link is None
+        group = self.group_of.get(request_id, 0)
         result = await self.engine.step(request_id, position, tokens=tokens,
-                                        sample=sample if alone else None, prompt=prompt)
+                                        sample=sample if alone else None, prompt=prompt,
+                                        group=group)
         self.metrics.observe("step_compute", result.compute_s)
         await self.faults.after_compute(result.compute_s)
         if alone:
@@ -300,4 +343,30 @@ class Pipeline:
                 queue.put_nowait((result.token, result.compute_s, None))
             return
         self._send_on(request_id, position, result, sampling is not None,
-                      sampling or pb.SamplingParams(), result.compute_s, prompt)
+                      sampling or pb.SamplingParams(), result.compute_s, prompt, group)
+
+    # ------------------------------------------------------------ micro-batches
+
+    def group_sizes(self) -> list[int]:
+        """Requests in each micro-batch (first shard)."""
+        sizes = [0] * self.microbatches
+        for g in self.group_of.values():
+            sizes[g] += 1
+        return sizes
+
+    def _least_loaded(self) -> int:
+        sizes = self.group_sizes()
+        return sizes.index(min(sizes))
+
+    def _even_groups(self) -> None:
+        """A request ended: while the largest group has two more requests than the
+        smallest, one of the largest moves (its next step goes with the smallest group; each
+        shard copies its KV once, node/batch.py). Without it, a group whose requests all
+        ended would run empty while another held most of the rows."""
+        sizes = self.group_sizes()
+        while max(sizes) - min(sizes) > 1:
+            big, small = sizes.index(max(sizes)), sizes.index(min(sizes))
+            mover = next(r for r, g in reversed(self.group_of.items()) if g == big)
+            self.group_of[mover] = small
+            sizes[big] -= 1
+            sizes[small] += 1

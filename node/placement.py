@@ -26,6 +26,8 @@ from node.plan import (
 )
 from protos import cluster_pb2 as pb
 
+MAX_MICROBATCHES = 64  # decode groups in flight round a pipeline (a forward's max batch)
+
 
 def node_specs(infos: Iterable[pb.NodeInfo]) -> list[NodeSpec]:
     """What the planner needs from each node's GetInfo, in the nodes' order."""
@@ -160,6 +162,9 @@ def own_shard(plan: pb.Plan, node_id: str, loaded_epoch: int,
                          "newer epoch)")
     if plan.backend not in ("", "pipeline", "mlx-ring"):
         raise ModelError(f"unknown backend {plan.backend!r} in the plan")
+    if plan.microbatches > MAX_MICROBATCHES:
+        raise ModelError(f"the plan asks for {plan.microbatches} micro-batches; at most "
+                         f"{MAX_MICROBATCHES} (mlx-cluster load --microbatches K)")
     check(plan)
     return mine[0]
 

@@ -274,10 +274,12 @@ class PlanHolder:
             engine.shard.load_seconds += seconds
             log.info("warmed batch sizes %s in %.2f s", ",".join(map(str, sizes)), seconds)
 
-    def _count_forward(self, rows: int) -> None:
-        """Each forward the engine ran and how many requests it served (the batch size)."""
+    def _count_forward(self, rows: int, group: int = 0) -> None:
+        """Each forward the engine ran, how many requests it served (the batch size), and
+        the forwards of each micro-batch."""
         self.metrics.inc("forward_steps")
         self.metrics.inc("forward_rows", rows)
+        self.metrics.inc(f"forward_steps:group{group}")
 
     def _ring_down(self, group: RingGroup) -> None:
         """This node's ring worker exited: tell the coordinator (rank 0) to act on it."""

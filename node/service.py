@@ -200,6 +200,7 @@ class NodeServicer(PlanHolder, pb_grpc.NodeServiceServicer):
         process.cpu_percent()
         before = self.metrics.copy_totals()
         last = time.monotonic()
+        busy_before = getattr(self.runner, "busy_s", 0.0)
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
@@ -216,6 +217,11 @@ class NodeServicer(PlanHolder, pb_grpc.NodeServiceServicer):
             shard = self._shard_info()
             if shard is not None:
                 snap.shard.CopyFrom(shard)
+            busy = getattr(self.runner, "busy_s", 0.0)
+            if now > last and busy >= busy_before:  # (a new plan starts from 0)
+                snap.busy_fraction = min(1.0, (busy - busy_before) / (now - last))
+            snap.microbatches = getattr(self.runner, "microbatches_busy", 0)
+            busy_before = busy
             last = now
             yield snap
 

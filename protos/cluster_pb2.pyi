@@ -277,7 +277,7 @@ class PlanShard(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., param_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., name: _Optional[str] = ..., ring_port: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("model", "epoch", "n_layers", "strategy", "shards", "context_length", "backend", "parallel", "auto_reform", "auto_rejoin", "rejoin_settle_s")
+    __slots__ = ("model", "epoch", "n_layers", "strategy", "shards", "context_length", "backend", "parallel", "auto_reform", "auto_rejoin", "rejoin_settle_s", "microbatches")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -289,6 +289,7 @@ class Plan(_message.Message):
     AUTO_REFORM_FIELD_NUMBER: _ClassVar[int]
     AUTO_REJOIN_FIELD_NUMBER: _ClassVar[int]
     REJOIN_SETTLE_S_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_FIELD_NUMBER: _ClassVar[int]
     model: str
     epoch: int
     n_layers: int
@@ -300,7 +301,8 @@ class Plan(_message.Message):
     auto_reform: bool
     auto_rejoin: bool
     rejoin_settle_s: float
-    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., n_layers: _Optional[int] = ..., strategy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[PlanShard, _Mapping]]] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., parallel: _Optional[str] = ..., auto_reform: _Optional[bool] = ..., auto_rejoin: _Optional[bool] = ..., rejoin_settle_s: _Optional[float] = ...) -> None: ...
+    microbatches: int
+    def __init__(self, model: _Optional[str] = ..., epoch: _Optional[int] = ..., n_layers: _Optional[int] = ..., strategy: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[PlanShard, _Mapping]]] = ..., context_length: _Optional[int] = ..., backend: _Optional[str] = ..., parallel: _Optional[str] = ..., auto_reform: _Optional[bool] = ..., auto_rejoin: _Optional[bool] = ..., rejoin_settle_s: _Optional[float] = ..., microbatches: _Optional[int] = ...) -> None: ...
 
 class ModelOptions(_message.Message):
     __slots__ = ("dtype", "layers")
@@ -373,7 +375,7 @@ class Release(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ForwardFrame(_message.Message):
-    __slots__ = ("request_id", "epoch", "position", "activation", "tokens", "release", "sample", "sampling", "compute_s", "sent_unix_ns", "sender", "batch", "prompt_ids")
+    __slots__ = ("request_id", "epoch", "position", "activation", "tokens", "release", "sample", "sampling", "compute_s", "sent_unix_ns", "sender", "batch", "prompt_ids", "group")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -387,6 +389,7 @@ class ForwardFrame(_message.Message):
     SENDER_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     epoch: int
     position: int
@@ -400,7 +403,8 @@ class ForwardFrame(_message.Message):
     sender: str
     batch: _containers.RepeatedCompositeFieldContainer[ForwardFrame]
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., activation: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., compute_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., sender: _Optional[str] = ..., batch: _Optional[_Iterable[_Union[ForwardFrame, _Mapping]]] = ..., prompt_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    group: int
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., activation: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., compute_s: _Optional[float] = ..., sent_unix_ns: _Optional[int] = ..., sender: _Optional[str] = ..., batch: _Optional[_Iterable[_Union[ForwardFrame, _Mapping]]] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("request_id", "epoch", "code", "error")
@@ -537,7 +541,7 @@ class Histogram(_message.Message):
     def __init__(self, name: _Optional[str] = ..., buckets: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., sum_s: _Optional[float] = ..., max_s: _Optional[float] = ...) -> None: ...
 
 class MetricsSnapshot(_message.Message):
-    __slots__ = ("node_id", "time_unix", "interval_s", "state", "cpu_percent", "rss_bytes", "mlx_active_bytes", "memory_budget", "shard", "active_requests", "counters", "deltas")
+    __slots__ = ("node_id", "time_unix", "interval_s", "state", "cpu_percent", "rss_bytes", "mlx_active_bytes", "memory_budget", "shard", "active_requests", "counters", "deltas", "busy_fraction", "microbatches")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -557,6 +561,8 @@ class MetricsSnapshot(_message.Message):
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     DELTAS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     time_unix: float
     interval_s: float
@@ -569,7 +575,9 @@ class MetricsSnapshot(_message.Message):
     active_requests: int
     counters: _containers.ScalarMap[str, int]
     deltas: _containers.RepeatedCompositeFieldContainer[Histogram]
-    def __init__(self, node_id: _Optional[str] = ..., time_unix: _Optional[float] = ..., interval_s: _Optional[float] = ..., state: _Optional[str] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., memory_budget: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., active_requests: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., deltas: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ...) -> None: ...
+    busy_fraction: float
+    microbatches: int
+    def __init__(self, node_id: _Optional[str] = ..., time_unix: _Optional[float] = ..., interval_s: _Optional[float] = ..., state: _Optional[str] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., memory_budget: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., active_requests: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., deltas: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., busy_fraction: _Optional[float] = ..., microbatches: _Optional[int] = ...) -> None: ...
 
 class Metrics(_message.Message):
     __slots__ = ("node_id", "requests_started", "requests_completed", "requests_failed", "tokens_generated", "frames_in", "frames_out", "bytes_in", "bytes_out", "frames_rejected", "latencies", "active_requests", "cpu_percent", "rss_bytes", "requests_retried", "recoveries")

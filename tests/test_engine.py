@@ -152,7 +152,7 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(a
 
     async def run(batched: bool) -> dict[tuple[int, int], object]:
         executor = ThreadPoolExecutor(1)
-        engine = Engine(shard, executor, on_forward=sizes.append)
+        engine = Engine(shard, executor, on_forward=lambda rows, group: sizes.append(rows))
         out: dict[tuple[int, int], object] = {}
         for n, steps in enumerate(rounds):
             before = len(sizes)
@@ -160,11 +160,11 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(a
                 out[steps[0]] = value(await decode(engine, *steps[0]))
                 steps = steps[1:]
             if n == 6 and batched:  # a forward of prefills alone leaves the group as it is
-                held = list(engine.batch.group.ids)
+                held = list(engine.batch.groups[0].ids)
                 chunk = ({"tokens": [256, 7, 8, 9]} if shard.is_first else
                          {"hidden": encode_tensor(mx.ones((1, 4, shard.hidden_size)))})
                 await asyncio.gather(*(engine.step(f"other{j}", 0, **chunk) for j in range(2)))
-                assert sizes[-1] == 2 and engine.batch.group.ids == held
+                assert sizes[-1] == 2 and engine.batch.groups[0].ids == held
             calls = [prefill(engine, i) if k < 0 else decode(engine, i, k) for i, k in steps]
             results = (await asyncio.gather(*calls) if batched else [await c for c in calls])
             out.update({key: value(r) for key, r in zip(steps, results)})
@@ -174,7 +174,7 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(a
         for i in range(len(prompts)):
             engine.free(f"r{i}")
         await asyncio.get_running_loop().run_in_executor(executor, lambda: None)
-        assert engine.batch.group is None  # the freed rows left the group: caches released
+        assert not engine.batch.groups  # the freed rows left the group: caches released
         return out
 
     forwards: list[list[int]] = []  # the forward sizes of each round
@@ -192,6 +192,49 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(a
             assert a == together[key], key
         else:
             np.testing.assert_allclose(a, together[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "gemma3_text"])
+def test_micro_batches_run_one_group_per_forward_and_give_the_tokens_of_one_batch(arch):
+    """Steps of two micro-batches queued together run as two forwards, one group each; each
+    group keeps its own decode group of batch caches, untouched by the other's forwards
+    (gemma3's rotating caches past its sliding window too). A request that moves to the
+    other group on its next step (as the first shard evens the groups) decodes on. Every
+    token equals the one it gets with all requests in one group."""
+    shard = load_shard(resolve(f"synthetic:{arch}"), 0, 7)
+    prompts = {f"r{i}": [256, *(b"prompt %d " % i) * (i + 1)] for i in range(6)}
+    steps_n = 6
+
+    async def run(groups: int) -> tuple[dict[str, list[int]], list[set[int]]]:
+        executor = ThreadPoolExecutor(1)
+        engine = Engine(shard, executor)
+        forwards: list[set[int]] = []
+        run_batch = engine.batch.run
+        engine.batch.run = lambda steps: (forwards.append({s.group for s in steps}),
+                                          run_batch(steps))[1]
+        group = {r: i % groups for i, r in enumerate(prompts)}
+        out = {r: [(await engine.step(r, 0, tokens=p, sample=Sampling(), group=group[r])).token]
+               for r, p in prompts.items()}
+        for n in range(steps_n):
+            if n == 3 and groups > 1:
+                group["r0"] = 1  # moves: the next step copies its KV into group 1
+            results = await asyncio.gather(*(
+                engine.step(r, len(p) + n, tokens=[out[r][-1]], sample=Sampling(),
+                            group=group[r]) for r, p in prompts.items()))
+            for r, res in zip(prompts, results):
+                out[r].append(res.token)
+            if groups > 1:
+                assert sorted(engine.batch.groups) == [0, 1]
+                held = {g: set(grp.ids) for g, grp in engine.batch.groups.items()}
+                assert held == {g: {r for r in prompts if group[r] == g} for g in (0, 1)}
+        executor.shutdown()
+        return out, forwards
+
+    one, _ = asyncio.run(run(1))
+    two, forwards = asyncio.run(run(2))
+    assert two == one
+    assert all(len(f) == 1 for f in forwards)  # never two groups in one forward
+    assert {g for f in forwards for g in f} == {0, 1}
 
 
 def test_a_step_whose_caller_went_away_does_not_bring_its_freed_request_back():
@@ -257,7 +300,7 @@ def test_a_much_longer_cache_decodes_beside_the_group_not_padding_it():
             results = await asyncio.gather(*steps) if batched else [await c for c in steps]
             for name, r in zip(prompts, results):
                 out[name].append(r.token)
-        return out, (engine.batch.group.ids if engine.batch.group else [])
+        return out, (engine.batch.groups[0].ids if engine.batch.groups else [])
 
     alone, _ = asyncio.run(run(batched=False))
     together, grouped = asyncio.run(run(batched=True))
@@ -337,7 +380,7 @@ def test_warm_up_runs_each_batch_size_and_leaves_nothing_behind(start, end, dtyp
     sizes = [1, 2, 3, 5]
     done, seconds = warm(warmed, sizes)
     assert done == sizes and seconds > 0
-    assert warmed.requests == {} and warmed.group is None and warmed.cycle == 0.0
+    assert warmed.requests == {} and not warmed.groups and warmed.cycle == 0.0
     assert warmed.prompts.info().entries == 0
     sample = Sampling() if shard.is_last else None
     h = mx.random.normal((1, 4, shard.hidden_size), key=mx.random.key(3)).astype(
