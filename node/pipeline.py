@@ -9,7 +9,8 @@ and feeds it in again. Frames for one request travel in order on one stream, so 
 shard sees positions in order; frames of different requests interleave freely.
 
 Micro-batches: the first shard puts each request in one of K decode groups (the plan's
-`microbatches`, by default one per shard) and every frame of the request carries its
+`microbatches`; 0 or 1: one batch in lockstep, the default until the speed-up is
+measured on pinned nodes) and every frame of the request carries its
 group, so that K groups circulate the ring at once and each shard computes one while the
 others travel (node/engine.py). A new request joins the group with the fewest requests;
 when a request ends and the groups differ by more than one, a request of the largest group
@@ -51,11 +52,11 @@ log = logging.getLogger(__name__)
 
 
 def microbatches_of(plan: pb.Plan) -> int:
-    """Decode groups in flight for a pipeline plan: its `microbatches`, by default one
-    per shard (one shard alone has nobody to overlap with: 1)."""
+    """Decode groups in flight for a pipeline plan: its `microbatches` (0: 1, one batch in
+    lockstep; one shard alone has nobody to overlap with: 1)."""
     if len(plan.shards) < 2:
         return 1
-    return plan.microbatches or len(plan.shards)
+    return plan.microbatches or 1
 
 PREFILL_STEP = 2048  # prompt positions per step, as mlx_lm.generate_step's prefill_step_size
 
@@ -295,10 +296,11 @@ class Pipeline:
         carries the whole prompt: every shard takes the same prefix and caches the prompt
         when the request ends.
 
-        While other requests decode, the chunks are small (`Tuning.busy_chunk`): each rides
-        in a forward beside their steps, which then wait for a short chunk, not for the
-        whole prompt. Each shard starts the next chunk as soon as it has sent one on, so
-        the chunks of a long prompt flow through the shards one behind the other."""
+        With micro-batches, while other requests decode, the chunks are small
+        (`Tuning.busy_chunk`): each rides in a forward beside their steps, which then wait
+        for a short chunk, not for the whole prompt. Each shard starts the next chunk as
+        soon as it has sent one on, so the chunks of a long prompt flow through the shards
+        one behind the other."""
         self.group_of[request_id] = self._least_loaded()
         pos = await self.engine.adopt(request_id, prompt) if reuse else 0
         if pos:
@@ -306,8 +308,8 @@ class Pipeline:
         first = prompt if self.engine.batch.prompts.enabled else None
         end = len(prompt) - 1  # the last prompt token is the first decode step
         while pos < end:
-            alone = self.engine.active_requests <= 1
-            size = PREFILL_STEP if alone else self.engine.tuning.busy_chunk
+            busy = self.microbatches > 1 and self.engine.active_requests > 1
+            size = self.engine.tuning.busy_chunk if busy else PREFILL_STEP
             tokens = prompt[pos:min(pos + size, end)]
             await self._advance(request_id, pos, tokens, None, first)
             pos, first = pos + len(tokens), None

@@ -37,18 +37,16 @@ def memory_bar(used: int, budget: int, width: int = 6) -> Text:
     return bar + Text(f" {used / GIB:.1f}/{budget / GIB:.0f}G")
 
 
-def busy_bar(fraction: float, width: int = 5) -> Text:
-    """The share of the last interval a node spent computing."""
-    filled = round(min(1.0, max(0.0, fraction)) * width)
-    return (Text("█" * filled, style="cyan") + Text("░" * (width - filled), style="dim")
-            + Text(f" {fraction:.0%}"))
+def busy_text(fraction: float) -> Text:
+    """The share of the last interval a node spent computing (cyan once it is most of it)."""
+    return Text(f"{fraction:.0%}", style="cyan" if fraction >= 0.5 else "")
 
 
 class NodesTable(DataTable):
     """One row per node, updated in place by row key (the node's address). A star marks
     the node that coordinates the plan's re-plans (its first live member)."""
 
-    COLUMNS = ("node", "address", "state", "memory", "cpu%", "busy", "µb", "layers", "tok/s",
+    COLUMNS = ("node", "address", "state", "memory", "cpu%", "layers", "busy", "µb", "tok/s",
                "beat")
 
     def on_mount(self) -> None:
@@ -82,11 +80,11 @@ class NodesTable(DataTable):
                 "state": state_text(view, monitor.has_token),
                 "memory": memory_bar(used, budget),
                 "cpu%": f"{snap.cpu_percent:.0f}" if snap else "—",
+                "layers": layers,
                 # the share of time it computed forwards, and the micro-batches it holds:
                 # one batch in lockstep leaves each of N nodes busy about 1/N of the time
-                "busy": busy_bar(snap.busy_fraction) if snap and shard else "—",
+                "busy": busy_text(snap.busy_fraction) if snap and shard else "—",
                 "µb": str(snap.microbatches) if snap and shard else "—",
-                "layers": layers,
                 "tok/s": f"{view.tokens_per_s:.1f}" if snap else "—",
                 "beat": ("<1s" if age < 1 else f"{age:.0f}s") if age != float("inf") else "—",
             }

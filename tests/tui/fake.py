@@ -58,7 +58,9 @@ class FakeMonitor:
             info.capabilities.mlx_device, info.capabilities.blas = "cpu", "openblas"
             snap = pb.MetricsSnapshot(node_id=info.node_id, cpu_percent=[38.5, 22.0, 41.2][i % 3],
                                       mlx_active_bytes=[260, 142, 260][i % 3] * 2**20,
-                                      memory_budget=20 * GIB, interval_s=0.25, state="serving")
+                                      memory_budget=20 * GIB, interval_s=0.25, state="serving",
+                                      busy_fraction=[0.62, 0.35, 0.58][i % 3],
+                                      microbatches=2)
             if loaded and not dead:
                 start, end = ranges[i]
                 info.coordinator = "node00000001" if takeover else "node00000000"
