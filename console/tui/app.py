@@ -15,6 +15,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer, Header
 
 from console import ops
@@ -113,10 +114,15 @@ class ClusterApp(App):
         if not (self._dirty or force):
             return
         self._dirty = False
+        try:
+            widgets = [self.query_one(selector) for selector in (
+                "#nodes", "#partition", "#throughput", "#spark", "#latency", "#hops",
+                "#events")]
+        except NoMatches:  # a timer that fires while the screen is built or torn down
+            return
         with self.batch_update():
-            for selector in ("#nodes", "#partition", "#throughput", "#spark", "#latency",
-                             "#hops", "#events"):
-                self.query_one(selector).refresh_from(self.monitor)
+            for widget in widgets:
+                widget.refresh_from(self.monitor)
 
     # ------------------------------------------------------------ actions
 
