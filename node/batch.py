@@ -18,74 +18,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
-from node.errors import BadFrame, ContextOverflow, FrameGap, ModelCodeError, NodeError
+from node.errors import BadFrame, FrameGap, ModelCodeError, NodeError
 from node.models import Shard
 from node.prompts import PromptStore
 from node.sampling import RequestSampler, Sampling, sample_rows
+from node.steps import Group, RequestState, Step, StepResult, fits_padding
 from node.wire import Wire, decode_tensor, encode_rows
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Step:
-    """One request's step: the positions it computes and its input."""
-
-    request_id: str
-    position: int
-    tokens: list[int] | None = None  # token ids (first shard)
-    hidden: Wire | None = None  # a frame's hidden states (later shards)
-    sample: Sampling | None = None  # sample a token from this step's last position
-    # a request's first step: its whole prompt (the prefix cache's key); the step's
-    # position is then the number of cached positions it reuses
-    prompt: list[int] | None = None
-    group: int = 0  # its micro-batch (a forward runs the steps of one group only)
-
-    @property
-    def size(self) -> int:
-        """Positions this step computes (1 for a decode step; 0 for a malformed frame,
-        which fails when its input is read)."""
-        if self.tokens is not None:
-            return len(self.tokens)
-        if self.hidden is not None and len(self.hidden[1]) == 3:
-            return int(self.hidden[1][1])
-        return 0
-
-    @property
-    def decode(self) -> bool:
-        """One position: a decode step (a row of the group's batched attention)."""
-        return self.size == 1
-
-
-@dataclass
-class StepResult:
-    hidden: Wire | None  # hidden states for the next shard, already serialised
-    token: int | None  # sampled token (last shard, sample=True)
-    compute_s: float
-
-
-@dataclass
-class RequestState:
-    caches: list  # its own KV cache per layer (empty while its row is in the _Group)
-    length: int = 0  # positions its cache holds
-    last_used: float = field(default_factory=time.monotonic)
-    sampler: RequestSampler | None = None  # its own random key (sampled requests)
-    stepped: float = 0.0  # when its last step reached this shard
-    prompt: list[int] | None = None  # its prompt's ids: its KV is cached when it ends
-    group: int = 0  # the micro-batch its last step was in
-
-
-@dataclass
-class _Group:
-    """Requests that decode together, their KV caches side by side in mlx-lm's
-    BatchKVCache (one per layer): a forward of exactly these rows writes and reads every
-    row's cache at once. A request leaving (or stepping alone) gets its own cache back."""
-    ids: list[str]
-    states: list[RequestState]  # the request state each row belongs to
-    caches: list
 
 
 class ShardBatch:
@@ -100,7 +42,7 @@ class ShardBatch:
         self.prompts = PromptStore(prompt_cache_bytes)
         self._retiring: deque[RequestState] = deque()  # ended; their KV goes to `prompts`
         self.requests: dict[str, RequestState] = {}
-        self.groups: dict[int, _Group] = {}  # each micro-batch's decode group
+        self.groups: dict[int, Group] = {}  # each micro-batch's decode group
         self.cycle = 0.0  # seconds between a request's steps here (moving average)
 
     # ---------------------------------------------------------------- MLX thread
@@ -358,7 +300,7 @@ class ShardBatch:
             states[i].caches = [cache.extract(k) for cache in batch]
         return which, out, [states[i].caches for i in which]
 
-    def _regroup(self, g: int, ids: list[str], states: list[RequestState]) -> _Group | None:
+    def _regroup(self, g: int, ids: list[str], states: list[RequestState]) -> Group | None:
         """Micro-batch `g`'s group made of exactly these decode rows: rows not among them
         get their own caches back, new ones join (mlx-lm's BatchKVCache.merge / extend /
         filter). A request that moved here from another group leaves that one first (its
@@ -378,7 +320,7 @@ class ShardBatch:
             merged = [new[0][1].caches[layer].merge([st.caches[layer] for _, st in new])
                       for layer in range(self.shard.end - self.shard.start + 1)]
             if group is None:
-                group = self.groups[g] = _Group([], [], merged)
+                group = self.groups[g] = Group([], [], merged)
             else:
                 for cache, more in zip(group.caches, merged):
                     cache.extend(more)
@@ -498,25 +440,3 @@ class ShardBatch:
             f"{shard.source.spec}: the model's code failed running layers {shard.start}-"
             f"{shard.end} ({type(error).__name__}: {error}); the request was dropped and the "
             "node keeps serving; if it repeats, reload the model or report it")
-
-
-    def check_activation(self, shape: list[int], dtype: str, position: int) -> None:
-        """Validate an incoming hidden-state frame before decoding it."""
-        hidden = self.shard.hidden_size
-        if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != hidden:
-            raise BadFrame(f"activation shape {list(shape)} is wrong: expected [1, L, {hidden}]")
-        if dtype != self.shard.dtype:
-            raise BadFrame(f"activation dtype {dtype} is wrong: this shard computes in "
-                           f"{self.shard.dtype}")
-        if position + shape[1] > self.shard.source.context_length:
-            raise ContextOverflow(
-                f"positions {position}..{position + shape[1] - 1} exceed the context length "
-                f"{self.shard.source.context_length}"
-            )
-
-
-def fits_padding(lengths: list[int], pad_factor: float = 2.0) -> bool:
-    """Whether caches of these lengths may share one BatchKVCache: padded to the longest,
-    they hold at most `pad_factor` times their own positions (plus one allocation step of
-    256 positions per row, which every cache rounds up to anyway)."""
-    return len(lengths) * max(lengths) <= pad_factor * sum(lengths) + 256 * len(lengths)

@@ -32,6 +32,7 @@ from functools import partial
 from node.batch import ShardBatch, Step, StepResult
 from node.models import Shard
 from node.sampling import Sampling
+from node.steps import check_activation
 from node.wire import Wire
 
 
@@ -360,4 +361,4 @@ class Engine:
         return self.batch.cache_offset(request_id)
 
     def check_activation(self, shape: list[int], dtype: str, position: int) -> None:
-        self.batch.check_activation(shape, dtype, position)
+        check_activation(self.shard, shape, dtype, position)
