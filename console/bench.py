@@ -37,6 +37,7 @@ from console.workload import (
     summarise,
     workload_prompts,
 )
+from node.plan import stage_seconds
 
 SCHEMA = "mlx-cluster-bench/1"
 
@@ -57,7 +58,9 @@ async def node_state(clients: list[NodeClient]) -> list[dict]:
                     "mlx_peak_bytes": info.mlx_peak_bytes, "rss_bytes": info.rss_bytes,
                     "bytes_out": m.bytes_out, "bytes_in": m.bytes_in,
                     "frames_out": m.frames_out, "tokens_generated": m.tokens_generated,
-                    "latencies": lat})
+                    "forwards": {k: m.counters.get(k, 0)
+                                 for k in ("forward_steps", "forward_rows", "forward_us")},
+                    "matmul_gflops": info.capabilities.matmul_gflops, "latencies": lat})
     return out
 
 
@@ -85,6 +88,26 @@ def communication(before: list[dict], after: list[dict], tokens: int, hops: int,
         "compute_s_per_token": sum(step),
         "transfer_s_per_token": (statistics.fmean(hop) if hop else 0.0) * hops,
     }
+
+
+def stage_times(before: list[dict], after: list[dict], plan) -> list[dict]:
+    """Each stage's forwards during a run: how many, their mean rows and measured time,
+    beside the plan's prediction for those rows (None where the node is not calibrated).
+    The slowest stage sets the pace of micro-batches in flight."""
+    macs = {s.node_id: s.macs_per_token for s in plan.shards}
+    out = []
+    for b, a in zip(before, after):
+        if "forwards" not in a or "forwards" not in b:
+            continue
+        d = {k: a["forwards"][k] - b["forwards"][k] for k in a["forwards"]}
+        steps = d["forward_steps"]
+        rows = d["forward_rows"] / steps if steps else 0.0
+        out.append({"node": a.get("name") or a["address"], "forwards": steps,
+                    "rows_per_forward": rows,
+                    "measured_step_s": d["forward_us"] / 1e6 / steps if steps else None,
+                    "predicted_step_s": stage_seconds(macs.get(a.get("node_id"), 0), rows,
+                                                      a.get("matmul_gflops", 0.0)) or None})
+    return out
 
 
 async def bench_cluster(addresses: list[str], work: Workload, progress=None,
@@ -115,6 +138,7 @@ async def bench_cluster(addresses: list[str], work: Workload, progress=None,
                 summary["repeat"] = rep
                 summary["communication"] = communication(
                     before, after, summary["output_tokens"], len(addresses), backend)
+                summary["stages"] = stage_times(before, after, plan)
                 summary["outputs"] = [r.token_ids for r in results]
                 summary["errors"] = [r.error for r in results if not r.ok][:10]
                 runs.append(summary)
@@ -160,7 +184,11 @@ def run_bench(work: Workload, addresses: list[str] | None, nodes_sweep: list[int
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "cluster.json"
                     print(f"starting a {n}-node local cluster ...", file=sys.stderr)
-                    cluster = local_cluster.up(n, path=path, node_args=["--no-advertise"],
+                    # pinned nodes calibrate their core alone: their speeds then guide
+                    # the balanced split and the predicted stage times
+                    calibrate = ["--calibrate"] if work.cpus_per_node else []
+                    cluster = local_cluster.up(n, path=path,
+                                               node_args=["--no-advertise", *calibrate],
                                                cpus_per_node=work.cpus_per_node,
                                                oversubscribe=work.oversubscribe)
                     try:

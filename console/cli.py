@@ -106,11 +106,13 @@ def cmd_plan(args: argparse.Namespace, connection: Connection) -> int:
                                  args.backend)
     proto = ops.proto_plan(plan, args.model, 0, args.backend, infos)
     budgets = {i.node_id: i.capabilities.memory_budget for i in infos}
+    speeds = {i.node_id: i.capabilities.matmul_gflops for i in infos}
     dtype = source.dtype or source.form
     emit(args, {"model": args.model, "strategy": plan.strategy, "n_layers": plan.n_layers,
                 "context_length": plan.context, "dtype": dtype,
-                "shards": [dict(r, budget_bytes=budgets[r["node"]]) for r in ops.plan_rows(proto)]},
-         views.plan_table(proto, budgets, dtype))
+                "shards": [dict(r, budget_bytes=budgets[r["node"]])
+                           for r in ops.plan_rows(proto, speeds)]},
+         views.plan_table(proto, budgets, dtype, speeds))
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from console.client import ClusterError, to_dict
 from console.ops import Connection
 from node.api import MAX_BODY_BYTES
 from node.api import serve as serve_api
+from node.plan import DEFAULT_STRATEGY
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def loader(connection: Connection):
         async with ops.connect(addresses, connection) as clients:
             plan, shards = await ops.load_plan(
                 clients, str(body["model"]), str(body.get("dtype", "")), 0,
-                str(body.get("strategy", "memory")),
+                str(body.get("strategy", DEFAULT_STRATEGY)),
                 progress=lambda m: log.info("%s", m.strip()),
                 backend=str(body.get("backend", "pipeline")))
         return {"plan": to_dict(plan), "shards": [to_dict(s) for s in shards]}

@@ -32,7 +32,14 @@ from node.placement import (
     place,
     to_proto,
 )
-from node.plan import PartitionPlan, PlanError, backend_label, layer_bar
+from node.plan import (
+    DEFAULT_STRATEGY,
+    PartitionPlan,
+    PlanError,
+    backend_label,
+    layer_bar,
+    stage_seconds,
+)
 from node.resume import NoEntry, Pending, entry_of, resumable
 from protos import cluster_pb2 as pb
 
@@ -230,7 +237,7 @@ async def rebalance(clients: list[NodeClient], progress: Callable[[str], None] =
         left_out = [str(i) for i in [*infos, *found] if isinstance(i, ClusterError)]
         layers = plan.n_layers if plan.model.startswith(SYNTHETIC_PREFIX) else 0
         new, shards = await load_plan(
-            [c for c, _ in live], plan.model, "", layers, plan.strategy or "memory",
+            [c for c, _ in live], plan.model, "", layers, plan.strategy or DEFAULT_STRATEGY,
             progress=progress, backend=backend_label(plan.backend, plan.parallel),
             auto_reform=plan.auto_reform, auto_rejoin=plan.auto_rejoin,
             rejoin_settle_s=plan.rejoin_settle_s or REJOIN_SETTLE_S,
@@ -240,14 +247,25 @@ async def rebalance(clients: list[NodeClient], progress: Callable[[str], None] =
     return new, shards, left_out
 
 
-def plan_rows(plan: pb.Plan) -> list[dict]:
-    """One row per shard: node, layers and a layer map, estimated bytes."""
+STEP_ROWS = 16  # the batch a plan's predicted stage times are given for
+
+
+def plan_rows(plan: pb.Plan, speeds: dict[str, float] | None = None) -> list[dict]:
+    """One row per shard: node, layers and a layer map, estimated bytes, the stage's share
+    of a token's work and (where `speeds`, node id -> calibrated GFLOP/s, has the node)
+    its predicted time for a forward of STEP_ROWS rows."""
+    speeds = speeds or {}
+    work = sum(s.macs_per_token for s in plan.shards) or 1
     return [{"node": s.node_id, "name": s.name, "address": s.address,
              "start_layer": s.start_layer, "end_layer": s.end_layer,
              "layers": s.end_layer - s.start_layer + 1,
              "bar": layer_bar(s.start_layer, s.end_layer, plan.n_layers),
              "param_bytes": s.param_bytes, "kv_bytes": s.kv_bytes,
-             "total_bytes": s.param_bytes + s.kv_bytes} for s in plan.shards]
+             "total_bytes": s.param_bytes + s.kv_bytes,
+             "macs_per_token": s.macs_per_token, "work_share": s.macs_per_token / work,
+             "predicted_step_s": stage_seconds(s.macs_per_token, STEP_ROWS,
+                                               speeds.get(s.node_id, 0.0)) or None}
+            for s in plan.shards]
 
 
 # ---------------------------------------------------------------- generate

@@ -11,7 +11,7 @@ from pathlib import Path
 from console.client import ClusterError
 from node.faults import KINDS as FAULT_KINDS
 from node.membership import REJOIN_SETTLE_S
-from node.plan import PlanError, backend_label, parse_backend
+from node.plan import DEFAULT_STRATEGY, STRATEGIES, PlanError, backend_label, parse_backend
 
 DISCOVER_S = 3.0  # seconds of zeroconf browsing when no nodes are named
 
@@ -137,13 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="pipeline (gRPC, survives node loss; default) | "
                                  "mlx-ring:tensor | mlx-ring:pipeline (MLX's own ring group, "
                                  "started by the node services)")
-    model_opts.add_argument("--strategy", default="memory",
-                            help="memory (default) | ring-memory-weighted | speed | uniform | "
-                                 "manual:A-B,C-D,...")
-    strategies = ("strategies: memory (largest remainder over memory budgets, never above a "
-                  "budget), ring-memory-weighted (exo's, for comparison), speed (by calibrated "
-                  "matmul speed, within budgets), uniform (equal counts), manual:0-9,10-19,20-29 "
-                  "(node order)")
+    model_opts.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                            help="balanced (default) | memory | ring-memory-weighted | speed | "
+                                 "uniform | manual:A-B,C-D,...")
+    strategies = ("strategies: balanced (default: the split whose slowest stage is fastest, "
+                  "counting each layer's and the output head's work and each node's "
+                  "calibrated speed, within budgets), memory (largest remainder over memory "
+                  "budgets, never above a budget), ring-memory-weighted (exo's, for "
+                  "comparison), speed (by calibrated matmul speed, within budgets), uniform "
+                  "(equal counts), manual:0-9,10-19,20-29 (node order)")
     sub.add_parser("models", parents=[common],
                    help="list the model specs: bundled, synthetic:<name> shapes, dirs, hub ids")
     sub.add_parser("plan", parents=[common, nodes, model_opts], epilog=strategies,
@@ -240,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", default="1", help="sweep, e.g. 1,2,4,8")
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--repeats", type=int, default=1)
-    bench.add_argument("--strategy", default="memory")
+    bench.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                       help=f"how layers are split ({', '.join(STRATEGIES)})")
     bench.add_argument("--backend", default="pipeline",
                        help="comma-separated backends to compare on the same nodes: "
                             "pipeline, mlx-ring:tensor, mlx-ring:pipeline")

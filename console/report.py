@@ -2,11 +2,11 @@
 
 The shape follows a serving analysis: executive summary with the winner per metric,
 throughput per node configuration, latency percentiles, memory, communication overhead,
-scaling with efficiency per node count, reliability under load, fault recovery, and
-recommendations derived from the numbers. Every figure comes from the result files; a
-section without data says so instead of inventing one. PNG charts (latency CDF,
-throughput vs concurrency, scaling) are drawn with matplotlib when the `report` extra is
-installed.
+scaling per node count (console/report_scaling.py), reliability under load, fault
+recovery, recommendations derived from the numbers, and a closing verdict per backend.
+Every figure comes from the result files; a section without data says so instead of
+inventing one. PNG charts (latency CDF, throughput vs concurrency, scaling) are drawn with
+matplotlib when the `report` extra is installed.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ from pathlib import Path
 from console.bench import SCHEMA, validate_results
 from console.client import ClusterError
 from console.report_chaos import chaos_section
+from console.report_scaling import (
+    LOCKSTEP_NOTE,
+    microbatches,
+    scaling_rows,
+    scaling_section,
+    verdict_section,
+)
 from node.plan import GIB
 
 # what tests/bench/peers.py --json writes: serve-api beside mlx_lm.server on one machine
@@ -61,6 +68,12 @@ def config_backend(doc: dict, config: dict) -> str:
     return config.get("backend") or doc.get("backend", "pipeline")
 
 
+def config_label(backend: str, config: dict) -> str:
+    """"pipeline · 2 node(s)", with K where more than one micro-batch was in flight."""
+    k = microbatches(backend, config)
+    return f"{backend} · {config['nodes']} node(s)" + (f" · K={k}" if k and k > 1 else "")
+
+
 def rows(docs: list[dict]) -> list[dict]:
     """One flat row per (result file, node configuration, concurrency, repeat)."""
     out = []
@@ -68,7 +81,7 @@ def rows(docs: list[dict]) -> list[dict]:
         for config in doc["configurations"]:
             for run in config["runs"]:
                 backend = config_backend(doc, config)
-                out.append({"label": f"{backend} · {config['nodes']} node(s)",
+                out.append({"label": config_label(backend, config),
                             "backend": backend, "nodes": config["nodes"],
                             "config": config, "run": run, "doc": doc})
     return out
@@ -139,7 +152,7 @@ def memory_section(docs: list[dict]) -> str:
     for doc in docs:
         for config in doc["configurations"]:
             for m in config["memory"]:
-                body.append([f"{config_backend(doc, config)} · {config['nodes']} node(s)",
+                body.append([config_label(config_backend(doc, config), config),
                              m.get("name") or m["address"], f"{m['after_load_bytes'] / GIB:.3f}",
                              f"{m['peak_bytes'] / GIB:.3f}", f"{m['steady_bytes'] / GIB:.3f}"])
     return "## Memory per node (GiB held by MLX)\n\n" + table(
@@ -164,37 +177,6 @@ def communication_section(rs: list[dict]) -> str:
             "services cannot count; its rows say so.\n\n" + table(
                 ["configuration", "concurrency", "hops/token", "bytes/token/hop",
                  "hop p50 ms", "compute ms/token", "transfer ms/token"], body))
-
-
-def scaling_rows(rs: list[dict]) -> list[dict]:
-    """Per (backend, concurrency): throughput by node count, speed-up and efficiency."""
-    out = []
-    keys = sorted({(r["backend"], r["run"]["concurrency"]) for r in rs})
-    for backend, conc in keys:
-        series = sorted((r for r in rs if r["backend"] == backend
-                         and r["run"]["concurrency"] == conc), key=lambda r: r["nodes"])
-        base = series[0]
-        for r in series:
-            speedup = (r["run"]["aggregate_tokens_per_s"] / base["run"]["aggregate_tokens_per_s"]
-                       if base["run"]["aggregate_tokens_per_s"] else 0.0)
-            scale = r["nodes"] / base["nodes"]
-            out.append({"backend": backend, "concurrency": conc, "nodes": r["nodes"],
-                        "aggregate": r["run"]["aggregate_tokens_per_s"],
-                        "speedup": speedup, "efficiency": speedup / scale if scale else 0.0,
-                        "base_nodes": base["nodes"]})
-    return out
-
-
-def scaling_section(rs: list[dict]) -> str:
-    srows = scaling_rows(rs)
-    if len({r["nodes"] for r in srows}) < 2:
-        return "## Scaling\n\nOnly one node count was measured (use `--nodes-sweep 1,2,3`)."
-    body = [[r["backend"], str(r["concurrency"]), str(r["nodes"]), f1(r["aggregate"]),
-             f"{r['speedup']:.2f}x", f"{r['efficiency']:.0%}"] for r in srows]
-    return ("## Scaling\n\nSpeed-up is aggregate tokens/s relative to the smallest node count "
-            "measured; efficiency is speed-up divided by the growth in nodes.\n\n" + table(
-                ["backend", "concurrency", "nodes", "aggregate tok/s", "speed-up",
-                 "efficiency"], body))
 
 
 def reliability_section(rs: list[dict]) -> str:
@@ -235,6 +217,8 @@ def backends_section(rs: list[dict]) -> str:
         parts.append(f"**{nodes} node(s), concurrency {conc}**\n\n" + table(
             ["backend", "single-stream tok/s", "aggregate tok/s", f"vs {base['backend']}",
              "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "success"], body))
+    if any(r["backend"] == "mlx-ring:pipeline" for _, group in groups for r in group):
+        parts.append(f"Note: {LOCKSTEP_NOTE}")
     return "\n\n".join(parts)
 
 
@@ -397,11 +381,15 @@ def charts(rs: list[dict], out_dir: Path, stem: str) -> list[Path]:
     srows = scaling_rows(rs)
     if len({r["nodes"] for r in srows}) > 1:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for backend, conc in sorted({(r["backend"], r["concurrency"]) for r in srows}):
+        several = len({r["workload"] for r in srows}) > 1
+        for key in sorted({(r["workload"], r["backend"], r["k"] or 0, r["concurrency"])
+                           for r in srows}):
             pts = [(r["nodes"], r["aggregate"]) for r in srows
-                   if (r["backend"], r["concurrency"]) == (backend, conc)]
+                   if (r["workload"], r["backend"], r["k"] or 0, r["concurrency"]) == key]
+            workload, backend, k, conc = key
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"{backend}, concurrency {conc}")
+                    label=(f"{workload}, " if several else "") + backend
+                    + (f" K={k}" if k > 1 else "") + f", concurrency {conc}")
         ax.set(xlabel="nodes", ylabel="aggregate output tokens/s", title="Scaling")
         ax.legend()
         path = out_dir / f"{stem}-scaling.png"
@@ -467,7 +455,8 @@ def render(docs: list[dict], chart_names: list[str] | None = None) -> str:
              *([chaos] if chaos else []), recommendations(rs)]
     if chart_names:
         parts.append("## Charts\n\n" + "\n\n".join(f"![{n}]({n})" for n in chart_names))
-    return "\n\n".join(parts) + "\n"
+    verdict = verdict_section(rs)  # last: what the cluster buys, in one line per backend
+    return "\n\n".join(parts + ([verdict] if verdict else [])) + "\n"
 
 
 def write_report(docs: list[dict], output: Path) -> list[Path]:

@@ -5,7 +5,7 @@ command also prints as JSON.
 
 from __future__ import annotations
 
-from console.ops import plan_rows
+from console.ops import STEP_ROWS, plan_rows
 from node.plan import GIB, backend_label
 from protos import cluster_pb2 as pb
 
@@ -50,20 +50,34 @@ def found_text(found: list[pb.NodeInfo]) -> str:
            if i.HasField("shard") else "") for i in found)
 
 
-def plan_table(plan: pb.Plan, budgets: dict[str, int], dtype: str) -> str:
-    """The plan as `mlx-cluster plan` prints it: a header line, then a row per node."""
+def plan_table(plan: pb.Plan, budgets: dict[str, int], dtype: str,
+               speeds: dict[str, float] | None = None) -> str:
+    """The plan as `mlx-cluster plan` prints it: a header line, a row per node, and what
+    WORK and STEP mean. `speeds`: node id -> calibrated GFLOP/s, for predicted times."""
     split = (f" · every layer split {len(plan.shards)} ways"
              if plan.backend == "mlx-ring" and plan.parallel == "tensor" else "")
     lines = [f"{plan.model} · {plan.n_layers} layers · {dtype} · "
              f"{backend_label(plan.backend, plan.parallel)}{split} · strategy {plan.strategy} · "
              f"KV cache at {plan.context_length} tokens",
              f"{'NODE':12} {'ADDRESS':21} {'LAYERS':>7}  {'LAYER MAP':30}  "
-             f"{'WEIGHTS':>9} {'KV':>9} {'TOTAL':>9} {'BUDGET':>9}"]
-    for r in plan_rows(plan):
+             f"{'WEIGHTS':>9} {'KV':>9} {'TOTAL':>9} {'BUDGET':>9} {'WORK':>5} "
+             f"{'STEP':>8}"]
+    rows = plan_rows(plan, speeds)
+    for r in rows:
+        step = r["predicted_step_s"]
         lines.append(f"{r['name'][:12]:12} {r['address']:21} "
                      f"{r['start_layer']:>3}-{r['end_layer']:<3}  {r['bar']:30}  "
                      f"{r['param_bytes'] / GIB:5.2f} GiB {r['kv_bytes'] / GIB:5.2f} GiB "
-                     f"{r['total_bytes'] / GIB:5.2f} GiB {budgets[r['node']] / GIB:5.2f} GiB")
+                     f"{r['total_bytes'] / GIB:5.2f} GiB {budgets[r['node']] / GIB:5.2f} GiB "
+                     f"{r['work_share']:5.0%} "
+                     + (f"{step * 1000:5.0f} ms" if step else f"{'—':>8}"))
+    if any(r["macs_per_token"] for r in rows):
+        lines.append("WORK: the stage's share of a token's multiply-adds (its layers; the "
+                     "output head on the last stage)")
+        lines.append(f"STEP: its predicted forward time for {STEP_ROWS} rows at the node's "
+                     "calibrated speed (`mlx-cluster bench` measures it)"
+                     + ("" if any(r["predicted_step_s"] for r in rows) else
+                        "; start the nodes with `mlx-node serve --calibrate` to see it"))
     return "\n".join(lines)
 
 

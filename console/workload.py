@@ -22,6 +22,7 @@ import grpc
 
 from console import ops
 from console.client import ClusterError, NodeClient, describe_rpc_error
+from node.plan import DEFAULT_STRATEGY
 from node.resume import NoEntry, resumable
 from protos import cluster_pb2 as pb
 
@@ -37,7 +38,7 @@ class Workload:
     concurrency: list[int] = field(default_factory=lambda: [1])
     warmup: int = 1
     repeats: int = 1
-    strategy: str = "memory"
+    strategy: str = DEFAULT_STRATEGY
     seed: int = 0
     timeout_s: float = 120.0
     backends: list[str] = field(default_factory=lambda: ["pipeline"])

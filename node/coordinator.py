@@ -45,7 +45,7 @@ import grpc
 from node.auth import token_metadata
 from node.membership import HOLD_OUT_S, settled
 from node.placement import check_versions, place, to_proto
-from node.plan import NodeSpec, PlanError, backend_label
+from node.plan import DEFAULT_STRATEGY, NodeSpec, PlanError, backend_label
 from protos import cluster_pb2 as pb
 from protos import cluster_pb2_grpc as pb_grpc
 
@@ -281,8 +281,9 @@ class Coordinator:
                                                 self.options.layers)
             strategy = self.plan.strategy
             if not strategy or strategy.startswith("manual:"):
-                strategy = "memory"  # a manual split was for the nodes that are gone
-            specs = [NodeSpec(s.node_id, i.capabilities.memory_budget, s.name, s.address)
+                strategy = DEFAULT_STRATEGY  # a manual split was for the nodes that are gone
+            specs = [NodeSpec(s.node_id, i.capabilities.memory_budget, s.name, s.address,
+                              i.capabilities.matmul_gflops)
                      for s, i in zip(survivors, infos)]
             new = place(source, specs, strategy,
                         backend_label(self.plan.backend, self.plan.parallel or "tensor"),

@@ -136,6 +136,7 @@ class Engine:
         self._kick_due = False
         self._windows: dict[int, _Window] = {}  # each group's wait in progress
         self.busy_s = 0.0  # seconds the MLX thread spent on forwards (busy fraction)
+        self.last_forward_s = 0.0  # the latest forward's time (one runs at a time)
 
     # ---------------------------------------------------------------- async API
 
@@ -202,7 +203,8 @@ class Engine:
         try:
             return self.batch.run(steps)
         finally:
-            self.busy_s += time.perf_counter() - t0
+            self.last_forward_s = time.perf_counter() - t0
+            self.busy_s += self.last_forward_s
 
     def _ran(self, jobs: list[_Job], done: Future) -> None:
         """On the event loop: a forward ended; deliver its steps' outcomes together (their
@@ -215,7 +217,7 @@ class Engine:
             outcomes = [e] * len(jobs)
         served = sum(not isinstance(o, BaseException) for o in outcomes)
         if served and self._on_forward is not None:
-            self._on_forward(served, jobs[0].group)
+            self._on_forward(served, jobs[0].group, self.last_forward_s)
         for job, outcome in zip(jobs, outcomes):
             if job.future.done():
                 continue  # the request went away meanwhile

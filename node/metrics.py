@@ -65,7 +65,8 @@ class NodeMetrics:
             frames_rejected=c["frames_rejected"],
             latencies=[pb.LatencySummary(**s) for s in self.summaries()],
             active_requests=active_requests, cpu_percent=cpu_percent, rss_bytes=rss_bytes,
-            requests_retried=c["requests_retried"], recoveries=c["recoveries"])
+            requests_retried=c["requests_retried"], recoveries=c["recoveries"],
+            counters=dict(c))
 
 
 def histogram_messages(histograms: dict[str, Histogram]) -> list[pb.Histogram]:

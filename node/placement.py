@@ -14,6 +14,7 @@ from node import PROTOCOL_VERSION
 from node.errors import ModelError, OverBudget, StaleEpoch
 from node.models import ModelSource, check_range, shape_of, supports_tensor, tensor_refusal
 from node.plan import (
+    DEFAULT_STRATEGY,
     GIB,
     NodeSpec,
     PartitionPlan,
@@ -63,7 +64,7 @@ def place(source: ModelSource, specs: list[NodeSpec], strategy: str, backend: st
             if not supports_tensor(source):
                 raise PlanError(tensor_refusal(source))
             return make_tensor_plan(shape_of(source), source.config, specs, context, model)
-        return make_plan(strategy or "memory", shape_of(source), specs, context=context,
+        return make_plan(strategy or DEFAULT_STRATEGY, shape_of(source), specs, context=context,
                          model=model)
     except ModelError as e:
         raise PlanError(str(e)) from e
@@ -86,7 +87,8 @@ def to_proto(plan: PartitionPlan, model: str, epoch: int, backend: str = "pipeli
                                         name=s.node.name, start_layer=s.start,
                                         end_layer=s.end, param_bytes=s.param_bytes,
                                         kv_bytes=s.kv_bytes,
-                                        ring_port=ports.get(s.node.node_id, 0))
+                                        ring_port=ports.get(s.node.node_id, 0),
+                                        macs_per_token=s.macs)
                            for s in plan.shards])
 
 
@@ -95,7 +97,7 @@ def from_proto(plan: pb.Plan, budgets: dict[str, int] | None = None) -> Partitio
     budgets = budgets or {}
     return PartitionPlan(plan.strategy, plan.n_layers, plan.context_length, [
         ShardPlan(NodeSpec(s.node_id, budgets.get(s.node_id, 0), s.name, s.address),
-                  s.start_layer, s.end_layer, s.param_bytes, s.kv_bytes)
+                  s.start_layer, s.end_layer, s.param_bytes, s.kv_bytes, s.macs_per_token)
         for s in plan.shards])
 
 

@@ -7,6 +7,11 @@ is refused, with the shortfall in the message, when any node would go over its b
 Strategies:
 - `ring-memory-weighted`: exo's, kept for comparison: nodes sorted by memory (largest
   first), float cut points rounded per node (the rounding that over-filled exo nodes).
+- `balanced` (the default): the split whose slowest stage is fastest. A stage's time is its
+  multiply-adds per token (its layers', and the output head's on the last stage, counted
+  from mlx-lm's own model) over its node's measured speed. With micro-batches in flight
+  the slowest stage sets the pace, and a count of layers does not say which stage that
+  is: smollm2-135m's tied head is a fifth of a token's work, all on the last stage.
 - `memory`: largest remainder over memory budgets, capped by what each node can hold.
 - `speed`: largest remainder over calibrated speed, within the same memory caps.
 - `uniform`: equal counts, within the memory caps.
@@ -24,7 +29,13 @@ import re
 from dataclasses import dataclass, field
 
 GIB = 1024**3
-STRATEGIES = ("memory", "ring-memory-weighted", "speed", "uniform", "manual:A-B,C-D,...")
+STRATEGIES = ("balanced", "memory", "ring-memory-weighted", "speed", "uniform",
+              "manual:A-B,C-D,...")
+DEFAULT_STRATEGY = "balanced"
+# Speeds within this factor of each other count as equal: a node's one-second matmul
+# calibration on a busy host varies about this much between runs, and a split that
+# followed the noise would move layers between equal machines from one load to the next.
+SPEED_NOISE = 1.2
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 BACKENDS = ("pipeline", "mlx-ring:tensor", "mlx-ring:pipeline")
 
@@ -68,9 +79,12 @@ class ModelShape:
     kv_per_token: tuple[int, ...] = ()  # K+V bytes per position of each layer
     kv_window: tuple[int, ...] = ()  # positions each layer's cache keeps at most; 0 = all
     tied_bytes: int = 0  # the embedding inside head_bytes (tied head): held once by one shard
+    # multiply-adds per token of each layer's weights and of the output head (0: unknown)
+    layer_macs: tuple[int, ...] = ()
+    head_macs: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("layer_sizes", "kv_per_token", "kv_window"):
+        for name in ("layer_sizes", "kv_per_token", "kv_window", "layer_macs"):
             sizes = getattr(self, name)
             if sizes and len(sizes) != self.n_layers:
                 raise ValueError(f"ModelShape.{name} has {len(sizes)} entries for "
@@ -81,6 +95,14 @@ class ModelShape:
         if self.layer_sizes:
             return sum(self.layer_sizes[start:end + 1])
         return (end - start + 1) * self.layer_bytes
+
+    def stage_macs(self, start: int, end: int) -> int:
+        """Multiply-adds per token of layers start..end, with the head on the last stage
+        (0 when the shape does not count them)."""
+        if not self.layer_macs:
+            return 0
+        head = self.head_macs if end == self.n_layers - 1 else 0
+        return sum(self.layer_macs[start:end + 1]) + head
 
     def kv_bytes(self, start: int, end: int, context: int) -> int:
         """KV-cache bytes of layers start..end at `context` positions, windows respected."""
@@ -135,7 +157,8 @@ def model_shape(config: dict, dtype: str, bits: int = 0, context: int = 0) -> Mo
         n_layers=int(config["num_hidden_layers"]), layer_bytes=layer, embed_bytes=embed,
         head_bytes=head, kv_bytes_per_token=2 * kv_heads * head_dim * act,
         context_length=context or int(config.get("max_position_embeddings") or 4096),
-        tied_bytes=embed if tied else 0)
+        tied_bytes=embed if tied else 0,
+        layer_macs=(matrices,) * int(config["num_hidden_layers"]), head_macs=vocab * h)
 
 
 @dataclass(frozen=True)
@@ -145,6 +168,7 @@ class ShardPlan:
     end: int
     param_bytes: int
     kv_bytes: int
+    macs: int = 0  # multiply-adds per token of this stage (0: not counted)
 
     @property
     def layers(self) -> int:
@@ -349,7 +373,8 @@ def make_tensor_plan(shape: ModelShape, config: dict, nodes: list[NodeSpec],
     params = (shape.layer_params(0, last) // n + shape.embed_bytes + shape.head_bytes
               - shape.tied_bytes)
     kv = shape.kv_bytes(0, last, ctx) // n
-    shards = [ShardPlan(node, 0, last, params, kv) for node in nodes]
+    macs = shape.stage_macs(0, last) // n
+    shards = [ShardPlan(node, 0, last, params, kv, macs) for node in nodes]
     over = [s for s in shards if s.total_bytes > s.node.budget]
     if over:
         s = over[0]
@@ -372,6 +397,15 @@ def make_plan(strategy: str, shape: ModelShape, nodes: list[NodeSpec],
         ranges = parse_manual(strategy[len("manual:"):], shape.n_layers, len(nodes))
     elif strategy == "ring-memory-weighted":
         ranges = exo_ring_memory_weighted(shape.n_layers, [n.budget for n in nodes])
+    elif strategy == "balanced":
+        if shape.n_layers < len(nodes):
+            raise PlanError(f"{shape.n_layers} layers cannot be split over {len(nodes)} nodes "
+                            f"(each needs >= 1); use fewer nodes")
+        _fits_or_explain(shape, nodes, caps, ctx, model)
+        ranges = balanced_ranges(shape, nodes, ctx)
+        if ranges is None:
+            raise PlanError(f"no split of {model or 'the model'} into contiguous stages fits "
+                            "every node's memory budget; try --strategy memory")
     elif strategy in ("memory", "speed", "uniform"):
         if shape.n_layers < len(nodes):
             raise PlanError(f"{shape.n_layers} layers cannot be split over {len(nodes)} nodes "
@@ -391,7 +425,7 @@ def make_plan(strategy: str, shape: ModelShape, nodes: list[NodeSpec],
     shards = []
     for node, (start, end) in zip(nodes, ranges):
         params, kv = shape.shard_bytes(start, end, ctx)
-        shards.append(ShardPlan(node, start, end, params, kv))
+        shards.append(ShardPlan(node, start, end, params, kv, shape.stage_macs(start, end)))
     over = [s for s in shards if s.total_bytes > s.node.budget]
     if over:
         s = over[0]
@@ -400,6 +434,68 @@ def make_plan(strategy: str, shape: ModelShape, nodes: list[NodeSpec],
             f"{s.node.label}, whose budget is {s.node.budget / GIB:.2f} GiB: "
             f"{(s.total_bytes - s.node.budget) / GIB:.2f} GiB over. Try --strategy memory.")
     return PartitionPlan(strategy, shape.n_layers, ctx, shards)
+
+
+def relative_speeds(nodes: list[NodeSpec]) -> list[float]:
+    """Each node's speed for the balanced split: its calibrated speed, or 1 for all when
+    any is unknown or all are within SPEED_NOISE of each other."""
+    speeds = [n.speed for n in nodes]
+    if not all(s > 0 for s in speeds) or max(speeds) <= min(speeds) * SPEED_NOISE:
+        return [1.0] * len(nodes)
+    return speeds
+
+
+def balanced_ranges(shape: ModelShape, nodes: list[NodeSpec],
+                    context: int) -> list[tuple[int, int]] | None:
+    """Contiguous ranges, one per node in order, that minimise the slowest stage's time
+    within every node's memory budget (None: no split fits). Dynamic programming over
+    (node, first layer) with prefix sums: N x L^2 steps, a few milliseconds for hundreds of
+    layers. Layers the shape does not count (no `layer_macs`) weigh by their bytes."""
+    n, total = len(nodes), shape.n_layers
+    last = total - 1
+    if shape.layer_macs:
+        work, head = list(shape.layer_macs), shape.head_macs
+    else:
+        work = [shape.layer_params(i, i) for i in range(total)]
+        head = shape.head_bytes - shape.tied_bytes
+    speeds = relative_speeds(nodes)
+    prefix = [0]
+    for w in work:
+        prefix.append(prefix[-1] + w)
+
+    def cost(k: int, start: int, end: int) -> float:
+        return (prefix[end + 1] - prefix[start] + (head if end == last else 0)) / speeds[k]
+
+    def fits(k: int, start: int, end: int) -> bool:
+        params, kv = shape.shard_bytes(start, end, context)
+        return params + kv <= nodes[k].budget
+
+    inf = float("inf")
+    # best[k][j]: the slowest stage of the best split of layers j.. over nodes k..
+    best = [[inf] * (total + 1) for _ in range(n + 1)]
+    cut: list[list[int]] = [[0] * (total + 1) for _ in range(n + 1)]
+    best[n][total] = 0.0
+    for k in range(n - 1, -1, -1):
+        left = n - k - 1  # nodes after this one, each needing a layer
+        for j in range(total - left - 1, -1, -1):
+            for end in range(j, total - left):
+                rest = best[k + 1][end + 1]
+                here = cost(k, j, end)
+                if max(here, rest) < best[k][j] and fits(k, j, end):
+                    best[k][j], cut[k][j] = max(here, rest), end
+    if best[0][0] == inf:
+        return None
+    ranges, j = [], 0
+    for k in range(n):
+        ranges.append((j, cut[k][j]))
+        j = cut[k][j] + 1
+    return ranges
+
+
+def stage_seconds(shape_macs: int, rows: int, gflops: float) -> float:
+    """Predicted time of one forward of a stage: 2 FLOPs per multiply-add, per row, at the
+    node's calibrated speed (0 when either is unknown)."""
+    return 2.0 * shape_macs * rows / (gflops * 1e9) if shape_macs and gflops > 0 else 0.0
 
 
 def plan_ranges(strategy: str, n_layers: int, budgets: list[int]) -> list[tuple[int, int]]:

@@ -274,10 +274,11 @@ class PlanHolder:
             engine.shard.load_seconds += seconds
             log.info("warmed batch sizes %s in %.2f s", ",".join(map(str, sizes)), seconds)
 
-    def _count_forward(self, rows: int, group: int = 0) -> None:
-        """Each forward the engine ran, how many requests it served (the batch size), and
-        the forwards of each micro-batch."""
+    def _count_forward(self, rows: int, group: int = 0, seconds: float = 0.0) -> None:
+        """Each forward the engine ran, how many requests it served (the batch size), its
+        time (the bench's measured stage time) and the forwards of each micro-batch."""
         self.metrics.inc("forward_steps")
+        self.metrics.inc("forward_us", int(seconds * 1e6))
         self.metrics.inc("forward_rows", rows)
         self.metrics.inc(f"forward_steps:group{group}")
 

@@ -117,6 +117,49 @@ def _kv_per_token(layer: Any, config: dict, act: int) -> int:
     return 2 * kv_heads * head_dim * act
 
 
+def _matrix_macs(module: Any, share: float) -> int:
+    """Multiply-adds per token of one module's weight matrix (0 if it has none): its
+    logical elements (a quantized matrix packs 32/bits of them in each stored word); a
+    3-D matrix holds one slice per expert, of which a token uses `share`."""
+    weight = module.get("weight") if isinstance(module, dict) else None
+    if weight is None or getattr(weight, "ndim", 0) < 2:
+        return 0
+    bits = getattr(module, "bits", 0)
+    elements = weight.size * 32 // bits if bits else weight.size
+    return int(elements * (share if weight.ndim == 3 else 1.0))
+
+
+def _expert_share(config: dict) -> float:
+    """The share of a mixture-of-experts layer's experts one token runs through."""
+    chosen = _setting(config, "num_experts_per_tok")
+    experts = _setting(config, "num_local_experts") or _setting(config, "num_experts")
+    return min(1.0, int(chosen) / int(experts)) if chosen and experts else 1.0
+
+
+def _macs(model: Any, layers: list, in_layers: set, tied: bool, config: dict
+          ) -> tuple[list[int], int]:
+    """Multiply-adds per token of each layer and of the output head: the count of weight
+    elements each token meets (an embedding lookup is free; the tied head is the token
+    embedding used as a matrix). Decode time per layer follows it closely, since decode
+    reads each weight once per step; attention over the context comes on top."""
+    import mlx.nn as nn
+
+    share = _expert_share(config)
+    embeddings = (nn.Embedding, nn.QuantizedEmbedding)
+    per_layer = [sum(_matrix_macs(m, share) for _, m in layer.named_modules()
+                     if not isinstance(m, embeddings)) for layer in layers]
+    head, tables = 0, [0]
+    for path, m in model.named_modules():
+        weight = m.get("weight") if isinstance(m, dict) else None
+        if weight is None or id(weight) in in_layers or (tied and path.startswith("lm_head")):
+            continue  # (a tied checkpoint has no lm_head: the class's own is dropped)
+        if isinstance(m, embeddings):
+            tables.append(_matrix_macs(m, share))
+        else:
+            head += _matrix_macs(m, share)
+    return per_layer, head + (max(tables) if tied else 0)
+
+
 def _windows(model: Any, n_layers: int) -> list[int]:
     """Positions each layer's cache keeps at most (0 = grows with the context)."""
     from mlx_lm.models.cache import (
@@ -202,6 +245,7 @@ def measure_shape(config: dict, dtype: str = "", context: int = 0) -> ModelShape
                   if mx.issubdtype(a.dtype, mx.floating)]
         act = floats[0].itemsize if floats else 4
     kv = [_kv_per_token(layer, config, act) for layer in layers]
+    layer_macs, head_macs = _macs(model, layers, in_layers, tied, config)
     windows = _windows(model, len(layers))
     n = max(1, len(layers))
     return ModelShape(
@@ -209,4 +253,4 @@ def measure_shape(config: dict, dtype: str = "", context: int = 0) -> ModelShape
         head_bytes=head_bytes, kv_bytes_per_token=-(-sum(kv) // n),
         context_length=context or int(_setting(config, "max_position_embeddings") or 4096),
         layer_sizes=tuple(layer_sizes), kv_per_token=tuple(kv), kv_window=tuple(windows),
-        tied_bytes=tied_bytes)
+        tied_bytes=tied_bytes, layer_macs=tuple(layer_macs), head_macs=head_macs)

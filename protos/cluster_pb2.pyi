@@ -257,7 +257,7 @@ class Recovery(_message.Message):
     def __init__(self, from_epoch: _Optional[int] = ..., to_epoch: _Optional[int] = ..., lost: _Optional[_Iterable[str]] = ..., detect_s: _Optional[float] = ..., replan_s: _Optional[float] = ..., reload_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., error: _Optional[str] = ..., at_unix: _Optional[float] = ..., resumed_requests: _Optional[int] = ..., backend: _Optional[str] = ..., coordinator: _Optional[str] = ..., noticed_by: _Optional[str] = ..., joined: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PlanShard(_message.Message):
-    __slots__ = ("node_id", "address", "start_layer", "end_layer", "param_bytes", "kv_bytes", "name", "ring_port")
+    __slots__ = ("node_id", "address", "start_layer", "end_layer", "param_bytes", "kv_bytes", "name", "ring_port", "macs_per_token")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,7 @@ class PlanShard(_message.Message):
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     RING_PORT_FIELD_NUMBER: _ClassVar[int]
+    MACS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     start_layer: int
@@ -274,7 +275,8 @@ class PlanShard(_message.Message):
     kv_bytes: int
     name: str
     ring_port: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., param_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., name: _Optional[str] = ..., ring_port: _Optional[int] = ...) -> None: ...
+    macs_per_token: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., param_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., name: _Optional[str] = ..., ring_port: _Optional[int] = ..., macs_per_token: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("model", "epoch", "n_layers", "strategy", "shards", "context_length", "backend", "parallel", "auto_reform", "auto_rejoin", "rejoin_settle_s", "microbatches")
@@ -580,7 +582,14 @@ class MetricsSnapshot(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., time_unix: _Optional[float] = ..., interval_s: _Optional[float] = ..., state: _Optional[str] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., mlx_active_bytes: _Optional[int] = ..., memory_budget: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., active_requests: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., deltas: _Optional[_Iterable[_Union[Histogram, _Mapping]]] = ..., busy_fraction: _Optional[float] = ..., microbatches: _Optional[int] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("node_id", "requests_started", "requests_completed", "requests_failed", "tokens_generated", "frames_in", "frames_out", "bytes_in", "bytes_out", "frames_rejected", "latencies", "active_requests", "cpu_percent", "rss_bytes", "requests_retried", "recoveries")
+    __slots__ = ("node_id", "requests_started", "requests_completed", "requests_failed", "tokens_generated", "frames_in", "frames_out", "bytes_in", "bytes_out", "frames_rejected", "latencies", "active_requests", "cpu_percent", "rss_bytes", "requests_retried", "recoveries", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_STARTED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
@@ -597,6 +606,7 @@ class Metrics(_message.Message):
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_RETRIED_FIELD_NUMBER: _ClassVar[int]
     RECOVERIES_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     requests_started: int
     requests_completed: int
@@ -613,7 +623,8 @@ class Metrics(_message.Message):
     rss_bytes: int
     requests_retried: int
     recoveries: int
-    def __init__(self, node_id: _Optional[str] = ..., requests_started: _Optional[int] = ..., requests_completed: _Optional[int] = ..., requests_failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[LatencySummary, _Mapping]]] = ..., active_requests: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., requests_retried: _Optional[int] = ..., recoveries: _Optional[int] = ...) -> None: ...
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, node_id: _Optional[str] = ..., requests_started: _Optional[int] = ..., requests_completed: _Optional[int] = ..., requests_failed: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., frames_in: _Optional[int] = ..., frames_out: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., latencies: _Optional[_Iterable[_Union[LatencySummary, _Mapping]]] = ..., active_requests: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., requests_retried: _Optional[int] = ..., recoveries: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class FaultSpec(_message.Message):
     __slots__ = ("kind", "ms", "jitter_ms", "p", "factor", "duration_s", "seed", "kbps", "peers", "direction", "gib")

@@ -237,3 +237,199 @@ def test_peers_results_become_a_compared_with_mlx_lm_server_section(tmp_path):
     path.write_text(json.dumps(doc))
     res = mlx_cluster("report", str(path), "-o", str(tmp_path / "r.md"), env=dict(os.environ))
     assert res.returncode == 1 and "missing ratio" in res.stderr
+
+
+GIB = 2**30
+
+
+def sweep_run(c: int, aggregate: float, per_stream: float, repeat: int = 0) -> dict:
+    """One run as console/workload.summarise writes it (the report reads these keys)."""
+    p = {"p50": 0.01, "p90": 0.02, "p95": 0.02, "p99": 0.03, "mean": 0.01, "max": 0.03, "n": 8}
+    return {"concurrency": c, "requests": 64, "succeeded": 64, "success_rate": 1.0,
+            "failures": {}, "wall_s": 64 * 64 / aggregate, "output_tokens": 64 * 64,
+            "aggregate_tokens_per_s": aggregate, "single_stream_tokens_per_s": per_stream,
+            "ttft_s": p, "tpot_s": p, "itl_s": p, "e2e_s": p, "repeat": repeat,
+            "itl_samples": [0.01, 0.012, 0.02],
+            "communication": {"hops_per_token": 1, "bytes_per_token_per_hop": None,
+                              "hop_p50_s": None, "compute_s_per_token": None,
+                              "transfer_s_per_token": None}, "outputs": []}
+
+
+def sweep_config(nodes: int, runs: list[dict], backend: str = "pipeline", k: int | None = 0,
+                 budgets: list[float] | None = None, host: str = "127.0.0.1") -> dict:
+    """A configuration as console/bench.bench_cluster writes it: the plan (with its
+    `microbatches` unless k is None, as in files from before micro-batches) and each
+    node's capabilities in `environment`."""
+    plan = {"model": "smollm2-135m", "backend": backend.split(":")[0], "shards": []}
+    if k is not None:
+        plan["microbatches"] = k
+    env = [{"name": f"local-{i}", "address": f"{host}:{40000 + i}", "cpu_count": 2,
+            "memory_total": 16 * GIB, "memory_budget": int(b * GIB), "chip": "x86_64",
+            "mlx_version": "0.29", "mlx_device": "cpu", "blas": "openblas"}
+           for i, b in enumerate(budgets or [8] * nodes)]
+    return {"nodes": nodes, "backend": backend, "plan": plan, "environment": env,
+            "memory": [], "runs": runs}
+
+
+def sweep_doc(configs: list[dict], cpus_per_node: int = 1) -> dict:
+    doc = {"schema": "mlx-cluster-bench/1", "created_unix": 0.0, "backend": "pipeline",
+           "_source": "sweep.json", "configurations": configs, "scenarios": [],
+           "workload": {"model": "smollm2-135m", "prompt_tokens": 32, "gen_tokens": 64,
+                        "requests": 64, "concurrency": [1, 16, 32], "warmup": 1,
+                        "strategy": "memory", "cpus_per_node": cpus_per_node}}
+    assert validate_results(doc) == []
+    return doc
+
+
+def nodes_sweep() -> dict:
+    """1, 2 and 3 pipeline nodes (2 and 3 with K=2) and mlx-ring:pipeline on 1 and 2; one
+    node's c=16 was repeated three times (median 100.0); node budgets 8 GiB, the third
+    node of three 4 GiB."""
+    one = [sweep_run(1, 12.9, 13.4), sweep_run(16, 96.0, 6.0, 0),
+           sweep_run(16, 130.0, 7.0, 1), sweep_run(16, 100.0, 6.5, 2), sweep_run(32, 138.0, 4.5)]
+    return sweep_doc([
+        sweep_config(1, one),
+        sweep_config(2, [sweep_run(1, 12.1, 12.4), sweep_run(16, 120.0, 7.9),
+                         sweep_run(32, 190.0, 6.2)], k=2),
+        sweep_config(3, [sweep_run(1, 11.5, 12.0), sweep_run(3, 36.0, 12.0),
+                         sweep_run(16, 150.0, 9.0), sweep_run(48, 270.0, 6.0)], k=2,
+                     budgets=[8, 8, 4]),
+        sweep_config(1, [sweep_run(16, 90.0, 6.0)], backend="mlx-ring:pipeline"),
+        sweep_config(2, [sweep_run(16, 91.8, 5.9), sweep_run(32, 99.0, 3.3)],
+                     backend="mlx-ring:pipeline"),
+    ])
+
+
+def section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n")[1].split("\n## ")[0]
+
+
+def test_scaling_gives_each_node_count_its_ratio_efficiency_and_per_stream_speed():
+    from console.report import render
+
+    text = render([nodes_sweep()])
+    scaling = section(text, "Scaling")
+    assert ("| backend | concurrency | nodes | micro-batches (K) | aggregate tok/s | vs 1 node "
+            "| efficiency (ratio / N) | per-stream tok/s (mean per request) | "
+            "per-stream vs 1 node |") in scaling
+    # one node's three repeats at c=16 fold into their median, 100.0 tok/s at 6.5 per stream
+    assert "| pipeline | 16 | 1 | 1 | 100.0 | 1.00x | 100% | 6.5 | 1.00x |" in scaling
+    assert "| pipeline | 16 | 2 | 2 | 120.0 | 1.20x | 60% | 7.9 | 1.22x |" in scaling
+    assert "| pipeline | 16 | 3 | 2 | 150.0 | 1.50x | 50% | 9.0 | 1.38x |" in scaling
+    assert "| pipeline | 1 | 2 | 2 | 12.1 | 0.94x | 47% | 12.4 | 0.93x |" in scaling
+    assert "| mlx-ring:pipeline | 16 | 2 | 1 | 91.8 | 1.02x | 51% | 5.9 | 0.98x |" in scaling
+    # a configuration with no single node of its own backend is held against the pipeline's
+    assert "| mlx-ring:pipeline | 32 | 2 | 1 | 99.0 | 0.72x (vs pipeline) | 36% |" in scaling
+    # no fewer nodes measured at c=48: nothing to hold it against
+    assert "| pipeline | 48 | 3 | 2 | 270.0 | — | — | 6.0 | — |" in scaling
+    # without a single node: against the fewest nodes, efficiency over the growth in nodes
+    text2 = render([sweep_doc([sweep_config(2, [sweep_run(16, 100.0, 6.5)]),
+                               sweep_config(4, [sweep_run(16, 180.0, 6.0)])])])
+    assert "| pipeline | 16 | 4 | 1 | 180.0 | 1.80x (vs 2 nodes) | 90% | 6.0 | 0.92x |" in text2
+    assert "## Verdict" not in text2  # a verdict is against one node
+    # K shows in the configuration labels of the other tables too
+    assert "| pipeline · 2 node(s) · K=2 | 16 | 7.9 | 120.0 |" in section(
+        text, "Throughput per node configuration")
+    assert "| pipeline · 1 node(s) | 16 |" in text
+
+
+def test_files_without_micro_batches_have_no_k_column_and_no_lockstep_note():
+    from console.report import render
+    from console.report_scaling import LOCKSTEP_NOTE
+
+    text = render([sweep_doc([sweep_config(1, [sweep_run(16, 100.0, 6.5)], k=None),
+                              sweep_config(2, [sweep_run(16, 80.0, 5.0)], k=None)])])
+    scaling = section(text, "Scaling")
+    assert "| backend | concurrency | nodes | aggregate tok/s | vs 1 node |" in scaling
+    assert "| pipeline | 16 | 2 | 80.0 | 0.80x | 40% | 5.0 | 0.77x |" in scaling
+    assert "K=" not in text and LOCKSTEP_NOTE not in text
+
+
+def test_twice_the_users_compares_n_nodes_at_n_times_c_with_one_node_at_c():
+    from console.report import render
+
+    capacity = render([nodes_sweep()]).split("### N times the users at the same speed")[1]
+    capacity = capacity.split("\n## ")[0]
+    rows = [line for line in capacity.splitlines() if line.startswith("| pipeline ")]
+    assert rows == [
+        "| pipeline | 2 | 2 | 2x the users | 32 vs 16 | 190.0 vs 100.0 | 6.2 vs 6.5 | 1.90x "
+        "| 0.95x |",
+        "| pipeline | 2 | 2 | the same users | 16 vs 16 | 120.0 vs 100.0 | 7.9 vs 6.5 | 1.20x "
+        "| 1.22x |",
+        "| pipeline | 2 | 2 | one stream | 1 vs 1 | 12.1 vs 12.9 | 12.4 vs 13.4 | 0.94x | 0.93x |",
+        "| pipeline | 3 | 2 | 3x the users | 3 vs 1 | 36.0 vs 12.9 | 12.0 vs 13.4 | 2.79x "
+        "| 0.90x |",
+        "| pipeline | 3 | 2 | one stream | 1 vs 1 | 11.5 vs 12.9 | 12.0 vs 13.4 | 0.89x | 0.90x |",
+        "| pipeline | 3 | 2 | 3x the users | 48 vs 16 | 270.0 vs 100.0 | 6.0 vs 6.5 | 2.70x "
+        "| 0.92x |",
+        "| pipeline | 3 | 2 | the same users | 16 vs 16 | 150.0 vs 100.0 | 9.0 vs 6.5 | 1.50x "
+        "| 1.38x |",
+    ]
+    # mlx-ring:pipeline at 2 nodes and c=32 has no one-node run of its own at c=16: the
+    # gRPC pipeline's single node stands in
+    assert ("| mlx-ring:pipeline | 2 | 1 | 2x the users | 32 vs 16 | 99.0 vs 90.0 | 3.3 vs 6.0 "
+            "| 1.10x | 0.55x |") in capacity
+    text = render([sweep_doc([sweep_config(1, [sweep_run(16, 100.0, 6.5)]),
+                              sweep_config(2, [sweep_run(16, 80.0, 5.0)])])])
+    assert "No pair of N nodes at N x c and one node at c was measured" in text
+    # 3 nodes at 6 serve 3 times one node at 2; 3 nodes at 4 are not 3 times any c
+    text = render([sweep_doc([sweep_config(1, [sweep_run(1, 13.0, 13.0), sweep_run(2, 24.0, 12.0)]),
+                              sweep_config(3, [sweep_run(4, 40.0, 10.0),
+                                               sweep_run(6, 60.0, 10.0)])])])
+    assert "| pipeline | 3 | 1 | 3x the users | 6 vs 2 | 60.0 vs 24.0 |" in text
+    assert "4 vs 1" not in text
+
+
+def test_the_report_ends_with_a_verdict_per_backend_for_the_largest_node_count():
+    from console.report import render
+    from console.report_scaling import LOCKSTEP_NOTE
+
+    text = render([nodes_sweep()], ["sweep-scaling.png"])
+    verdict = text.rstrip().split("\n## ")[-1].splitlines()
+    assert verdict[0] == "Verdict"
+    # 3 nodes, the largest; per-node concurrency scaling at the highest c (48 vs 16), not
+    # 3 vs 1; memory: budgets 8 + 8 + 4 GiB against 8 (memory_total would give 3x)
+    assert verdict[3] == (
+        "- **pipeline**, `smollm2-135m`, 32+64 tokens, over loopback (one host, each node on "
+        "its own core): 3 nodes with 2 micro-batches at concurrency 48: 2.70× the throughput "
+        "of one at concurrency 16, 0.92× its per-stream speed (0.90× at concurrency 1), 2.5× "
+        "its memory budget (the nodes share one host's memory).")
+    assert verdict[2] == (
+        "- **mlx-ring:pipeline**, `smollm2-135m`, 32+64 tokens, over loopback (one host, each "
+        "node on its own core): 2 nodes at concurrency 32: 1.10× the throughput of one at "
+        "concurrency 16, 0.55× its per-stream speed, 2× its memory budget (the nodes share "
+        "one host's memory). " + LOCKSTEP_NOTE)
+    assert len(verdict) == 4
+    # and the note stands next to mlx-ring:pipeline's numbers in the scaling table
+    assert f"Note: {LOCKSTEP_NOTE}" in section(text, "Scaling")
+
+
+def test_the_verdict_falls_back_to_equal_concurrency_and_names_the_hosts():
+    from console.report import render
+
+    # no 2 nodes at twice one node's concurrency: the highest concurrency both measured
+    one = sweep_config(1, [sweep_run(4, 30.0, 7.5), sweep_run(16, 100.0, 6.5)],
+                       host="10.0.0.1", budgets=[24])
+    two = sweep_config(2, [sweep_run(4, 33.0, 8.8), sweep_run(16, 180.0, 11.0)],
+                       host="10.0.0.1", budgets=[24, 24])
+    two["environment"][1]["address"] = "10.0.0.2:40001"
+    text = render([sweep_doc([one, two], cpus_per_node=0)])
+    assert text.rstrip().splitlines()[-1] == (
+        "- **pipeline**, `smollm2-135m`, 32+64 tokens, over the network between 2 hosts (its "
+        "speed is not in the results): 2 nodes at concurrency 16: 1.80× the throughput of "
+        "one at concurrency 16, 1.69× its per-stream speed, 2× its memory budget.")
+    alone = render([sweep_doc([one])])
+    assert "## Verdict" not in alone and "Only one node count was measured" in alone
+
+
+def test_a_sweep_report_writes_its_scaling_chart_and_names_the_lockstep_backend(tmp_path):
+    pytest.importorskip("matplotlib")
+    from console.report import write_report
+    from console.report_scaling import LOCKSTEP_NOTE
+
+    written = write_report([nodes_sweep()], tmp_path / "sweep.md")
+    assert (tmp_path / "sweep-scaling.png").stat().st_size > 10_000
+    assert tmp_path / "sweep-scaling.png" in written
+    text = (tmp_path / "sweep.md").read_text()
+    assert f"Note: {LOCKSTEP_NOTE}" in section(text, "Backends side by side")
+    assert text.rstrip().split("\n## ")[-1].startswith("Verdict")

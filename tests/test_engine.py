@@ -152,7 +152,7 @@ def test_steps_of_different_requests_share_one_forward_and_match_one_at_a_time(a
 
     async def run(batched: bool) -> dict[tuple[int, int], object]:
         executor = ThreadPoolExecutor(1)
-        engine = Engine(shard, executor, on_forward=lambda rows, group: sizes.append(rows))
+        engine = Engine(shard, executor, on_forward=lambda rows, group, seconds: sizes.append(rows))
         out: dict[tuple[int, int], object] = {}
         for n, steps in enumerate(rounds):
             before = len(sizes)

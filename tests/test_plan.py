@@ -11,6 +11,7 @@ from node.plan import (
     ModelShape,
     NodeSpec,
     PlanError,
+    balanced_ranges,
     exo_ring_memory_weighted,
     largest_remainder,
     make_plan,
@@ -125,11 +126,62 @@ def test_speed_strategy_weights_by_calibrated_speed_within_caps():
     assert make_plan("speed", shape, capped).ranges == [(0, 3), (4, 11)]
 
 
+def test_balanced_puts_fewer_layers_before_a_heavy_head():
+    # smollm2-135m's shape: 30 equal layers, a tied head worth 8 of them
+    layer, head = 3_538_944, 28_311_552
+    shape = ModelShape(30, GIB // 64, 0, 0, 0, 1, layer_macs=(layer,) * 30, head_macs=head)
+    equal = [NodeSpec(str(i), 8 * GIB) for i in range(3)]
+    plan = make_plan("balanced", shape, equal)
+    assert plan.ranges == [(0, 11), (12, 24), (25, 29)]
+    work = [s.macs for s in plan.shards]
+    assert work == [shape.stage_macs(a, b) for a, b in plan.ranges]
+    assert max(work) == 13 * layer  # the best any split can do: 38 layers' work over 3
+    assert max(s.macs for s in make_plan("uniform", shape, equal).shards) == 10 * layer + head
+    assert make_plan("balanced", shape, equal[:2]).ranges == [(0, 18), (19, 29)]
+
+
+def test_balanced_follows_speeds_beyond_calibration_noise_and_memory_caps():
+    shape = ModelShape(12, GIB // 4, 0, 0, 0, 1, layer_macs=(1,) * 12)
+    fast = [NodeSpec("a", 8 * GIB, speed=300.0), NodeSpec("b", 8 * GIB, speed=100.0)]
+    assert make_plan("balanced", shape, fast).ranges == [(0, 8), (9, 11)]
+    noisy = [NodeSpec("a", 8 * GIB, speed=110.0), NodeSpec("b", 8 * GIB, speed=100.0)]
+    assert make_plan("balanced", shape, noisy).ranges == [(0, 5), (6, 11)]
+    capped = [NodeSpec("a", 1 * GIB, speed=300.0), NodeSpec("b", 8 * GIB, speed=100.0)]
+    assert make_plan("balanced", shape, capped).ranges == [(0, 3), (4, 11)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(macs=st.lists(st.integers(1, 50), min_size=2, max_size=9), head=st.integers(0, 200),
+       budgets=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+       speeds=st.lists(st.sampled_from([0.0, 1.0, 2.0, 5.0]), min_size=4, max_size=4))
+def test_property_balanced_is_the_fastest_split_that_fits(macs, head, budgets, speeds):
+    from itertools import combinations
+
+    n_layers, n = len(macs), len(budgets)
+    shape = ModelShape(n_layers, 1, 0, 0, 0, 1, layer_macs=tuple(macs), head_macs=head)
+    specs = [NodeSpec(str(i), b, speed=speeds[i]) for i, b in enumerate(budgets)]  # b layers
+    rate = [1.0] * n if not all(speeds[:n]) or max(speeds[:n]) <= min(speeds[:n]) * 1.2 \
+        else speeds[:n]
+
+    def slowest(ranges):
+        return max(shape.stage_macs(a, b) / rate[k] for k, (a, b) in enumerate(ranges))
+
+    splits = [ranges_from_counts([b - a for a, b in zip((0, *cuts), (*cuts, n_layers))])
+              for cuts in combinations(range(1, n_layers), n - 1)]
+    fitting = [r for r in splits if all(b - a + 1 <= budgets[k] for k, (a, b) in enumerate(r))]
+    got = balanced_ranges(shape, specs, 1)
+    if not fitting:
+        assert got is None
+        return
+    assert got in fitting
+    assert slowest(got) == pytest.approx(min(slowest(r) for r in fitting))
+
+
 @settings(max_examples=300, deadline=None)
 @given(n_layers=st.integers(1, 120),
        budgets=st.lists(st.integers(0, 64 * GIB), min_size=1, max_size=8),
        layer_gib=st.floats(0.01, 4.0),
-       strategy=st.sampled_from(["memory", "uniform", "ring-memory-weighted"]))
+       strategy=st.sampled_from(["balanced", "memory", "uniform", "ring-memory-weighted"]))
 def test_property_plans_cover_all_layers_and_never_exceed_budgets(n_layers, budgets, layer_gib,
                                                                   strategy):
     shape = ModelShape(n_layers, int(layer_gib * GIB), int(0.1 * GIB), int(0.1 * GIB), 1024,
@@ -181,3 +233,18 @@ def test_backends_parse_and_tensor_plans_split_every_layer():
         make_tensor_plan(shape, config, [NodeSpec(f"n{i}", GIB) for i in range(4)])
     with pytest.raises(PlanError, match="do not divide by 3"):
         make_tensor_plan(shape, config, nodes[:3])
+
+
+def test_plan_table_shows_each_stage_share_of_the_work_and_its_predicted_step():
+    from console.views import plan_table
+    from node.placement import to_proto
+
+    shape = ModelShape(4, GIB // 64, 0, 0, 0, 1, layer_macs=(10**6,) * 4, head_macs=2 * 10**6)
+    specs = [NodeSpec("a", GIB, "local-0"), NodeSpec("b", GIB, "local-1")]
+    plan = to_proto(make_plan("balanced", shape, specs), "m", 1)
+    assert [s.macs_per_token for s in plan.shards] == [3 * 10**6, 3 * 10**6]  # 3 | 1 + head
+    budgets = {"a": GIB, "b": GIB}
+    text = plan_table(plan, budgets, "float32", {"a": 1.0, "b": 2.0})
+    # 2 FLOPs x 3M multiply-adds x 16 rows at 1 and 2 GFLOP/s
+    assert "50%    96 ms" in text.splitlines()[2] and "50%    48 ms" in text.splitlines()[3]
+    assert "--calibrate" in plan_table(plan, budgets, "float32")  # uncalibrated: says how

@@ -141,3 +141,30 @@ def test_uniform_shapes_keep_their_old_arithmetic():
     assert mixed.shard_bytes(1, 2, 100) == (2 + 3 + 20, 40 + 600)
     with pytest.raises(ValueError, match="2 entries for 3 layers"):
         ModelShape(3, 0, 0, 0, 0, 1, layer_sizes=(1, 2))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_multiply_adds_match_the_llama_formula_and_ignore_quantization(name):
+    from node.plan import model_shape
+
+    config = SYNTHETIC[name]
+    measured = measure_shape(config, "float32")
+    formula = model_shape(config, "float32")
+    assert measured.layer_macs == formula.layer_macs  # q, k, v, o and the three MLP matrices
+    assert measured.head_macs == config["vocab_size"] * config["hidden_size"]
+    # a quantized matrix packs several weights a word: still one multiply-add each
+    quantized = measure_shape({**config, "quantization": Q4}, "float16")
+    assert quantized.layer_macs == measured.layer_macs
+    assert quantized.head_macs == measured.head_macs
+    assert measured.stage_macs(0, 1) == 2 * measured.layer_macs[0]
+    last = measured.n_layers - 1
+    assert measured.stage_macs(last, last) == measured.layer_macs[-1] + measured.head_macs
+
+
+def test_a_token_pays_only_for_the_experts_it_uses():
+    config = SYNTHETIC["qwen3_moe"]  # 4 experts, 2 per token
+    every = measure_shape({**config, "num_experts_per_tok": config["num_experts"]}, "float32")
+    top = measure_shape(config, "float32")
+    # gate, up and down of each expert: hidden x moe_intermediate each; 2 of 4 skipped
+    skipped = 3 * config["hidden_size"] * config["moe_intermediate_size"] * 2
+    assert every.layer_macs[0] - top.layer_macs[0] == skipped

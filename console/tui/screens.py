@@ -13,7 +13,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Markdown, Select, St
 from console import ops
 from console.client import ClusterError, gather_infos, to_dict
 from node.faults import KINDS as FAULTS
-from node.plan import BACKENDS, GIB
+from node.plan import BACKENDS, DEFAULT_STRATEGY, GIB
 from node.plan import STRATEGIES as ALL_STRATEGIES
 
 STRATEGIES = [s for s in ALL_STRATEGIES if not s.startswith("manual")]  # (typed, not picked)
@@ -38,8 +38,8 @@ class LoadScreen(ModalScreen[str | None]):
             with Horizontal(classes="choices"):
                 yield Select([(b, b) for b in BACKENDS], value="pipeline", allow_blank=False,
                              id="backend")
-                yield Select([(s, s) for s in STRATEGIES], value="memory", allow_blank=False,
-                             id="strategy")
+                yield Select([(s, s) for s in STRATEGIES], value=DEFAULT_STRATEGY,
+                             allow_blank=False, id="strategy")
             yield Static("press Preview to see the plan", id="preview")
             with Horizontal(classes="buttons"):
                 yield Button("Preview", id="preview-button")
