@@ -170,10 +170,10 @@ async def load_plan(clients: list[NodeClient], model: str, dtype: str, layers: i
     join or come back, once they have been up `rejoin_settle_s` (node/membership.py).
     `stage` False: every node drops the plan it serves before it loads (requests wait for
     the whole load), even where its memory would hold both. `microbatches`: decode groups
-    in flight round a pipeline (0: one; node/engine.py)."""
+    in flight round a pipeline (0: one per node; 1: one batch in lockstep; node/engine.py)."""
     if not 0 <= microbatches <= MAX_MICROBATCHES:
         raise ClusterError(f"--microbatches {microbatches}: use 1 to {MAX_MICROBATCHES} "
-                           "(or 0: one batch in lockstep)")
+                           "(1: one batch in lockstep), or 0 for one per node")
     infos = await live_infos(clients)
     plan, _ = partition(infos, model, dtype, layers, strategy, backend)
     epoch = next_epoch(infos)

@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                            f"(default {REJOIN_SETTLE_S:.0f})")
     load.add_argument("--microbatches", type=int, default=0, metavar="K",
                       help="pipeline: K decode groups travel the ring at once, so that every "
-                           "node computes one while the others are on their way (default 1: a "
-                           "single batch in lockstep)")
+                           "node computes one while the others are on their way (default: one "
+                           "per node; 1: a single batch in lockstep)")
 
     sub.add_parser("unload", parents=[common, nodes], help="drop the loaded shards")
     sub.add_parser("rebalance", parents=[common, nodes],
@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start and stop local clusters for each node count")
     cpus_help(bench)
     bench.add_argument("--microbatches", type=int, default=0, metavar="K",
-                       help="pipeline: decode groups in flight (default 1: one batch in "
-                            "lockstep)")
+                       help="pipeline: decode groups in flight (default: one per node; 1: "
+                            "one batch in lockstep)")
     bench.add_argument("--scenario",
                        choices=["kill", "partition", "latency", "loss", "memory", "chaos"],
                        help="inject this fault into a node mid-run and record success, the "

@@ -39,13 +39,13 @@ def _x(r: float | None) -> str:
 
 def microbatches(backend: str, config: dict) -> int | None:
     """Decode groups in flight round the ring (K): the gRPC pipeline's plan `microbatches`
-    (0: 1, one batch in lockstep); 1 for mlx-ring:pipeline, which has no micro-batches;
+    (0: one per node); 1 for mlx-ring:pipeline, which has no micro-batches;
     None where K does not apply (tensor parallel) or the result file predates it."""
     if backend == "mlx-ring:pipeline":
         return 1
     if backend.startswith("mlx-ring") or "microbatches" not in config.get("plan", {}):
         return None
-    return config["plan"]["microbatches"] or 1
+    return config["plan"]["microbatches"] or config["nodes"]
 
 
 def workload_of(doc: dict) -> str:

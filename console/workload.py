@@ -42,7 +42,7 @@ class Workload:
     seed: int = 0
     timeout_s: float = 120.0
     backends: list[str] = field(default_factory=lambda: ["pipeline"])
-    microbatches: int = 0  # decode groups in flight round a pipeline (0: one)
+    microbatches: int = 0  # decode groups in flight round a pipeline (0: one per node)
     cpus_per_node: int = 0  # --local: node i runs on its own K cores (0: unpinned)
     oversubscribe: bool = False  # --local: more nodes x cores than the machine has
 

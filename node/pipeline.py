@@ -9,12 +9,11 @@ and feeds it in again. Frames for one request travel in order on one stream, so 
 shard sees positions in order; frames of different requests interleave freely.
 
 Micro-batches: the first shard puts each request in one of K decode groups (the plan's
-`microbatches`; 0 or 1: one batch in lockstep, the default until the speed-up is
-measured on pinned nodes) and every frame of the request carries its
-group, so that K groups circulate the ring at once and each shard computes one while the
-others travel (node/engine.py). A new request joins the group with the fewest requests;
-when a request ends and the groups differ by more than one, a request of the largest group
-moves to the smallest with its next step.
+`microbatches`; 0, the default: one per shard; 1: one batch in lockstep) and every frame
+of the request carries its group, so that K groups circulate the ring at once and each
+shard computes one while the others travel (node/engine.py). A new request joins the
+group with the fewest requests; when a request ends and the groups differ by more than
+one, a request of the largest group moves to the smallest with its next step.
 
 Errors travel backwards: a shard that rejects a frame answers on the link the frame
 came in on; the sender passes it on to its own upstream until it reaches the first
@@ -52,11 +51,12 @@ log = logging.getLogger(__name__)
 
 
 def microbatches_of(plan: pb.Plan) -> int:
-    """Decode groups in flight for a pipeline plan: its `microbatches` (0: 1, one batch in
-    lockstep; one shard alone has nobody to overlap with: 1)."""
+    """Decode groups in flight for a pipeline plan: its `microbatches`, or one per shard
+    when it says 0 (so a re-plan onto fewer nodes keeps one per shard); one shard alone
+    has nobody to overlap with: 1."""
     if len(plan.shards) < 2:
         return 1
-    return plan.microbatches or 1
+    return plan.microbatches or len(plan.shards)
 
 PREFILL_STEP = 2048  # prompt positions per step, as mlx_lm.generate_step's prefill_step_size
 

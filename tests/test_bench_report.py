@@ -255,7 +255,7 @@ def sweep_run(c: int, aggregate: float, per_stream: float, repeat: int = 0) -> d
                               "transfer_s_per_token": None}, "outputs": []}
 
 
-def sweep_config(nodes: int, runs: list[dict], backend: str = "pipeline", k: int | None = 0,
+def sweep_config(nodes: int, runs: list[dict], backend: str = "pipeline", k: int | None = 1,
                  budgets: list[float] | None = None, host: str = "127.0.0.1") -> dict:
     """A configuration as console/bench.bench_cluster writes it: the plan (with its
     `microbatches` unless k is None, as in files from before micro-batches) and each
@@ -433,3 +433,12 @@ def test_a_sweep_report_writes_its_scaling_chart_and_names_the_lockstep_backend(
     text = (tmp_path / "sweep.md").read_text()
     assert f"Note: {LOCKSTEP_NOTE}" in section(text, "Backends side by side")
     assert text.rstrip().split("\n## ")[-1].startswith("Verdict")
+
+
+def test_a_plan_without_k_ran_one_micro_batch_per_node():
+    from console.report_scaling import microbatches
+
+    assert microbatches("pipeline", sweep_config(3, [], k=0)) == 3  # the default
+    assert microbatches("pipeline", sweep_config(1, [], k=0)) == 1
+    assert microbatches("pipeline", sweep_config(3, [], k=1)) == 1  # asked for lockstep
+    assert microbatches("mlx-ring:pipeline", sweep_config(3, [], k=0)) == 1

@@ -1,7 +1,10 @@
 """`make screenshots`: capture the dashboard from a real local cluster.
 
-Starts a 3-node loopback cluster, opens the dashboard headless, loads the bundled model
-through the load modal (saving the plan preview), runs generations, and saves SVGs (and
+Starts a 3-node loopback cluster, each node pinned to its own core where the machine has
+three (else sharing them, round-robin), opens the dashboard headless, loads the bundled
+model through the load modal (saving the plan preview), runs generations (the main view
+is taken while 12 stream at once, so the busy and micro-batch columns show load), and
+saves SVGs (and
 PNGs when cairosvg is available) into screenshots/: the main view during generation, the
 plan preview modal, the node detail screen, the model as a tensor-parallel mlx-ring group,
 and the recovery after a node is killed from the dashboard mid-generation. Look at them
@@ -23,9 +26,11 @@ from console import local
 from console.monitor import ClusterMonitor
 from console.ops import generate
 from console.tui.app import ClusterApp
+from node.plan import DEFAULT_STRATEGY
 from protos import cluster_pb2 as pb
 
 SIZE = (150, 46)
+LOAD = 12  # requests streaming at once in the main view
 PROMPTS = ("What is the capital of France?", "What is the boiling point of water in Celsius?",
            "Name three primary colors.")
 
@@ -63,8 +68,11 @@ async def capture(addresses: list[str], out: Path) -> list[Path]:
         # cancelled with the modal, so this one runs beside the app)
         request = pb.GenerateRequest(prompt="Tell me about the history of Paris.", chat=True,
                                      max_tokens=120, ignore_eos=True)
-        streaming = asyncio.ensure_future(generate(monitor.up_clients(), request))
-        await pilot.pause(4.0)
+        load = [pb.GenerateRequest(prompt=f"{PROMPTS[i % 3]} ({i})", chat=True, max_tokens=120,
+                                   ignore_eos=True) for i in range(LOAD)]
+        streaming = asyncio.gather(*(generate(monitor.up_clients(), r) for r in load))
+        await until(lambda: bool(monitor.throughput) and monitor.throughput[-1][1] > 0, 60)
+        await pilot.pause(3.0)
         shot("dashboard")
         await streaming
         await pilot.press("d")
@@ -84,7 +92,7 @@ async def capture(addresses: list[str], out: Path) -> list[Path]:
         await generate(monitor.up_clients(), short)
         await pilot.pause(1.5)
         shot("tensor-parallel")
-        app.load_model("smollm2-135m", "memory", "pipeline")  # back to the gRPC pipeline
+        app.load_model("smollm2-135m", DEFAULT_STRATEGY, "pipeline")  # back to the pipeline
         await until(lambda: monitor.plan() is not None and monitor.plan().backend != "mlx-ring",
                     180)
         await pilot.pause(1.0)
@@ -125,7 +133,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cluster.json"
-        cluster = local.up(3, path=path, node_args=["--no-advertise", "--allow-faults"])
+        cluster = local.up(3, path=path, node_args=["--no-advertise", "--allow-faults"],
+                           cpus_per_node=1, oversubscribe=True)
         try:
             svgs = asyncio.run(capture([n["address"] for n in cluster["nodes"]], args.out))
         finally:
