@@ -184,11 +184,9 @@ def run_bench(work: Workload, addresses: list[str] | None, nodes_sweep: list[int
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "cluster.json"
                     print(f"starting a {n}-node local cluster ...", file=sys.stderr)
-                    # pinned nodes calibrate their core alone: their speeds then guide
-                    # the balanced split and the predicted stage times
-                    calibrate = ["--calibrate"] if work.cpus_per_node else []
-                    cluster = local_cluster.up(n, path=path,
-                                               node_args=["--no-advertise", *calibrate],
+                    # not calibrated: the nodes share one host's cores, and a calibration
+                    # beside other work on the host would split the layers by that noise
+                    cluster = local_cluster.up(n, path=path, node_args=["--no-advertise"],
                                                cpus_per_node=work.cpus_per_node,
                                                oversubscribe=work.oversubscribe)
                     try:

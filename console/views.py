@@ -75,9 +75,7 @@ def plan_table(plan: pb.Plan, budgets: dict[str, int], dtype: str,
         lines.append("WORK: the stage's share of a token's multiply-adds (its layers; the "
                      "output head on the last stage)")
         lines.append(f"STEP: its predicted forward time for {STEP_ROWS} rows at the node's "
-                     "calibrated speed (`mlx-cluster bench` measures it)"
-                     + ("" if any(r["predicted_step_s"] for r in rows) else
-                        "; start the nodes with `mlx-node serve --calibrate` to see it"))
+                     "calibrated speed (`mlx-node serve --calibrate`); bench measures it")
     return "\n".join(lines)
 
 

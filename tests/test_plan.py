@@ -247,4 +247,4 @@ def test_plan_table_shows_each_stage_share_of_the_work_and_its_predicted_step():
     text = plan_table(plan, budgets, "float32", {"a": 1.0, "b": 2.0})
     # 2 FLOPs x 3M multiply-adds x 16 rows at 1 and 2 GFLOP/s
     assert "50%    96 ms" in text.splitlines()[2] and "50%    48 ms" in text.splitlines()[3]
-    assert "--calibrate" in plan_table(plan, budgets, "float32")  # uncalibrated: says how
+    assert "--calibrate" in plan_table(plan, budgets, "float32")  # says how to get STEP
