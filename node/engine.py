@@ -70,8 +70,12 @@ class Tuning:
     cycle_share: float = 0.5  # ... or within two cycles; the first shard waits this share
     max_gather_s: float = 2.0  # of a cycle at most, and never longer than this
     pack_tokens: int = 2048  # prefill positions packed into one forward beside decode steps
-    # a prompt's chunk while other requests decode: they wait for it in their forward
-    busy_chunk: int = 64
+    # while other requests are under way, a long prompt goes in chunks under a per-forward
+    # token budget of busy_per_row per decode row in flight (at least busy_tokens): the
+    # chunk is the budget less those rows, so a forward that carries one (beside their
+    # steps, or between them) costs about two decode steps, not a whole prompt's prefill
+    busy_tokens: int = 16
+    busy_per_row: int = 2
     pad_factor: float = 2.0  # a decoding group's padding may at most double its KV cache
     max_batch: int = 64  # steps in one forward
 
@@ -132,6 +136,8 @@ class Engine:
         self._on_forward = on_forward
         self._queue: list[_Job] = []  # steps waiting, in arrival order (leftovers first)
         self._carried: set[int] = set()  # groups with steps a forward had no room for
+        # (request, group): a prompt chunk ran in the group's bubble since its last forward
+        self._bubbled: set[tuple[str, int]] = set()
         self._running = False  # a forward is on the MLX thread
         self._kick_due = False
         self._windows: dict[int, _Window] = {}  # each group's wait in progress
@@ -179,17 +185,32 @@ class Engine:
         for g in list(self._windows):
             if g not in queued:
                 self._close_window(g)
-        # first come, first served: the first group whose steps may go runs
-        g = next((g for g in queued if self._may_go(g)), None)
+        # first come, first served: the first group whose steps may go runs; a group with
+        # steps left over from its last forward comes after the others (a backlog of one
+        # request's prompt chunks would otherwise hold every other group back)
+        order = sorted(queued, key=lambda g: g in self._carried)
+        g = next((g for g in order if self._may_go(g)), None)
         if g is None:
-            return  # a timer, or the next step to arrive, kicks again
-        self._close_window(g)
-        batch, rest = self._pick([job for job in self._queue if job.group == g])
-        left = set(map(id, rest))
-        self._queue = [job for job in self._queue if job.group != g or id(job) in left]
-        self._carried.discard(g)
-        if rest:
-            self._carried.add(g)
+            g = self._bubble_group()
+            if g is None:
+                return  # a timer, or the next step to arrive, kicks again
+            batch, _ = self._pick([job for job in self._queue
+                                   if job.group == g and not job.step.decode])
+            self._bubbled.update((job.request_id, g) for job in batch)
+        else:
+            self._close_window(g)
+            # a request whose chunk ran in the group's bubble waits for the next one: one
+            # chunk per round of the group, not one beside its steps as well
+            jobs = [job for job in self._queue if job.group == g]
+            riders = [job for job in jobs
+                      if job.step.decode or (job.request_id, g) not in self._bubbled]
+            batch, rest = self._pick(riders or jobs)
+            self._bubbled = {(r, h) for r, h in self._bubbled if h != g}
+            self._carried.discard(g)
+            if rest:
+                self._carried.add(g)
+        taken = set(map(id, batch))
+        self._queue = [job for job in self._queue if id(job) not in taken]
         self._running = True
         loop = asyncio.get_running_loop()
         # from the MLX thread straight to _ran, in the loop turn it wakes: run_in_executor
@@ -247,6 +268,25 @@ class Engine:
             else:
                 rest.append(job)
         return batch, rest
+
+    def _bubble_group(self) -> int | None:
+        """A group whose prompt chunks may run alone now: one whose window waits for its
+        decode steps to come back round the ring. The chunks fill the time those steps
+        spend on the other shards, instead of making them wait here for a bigger forward
+        (a window for a burst of new requests holds its prefills: they go as one)."""
+        return next((job.group for job in self._queue if not job.step.decode
+                     and (w := self._windows.get(job.group)) is not None and not w.admitting
+                     and job.request_id in self.batch.requests), None)
+
+    def chunk_tokens(self, request_id: str) -> int:
+        """Prompt positions for a request's next prefill chunk under the per-forward
+        token budget (`Tuning.busy_tokens`): 0 (no limit) when no other request is under
+        way on this shard."""
+        rows = len(self.batch.requests) - (request_id in self.batch.requests)
+        if rows <= 0:
+            return 0
+        t = self.tuning
+        return max(1, max(t.busy_tokens, t.busy_per_row * rows) - rows)
 
     # ---------------------------------------------------------------- waiting
 
@@ -325,6 +365,7 @@ class Engine:
 
     def free(self, request_id: str) -> bool:
         freed = self.batch.free(request_id)
+        self._bubbled = {e for e in self._bubbled if e[0] != request_id}
         self._prune_later()
         self._unexpect({request_id})
         return freed

@@ -296,11 +296,12 @@ class Pipeline:
         carries the whole prompt: every shard takes the same prefix and caches the prompt
         when the request ends.
 
-        With micro-batches, while other requests decode, the chunks are small
-        (`Tuning.busy_chunk`): each rides in a forward beside their steps, which then wait
-        for a short chunk, not for the whole prompt. Each shard starts the next chunk as
-        soon as it has sent one on, so the chunks of a long prompt flow through the shards
-        one behind the other."""
+        While other requests are under way (with one group or several), the chunks fit a
+        per-forward token budget sized from their decode rows (`Engine.chunk_tokens`):
+        each chunk runs beside their steps or while they are on other shards, and they
+        wait for a short chunk, not for the whole prompt. Each shard starts the next chunk
+        as soon as it has sent one on, so the chunks of a long prompt flow through the
+        shards one behind the other."""
         self.group_of[request_id] = self._least_loaded()
         pos = await self.engine.adopt(request_id, prompt) if reuse else 0
         if pos:
@@ -308,8 +309,7 @@ class Pipeline:
         first = prompt if self.engine.batch.prompts.enabled else None
         end = len(prompt) - 1  # the last prompt token is the first decode step
         while pos < end:
-            busy = self.microbatches > 1 and self.engine.active_requests > 1
-            size = self.engine.tuning.busy_chunk if busy else PREFILL_STEP
+            size = min(self.engine.chunk_tokens(request_id) or PREFILL_STEP, PREFILL_STEP)
             tokens = prompt[pos:min(pos + size, end)]
             await self._advance(request_id, pos, tokens, None, first)
             pos, first = pos + len(tokens), None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from node.engine import Engine
+from node.engine import Engine, Tuning
 from node.errors import BadFrame, FrameGap, ModelError
 from node.models import load_shard, resolve, synthetic_full_model
 from node.sampling import Sampling
@@ -421,6 +421,37 @@ def test_a_request_that_ends_is_no_longer_waited_for():
         assert engine.free("r1")
         result = await asyncio.wait_for(alone, 5.0)
         assert result.token is not None
+
+    with ThreadPoolExecutor(1) as executor:
+        asyncio.run(run(executor))
+
+
+def test_a_prompt_chunk_runs_while_the_decode_steps_are_away_not_in_their_forward():
+    """While a group's window waits for its decode steps to come back round the ring, a
+    long prompt's chunk runs alone (the bubble); the decode steps then go without the
+    request's next chunk, which waits for the next bubble: one chunk per round of the
+    group. Chunks are sized under the per-forward token budget of the rows in flight."""
+    shard = load_shard(resolve("synthetic:tiny"), 0, 7)
+    sizes: list[int] = []
+
+    async def run(executor: ThreadPoolExecutor) -> None:
+        engine = Engine(shard, executor, gather_s=30.0, tuning=Tuning(gather_recent_s=600.0),
+                        on_forward=lambda rows, group, seconds: sizes.append(rows))
+        greedy = Sampling()
+        assert engine.chunk_tokens("long") == 0  # nothing else under way: no limit
+        await asyncio.gather(*(engine.step(f"r{i}", 0, tokens=[256, 65 + i], sample=greedy)
+                               for i in range(2)))
+        await engine.step("long", 0, tokens=[256, *range(70, 80)])
+        t = engine.tuning
+        assert engine.chunk_tokens("long") == max(t.busy_tokens, 2 * t.busy_per_row) - 2
+        sizes.clear()
+        r0 = asyncio.ensure_future(engine.step("r0", 2, tokens=[70], sample=greedy))
+        chunk = await asyncio.wait_for(engine.step("long", 11, tokens=[81, 82, 83]), 10.0)
+        assert chunk.token is None and not r0.done(), sizes  # r0 still waits for r1
+        nxt = asyncio.ensure_future(engine.step("long", 14, tokens=[84, 85]))
+        await asyncio.wait_for(asyncio.gather(
+            r0, engine.step("r1", 2, tokens=[71], sample=greedy), nxt), 10.0)
+        assert sizes == [1, 2, 1]  # the chunk, the decode steps, the next chunk
 
     with ThreadPoolExecutor(1) as executor:
         asyncio.run(run(executor))
