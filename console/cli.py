@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 
@@ -419,6 +420,10 @@ COMMANDS = {"token": cmd_token, "local": cmd_local, "discover": cmd_discover,
             "heal": cmd_heal, "shutdown": cmd_shutdown, "demo": cmd_demo}
 
 
+def _terminated(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -427,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_OK
         args = parser.parse_args(["dashboard"])
+    if args.command != "dashboard":  # (Textual handles its own signals)
+        # SIGTERM (`timeout`, a service manager) unwinds like Ctrl-C, so that what a
+        # command started is stopped: `bench --local` takes its local clusters down
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args, connection_of(args))
     except ValueError as e:  # unreadable token file and the like
@@ -436,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         eprint(f"mlx-cluster: {e}")
         return EXIT_FAIL
     except KeyboardInterrupt:
-        return 130
+        return 130  # (also after SIGTERM)
 
 
 if __name__ == "__main__":
