@@ -54,7 +54,8 @@ def test_bench_sweep_then_report_numbers_match_the_json(tmp_path):
         assert f"## {section}" in text
     for config in configs:
         for run in config["runs"]:
-            label = f"pipeline · {config['nodes']} node(s)"
+            n = config["nodes"]  # one micro-batch per node by default
+            label = f"pipeline · {n} node(s)" + (f" · K={n}" if n > 1 else "")
             row = (f"| {label} | {run['concurrency']} | "
                    f"{run['single_stream_tokens_per_s']:.1f} | "
                    f"{run['aggregate_tokens_per_s']:.1f} | {run['output_tokens']} |")
