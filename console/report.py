@@ -22,6 +22,7 @@ from console.report_scaling import (
     microbatches,
     scaling_rows,
     scaling_section,
+    table,
     verdict_section,
 )
 from node.plan import GIB
@@ -93,12 +94,6 @@ def f1(x: float) -> str:
 
 def ms(x: float) -> str:
     return f"{x * 1000:.1f}"
-
-
-def table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
 
 
 def winner(candidates: list[dict], key, best=max) -> dict | None:

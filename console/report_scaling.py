@@ -24,7 +24,8 @@ LOCKSTEP_NOTE = ("mlx-ring:pipeline moves one batch in lockstep round the ring, 
                  "flat: while one rank computes, the others wait.")
 
 
-def _table(header: list[str], body: list[list[str]]) -> str:
+def table(header: list[str], body: list[list[str]]) -> str:
+    """A Markdown table (console/report.py's sections use it too)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
@@ -152,7 +153,7 @@ def scaling_section(rs: list[dict]) -> str:
              "the same configuration in several result files) are folded into their "
              "medians."
              + (" K: decode groups in flight round the ring (1: one batch in lockstep)."
-                if show_k else ""), _table(head, body)]
+                if show_k else ""), table(head, body)]
     if any(r["backend"] == "mlx-ring:pipeline" for r in srows):
         parts.append(f"Note: {LOCKSTEP_NOTE}")
     parts.append(capacity_section(rs))
@@ -201,7 +202,7 @@ def capacity_section(rs: list[dict]) -> str:
                    "aggregate ratio near N with a per-stream ratio near 1 means N times the "
                    "users, each served at one node's speed. Below each such row: both at "
                    "one node's concurrency, and both with one stream, where measured.\n\n"
-                   + _table((["workload"] if several else []) + [
+                   + table((["workload"] if several else []) + [
                        "backend", "nodes", "K", "comparison", "concurrency", "aggregate tok/s",
                        "per-stream tok/s", "aggregate ratio", "per-stream ratio"], body))
 
